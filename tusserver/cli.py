@@ -1,0 +1,259 @@
+"""`tusserver [serve]`, `tusserver token`: the command line and the supervisor.
+
+The supervisor starts the embedded Valkey (unless --redis-url), binds the listening socket,
+then serves in-process or forks --workers processes on that socket. Workers never start a
+Redis. If the embedded server dies, the supervisor says so and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from tusserver import auth
+from tusserver.app import AccessLogger, JsonAccessLogger, build_app
+from tusserver.redis_embedded import EmbeddedRedis, EmbeddedRedisError
+from tusserver.settings import (
+    OPTIONS,
+    SettingError,
+    Settings,
+    build_settings,
+    default_text,
+    env_name,
+    field_of,
+    parse_duration,
+    parse_size,
+)
+
+log = logging.getLogger("tusserver")
+EXIT_USAGE = 2
+SHUTDOWN_TIMEOUT_S = 10.0
+SUBCOMMANDS = ("serve", "token")
+
+
+def _serve_parser(parser: argparse.ArgumentParser) -> None:
+    for option, parse, help_text, metavar in OPTIONS:
+        flag = f"--{option}"
+        shown = f"{help_text} [env {env_name(option)}; default: {default_text(option)}]"
+        if metavar is None:
+            parser.add_argument(
+                flag, dest=field_of(option), action="store_const", const=True, help=shown
+            )
+        elif option == "secret":
+            parser.add_argument(
+                flag, dest=field_of(option), action="append", metavar=metavar, help=shown
+            )
+        else:
+            parser.add_argument(
+                flag, dest=field_of(option), type=_argtype(parse), metavar=metavar, help=shown
+            )
+
+
+def _argtype(parse: Any) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except (SettingError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tusserver",
+        description="A resumable upload server (tus 1.0.0) for very large files. "
+        "Without a subcommand it serves. Every serve option can also be set with the "
+        "TUS_* environment variable named beside it; flags win.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{serve,token}")
+    serve = commands.add_parser("serve", help="serve uploads (the default)")
+    _serve_parser(serve)
+    token = commands.add_parser("token", help="print a signed access token for a client")
+    token.add_argument("--subject", required=True, help="who the token is for (owner of uploads)")
+    token.add_argument(
+        "--actions", default="create,upload,read", help="comma-separated: create,upload,read,delete"
+    )
+    token.add_argument("--ttl", type=_argtype(parse_duration), default=900.0,
+                       help="lifetime, e.g. 15m, 24h [default: 15m]")  # fmt: skip
+    token.add_argument("--max-size", type=_argtype(parse_size), help="largest upload allowed")
+    token.add_argument("--upload-id", help="allow only this upload")
+    token.add_argument(
+        "--secret", help=f"signing secret [default: the first of {env_name('secret')}]"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or (args_list[0] not in SUBCOMMANDS and args_list[0] not in ("-h", "--help")):
+        args_list.insert(0, "serve")
+    args = make_parser().parse_args(args_list)
+    if args.command == "token":
+        return _token(args)
+    try:
+        flags = {k: v for k, v in vars(args).items() if k != "command"}
+        settings = build_settings(flags, os.environ)
+    except SettingError as error:
+        print(f"tusserver: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return serve(settings)
+
+
+def _token(args: argparse.Namespace) -> int:
+    secret = args.secret or os.environ.get(env_name("secret"), "").split(",")[0].strip()
+    if not secret:
+        print("tusserver token: no secret: pass --secret or set TUS_SECRET", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        token = auth.issue_token(
+            secret,
+            subject=args.subject,
+            actions=[a.strip() for a in args.actions.split(",") if a.strip()],
+            ttl_s=args.ttl,
+            max_size_bytes=args.max_size,
+            upload_id=args.upload_id,
+        )
+    except ValueError as error:
+        print(f"tusserver token: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(token)
+    return 0
+
+
+def _setup_logging(settings: Settings) -> None:
+    if settings.log_json:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def _bind(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings) -> int:
+    """Run the supervisor until SIGINT/SIGTERM; the exit code."""
+    _setup_logging(settings)
+    embedded: EmbeddedRedis | None = None
+    redis_url = settings.redis_url
+    try:
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if redis_url is None:
+            appendfsync = "always" if settings.fsync == "always" else "everysec"
+            embedded = EmbeddedRedis(settings.data_dir, appendfsync=appendfsync)
+            redis_url = embedded.start()
+        sock = _bind(settings)
+    except (EmbeddedRedisError, OSError) as error:
+        print(f"tusserver: {error}", file=sys.stderr)
+        if embedded is not None:
+            embedded.stop()
+        return 1
+    host, port = sock.getsockname()[:2]
+    if not settings.is_secured:
+        log.warning(
+            "development mode: no secret is set, so requests need no token and uploads "
+            "belong to 'anonymous'; set TUS_SECRET for real use"
+        )
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"tusserver listening on http://{shown_host}:{port}{settings.base_path}", flush=True)
+    try:
+        if settings.workers == 1:
+            return asyncio.run(_serve_worker(settings, redis_url, sock, embedded))
+        return _supervise_workers(settings, redis_url, sock, embedded)
+    finally:
+        sock.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _serve_worker(
+    settings: Settings, redis_url: str, sock: socket.socket, embedded: EmbeddedRedis | None
+) -> int:
+    """Serve on `sock` until told to stop; 1 if the embedded Redis died meanwhile."""
+    app = build_app(settings, redis_url)
+    runner = web.AppRunner(
+        app,
+        access_log_class=JsonAccessLogger if settings.log_json else AccessLogger,
+        handle_signals=False,
+    )
+    await runner.setup()
+    site = web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    exit_code = 0
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            if embedded is not None and not embedded.is_running():
+                log.error("the embedded Redis server stopped unexpectedly; shutting down")
+                exit_code = 1
+                break
+    finally:
+        await runner.cleanup()
+    return exit_code
+
+
+def _supervise_workers(
+    settings: Settings, redis_url: str, sock: socket.socket, embedded: EmbeddedRedis | None
+) -> int:
+    children: list[int] = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve, never start a Redis
+            code = 1
+            try:
+                code = asyncio.run(_serve_worker(settings, redis_url, sock, None))
+            finally:
+                os._exit(code)
+        children.append(pid)
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    exit_code = 0
+    alive = set(children)
+    while alive:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            alive.discard(pid)
+            if not stopping:
+                log.error("worker %d exited (status %d); shutting down", pid, status)
+                exit_code = 1
+                forward(signal.SIGTERM, None)
+            continue
+        if embedded is not None and not embedded.is_running() and not stopping:
+            log.error("the embedded Redis server stopped unexpectedly; shutting down")
+            exit_code = 1
+            forward(signal.SIGTERM, None)
+        time.sleep(0.2)
+    return exit_code

@@ -1,0 +1,248 @@
+"""One function per HTTP method of the tus endpoint; each reads as the protocol's steps.
+
+No Redis command, file path or status arithmetic here: parsing lives in `protocol`, refusals
+in `errors`, state and bytes behind `Uploads`. The method is the effective one, after
+`X-HTTP-Method-Override` (app.py resolves it before routing reaches these functions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from tusserver import protocol
+from tusserver.auth import Grant
+from tusserver.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    OffsetMismatch,
+    PayloadTooLarge,
+    TusError,
+)
+from tusserver.keys import GRANT, SETTINGS, UPLOADS
+from tusserver.state import Upload
+from tusserver.uploads import Uploads
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+EXTENSIONS = (
+    "creation",
+    "creation-with-upload",
+    "creation-defer-length",
+    "expiration",
+    "checksum",
+    "termination",
+)
+
+
+def uploads(request: web.Request) -> Uploads:
+    return request.app[UPLOADS]
+
+
+def grant(request: web.Request) -> Grant:
+    return request[GRANT]
+
+
+def tus_headers(**values: str | int | None) -> dict[str, str]:
+    """Response headers from keyword names (upload_offset -> Upload-Offset); None is left out."""
+    headers = {"Tus-Resumable": protocol.TUS_VERSION}
+    for name, value in values.items():
+        if value is not None:
+            headers["-".join(part.capitalize() for part in name.split("_"))] = str(value)
+    return headers
+
+
+def expires_header(upload: Upload) -> str | None:
+    if upload.status != "uploading" or upload.expires_at is None:
+        return None
+    return protocol.format_http_date(upload.expires_at)
+
+
+async def continue_body(request: web.Request) -> None:
+    """Answer `Expect: 100-continue` now that every check before the body has passed (the
+    app turns aiohttp's automatic 100 off, so a refusal never invites the body)."""
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.writer:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+def location_of(request: web.Request) -> str:
+    """The absolute URL of the endpoint with an `{id}` placeholder, as the client sees it."""
+    settings = request.app[SETTINGS]
+    if settings.public_url:
+        return settings.public_url.rstrip("/") + "/{id}"
+    scheme, host, prefix = request.scheme, request.host, ""
+    if settings.behind_proxy:
+        forwarded = request.forwarded[0] if request.forwarded else {}
+        scheme = forwarded.get("proto") or request.headers.get("X-Forwarded-Proto") or scheme
+        host = forwarded.get("host") or request.headers.get("X-Forwarded-Host") or host
+        prefix = request.headers.get("X-Forwarded-Prefix", "").rstrip("/")
+        scheme, host = scheme.split(",")[0].strip(), host.split(",")[0].strip()
+    return f"{scheme}://{host}{prefix}{settings.base_path}{{id}}"
+
+
+# -- the collection: OPTIONS, POST ---------------------------------------------------------
+
+
+async def options(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    headers = tus_headers(
+        tus_version=",".join(protocol.SUPPORTED_VERSIONS),
+        tus_extension=",".join(EXTENSIONS),
+        tus_max_size=settings.max_size_bytes,
+        tus_checksum_algorithm=",".join(protocol.CHECKSUM_ALGORITHMS),
+    )
+    return web.Response(status=204, headers=headers)
+
+
+async def post(request: web.Request) -> web.Response:
+    """Creation (with upload): 201 with Location; 400/413 for bad or oversized lengths."""
+    who = grant(request)
+    who.require("create")
+    length = protocol.parse_upload_length(request.headers.get("Upload-Length"))
+    is_deferred = protocol.parse_defer_length(request.headers.get("Upload-Defer-Length"))
+    if request.headers.get("Upload-Concat") is not None:
+        raise BadRequest("concatenation is not supported by this server")
+    if length is None and not is_deferred:
+        raise BadRequest("Upload-Length or Upload-Defer-Length: 1 is required")
+    if length is not None and is_deferred:
+        raise BadRequest("send either Upload-Length or Upload-Defer-Length, not both")
+    _check_max_size(request, length)
+    metadata = protocol.parse_metadata(request.headers.get("Upload-Metadata"))
+    who.check_metadata(metadata)
+    has_body = protocol.has_offset_stream(request.headers.get("Content-Type"))
+    checksum = protocol.parse_checksum(request.headers.get("Upload-Checksum")) if has_body else None
+    upload = await uploads(request).create(
+        owner=who.subject,
+        length=length,
+        metadata=protocol.format_metadata(metadata),
+        concat="",
+        url_of=location_of(request),
+    )
+    if has_body and request.body_exists:
+        try:
+            async with uploads(request).writing(upload.upload_id, who.subject) as session:
+                await continue_body(request)
+                upload = await session.append(
+                    request.content,
+                    content_length=request.content_length,
+                    checksum=checksum,
+                    max_bytes=_max_bytes(request),
+                )
+        except TusError as error:  # the upload exists: the client may resume it
+            error.headers["Location"] = upload.url
+            raise
+    return web.Response(
+        status=201,
+        headers=tus_headers(
+            location=upload.url,
+            upload_offset=upload.offset,
+            upload_expires=expires_header(upload),
+        ),
+    )
+
+
+# -- one upload: HEAD, PATCH, DELETE -------------------------------------------------------
+
+
+async def head(request: web.Request) -> web.Response:
+    """The committed offset (a running PATCH commits first), length, metadata, expiry."""
+    upload_id = _own_upload_id(request, "upload", "read")
+    upload = await uploads(request).current(upload_id, grant(request).subject)
+    headers = tus_headers(
+        upload_offset=upload.offset,
+        upload_length=upload.length,
+        upload_defer_length=1 if upload.length is None else None,
+        upload_metadata=upload.metadata or None,
+        upload_expires=expires_header(upload),
+        cache_control="no-store",
+    )
+    if upload.sha256:
+        headers["Repr-Digest"] = protocol.format_repr_digest(bytes.fromhex(upload.sha256))
+    return web.Response(status=200, headers=headers)
+
+
+async def patch(request: web.Request) -> web.Response:
+    """Append the body at Upload-Offset: 204 with the new offset; 409 at a wrong offset."""
+    upload_id = _own_upload_id(request, "upload")
+    protocol.require_offset_stream(request.headers.get("Content-Type"))
+    offset = protocol.parse_upload_offset(request.headers.get("Upload-Offset"))
+    declared_length = protocol.parse_upload_length(request.headers.get("Upload-Length"))
+    checksum = protocol.parse_checksum(request.headers.get("Upload-Checksum"))
+    content_length = request.content_length
+    async with uploads(request).writing(upload_id, grant(request).subject) as session:
+        upload = session.upload
+        if offset != upload.offset:
+            raise OffsetMismatch(expected=upload.offset, got=offset)
+        if declared_length is not None and declared_length != upload.length:
+            _check_max_size(request, declared_length)
+            await session.declare_length(declared_length)
+            upload = session.upload
+        if upload.length is not None and offset + (content_length or 0) > upload.length:
+            raise PayloadTooLarge("the body would run past Upload-Length")
+        await continue_body(request)
+        upload = await session.append(
+            request.content,
+            content_length=content_length,
+            checksum=checksum,
+            max_bytes=_max_bytes(request),
+        )
+    return web.Response(
+        status=204,
+        headers=tus_headers(upload_offset=upload.offset, upload_expires=expires_header(upload)),
+    )
+
+
+async def delete(request: web.Request) -> web.Response:
+    """Termination: 204, then 410 for the owner while the tombstone lasts, 404 after."""
+    upload_id = _own_upload_id(request, "delete")
+    await uploads(request).terminate(upload_id, grant(request).subject)
+    return web.Response(status=204, headers=tus_headers())
+
+
+# -- dispatch ------------------------------------------------------------------------------
+
+COLLECTION_METHODS: dict[str, Handler] = {"OPTIONS": options, "POST": post}
+UPLOAD_METHODS: dict[str, Handler] = {
+    "OPTIONS": options,
+    "HEAD": head,
+    "PATCH": patch,
+    "DELETE": delete,
+}
+
+
+async def collection(request: web.Request) -> web.StreamResponse:
+    return await _dispatch(request, COLLECTION_METHODS)
+
+
+async def upload(request: web.Request) -> web.StreamResponse:
+    return await _dispatch(request, UPLOAD_METHODS)
+
+
+async def _dispatch(request: web.Request, methods: dict[str, Handler]) -> web.StreamResponse:
+    handler = methods.get(request.method)
+    if handler is None:
+        raise MethodNotAllowed(request.method, ", ".join(methods))
+    return await handler(request)
+
+
+def _own_upload_id(request: web.Request, *actions: str) -> str:
+    """The upload id of the URL, after the token's action and upload-id checks (403/404)."""
+    who = grant(request)
+    who.require(*actions)
+    upload_id = request.match_info["upload_id"]
+    who.check_upload(upload_id)
+    return upload_id
+
+
+def _check_max_size(request: web.Request, length: int | None) -> None:
+    max_size = request.app[SETTINGS].max_size_bytes
+    if length is not None and max_size is not None and length > max_size:
+        raise PayloadTooLarge(f"Upload-Length is over this server's maximum of {max_size} bytes")
+    grant(request).check_size(length)
+
+
+def _max_bytes(request: web.Request) -> int | None:
+    limits = [request.app[SETTINGS].max_size_bytes, grant(request).max_size_bytes]
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known else None

@@ -1,0 +1,16 @@
+"""Typed keys of the application's and requests' state (aiohttp `AppKey`/`RequestKey`)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from tusserver.auth import Grant
+from tusserver.settings import Settings
+from tusserver.uploads import Uploads
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS_URL = web.AppKey("redis_url", str)
+REDIS = web.AppKey("redis", Redis)
+UPLOADS = web.AppKey("uploads", Uploads)
+GRANT = web.RequestKey("grant", Grant)

@@ -1,0 +1,259 @@
+"""Every setting of tusserver in one frozen dataclass: flags > TUS_* environment > defaults.
+
+Sizes accept plain bytes or units (`10GB` = 10**10 bytes, `10GiB` = 10 * 2**30 bytes);
+durations accept `90s`, `15m`, `24h`, `7d` or plain seconds. Values are validated once, when
+the settings are built; a bad value raises `SettingError` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+FsyncPolicy = Literal["always", "complete", "never"]
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}  # fmt: skip
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_NUMBER_WITH_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class SettingError(ValueError):
+    """A setting with a value tusserver cannot use; the message is one line for the user."""
+
+
+def parse_size(value: str) -> int:
+    """Parse `1048576`, `10MB` (10**7) or `10MiB` (10 * 2**20) into bytes."""
+    match = _NUMBER_WITH_UNIT.match(value)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise SettingError(f"{value!r} is not a size (examples: 1048576, 500MB, 10GiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: str) -> float:
+    """Parse `90s`, `15m`, `24h`, `7d`, `250ms` or plain seconds into seconds."""
+    match = _NUMBER_WITH_UNIT.match(value)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _DURATION_UNITS:
+        raise SettingError(f"{value!r} is not a duration (examples: 90s, 15m, 24h, 7d)")
+    return float(match.group(1)) * _DURATION_UNITS[unit]
+
+
+def parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingError(f"{value!r} is not a yes/no value (use 1 or 0)")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for hosts that only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings, validated. Field names carry their units; `repr` hides secrets."""
+
+    host: str = "127.0.0.1"
+    port: int = 1080
+    base_path: str = "/files/"
+    public_url: str | None = None
+    behind_proxy: bool = False
+    data_dir: Path = Path("tus-data")
+    redis_url: str | None = None
+    max_size_bytes: int | None = None
+    expire_after_s: float = 24 * 3600.0
+    retention_s: float | None = None
+    log_json: bool = False
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+    production: bool = False
+    workers: int = 1
+    idle_timeout_s: float = 60.0
+    fsync: FsyncPolicy = "complete"
+    min_free_disk_bytes: int = 0
+    cors_origins: tuple[str, ...] = ()
+    demo_page: bool | None = None
+    tombstone_ttl_s: float = 7 * 24 * 3600.0
+    sweep_interval_s: float = 30.0
+    max_metadata_bytes: int = 64 * 1024
+    webhook_url: str | None = None
+
+    @property
+    def is_secured(self) -> bool:
+        """A secret is configured: every request but OPTIONS needs a token."""
+        return bool(self.secrets)
+
+    @property
+    def shows_demo_page(self) -> bool:
+        return self.demo_page if self.demo_page is not None else not self.is_secured
+
+    def __post_init__(self) -> None:
+        if not self.base_path.startswith("/"):
+            raise SettingError(f"--base-path must start with '/', got {self.base_path!r}")
+        if not self.base_path.endswith("/"):
+            object.__setattr__(self, "base_path", self.base_path + "/")
+        if not 0 < self.port < 65536 and self.port != 0:
+            raise SettingError(f"--port must be between 1 and 65535, got {self.port}")
+        if self.workers < 1:
+            raise SettingError(f"--workers must be at least 1, got {self.workers}")
+        if self.max_size_bytes is not None and self.max_size_bytes <= 0:
+            raise SettingError("--max-size must be positive")
+        if self.expire_after_s <= 0:
+            raise SettingError("--expire-after must be positive")
+        if self.idle_timeout_s <= 0:
+            raise SettingError("--idle-timeout must be positive")
+        if self.fsync not in ("always", "complete", "never"):
+            raise SettingError(f"--fsync must be always, complete or never, got {self.fsync!r}")
+        if self.public_url is not None and not re.match(r"^https?://[^/]+", self.public_url):
+            raise SettingError(f"--public-url must be an absolute http(s) URL: {self.public_url}")
+        if not self.secrets and (self.production or not is_loopback_host(self.host)):
+            why = "--production" if self.production else f"--host {self.host} (not loopback)"
+            raise SettingError(
+                f"{why} needs a secret: set --secret or TUS_SECRET "
+                "(without one anybody could upload)"
+            )
+
+
+# name -> (parser from text, help, metavar). The names are the flags (--name) and, upper-cased
+# with TUS_ in front, the environment variables.
+Option = tuple[str, Any, str, str | None]
+OPTIONS: tuple[Option, ...] = (
+    ("host", str, "address to listen on; not loopback requires a secret", "ADDR"),
+    ("port", int, "port to listen on", "PORT"),
+    ("base-path", str, "path of the upload endpoint", "PATH"),
+    ("public-url", str, "absolute URL of the endpoint as clients see it (for Location)", "URL"),
+    ("behind-proxy", parse_bool, "trust X-Forwarded-*/Forwarded headers from a proxy", None),
+    ("data-dir", Path, "folder for upload files and the embedded Redis", "DIR"),
+    (
+        "redis-url",
+        str,
+        "use this Redis/Valkey (redis://, rediss://, unix://) instead of the embedded one",
+        "URL",
+    ),
+    ("max-size", parse_size, "largest upload accepted (Tus-Max-Size), e.g. 50GiB", "SIZE"),
+    (
+        "expire-after",
+        parse_duration,
+        "unfinished uploads expire this long after their last activity",
+        "DURATION",
+    ),
+    (
+        "retention",
+        parse_duration,
+        "delete completed uploads this long after completion (default: keep until deleted)",
+        "DURATION",
+    ),
+    ("log-json", parse_bool, "log one JSON object per line", None),
+    (
+        "secret",
+        str,
+        "shared secret for tokens; repeat (or comma-separate TUS_SECRET) to "
+        "rotate: sign with the first, accept any",
+        "SECRET",
+    ),
+    ("production", parse_bool, "refuse to start without a secret", None),
+    ("workers", int, "worker processes sharing the listening socket", "N"),
+    ("idle-timeout", parse_duration, "end a PATCH whose body stalls this long", "DURATION"),
+    (
+        "fsync",
+        str,
+        "when bytes are fsynced: always (before each commit), complete (when the "
+        "upload completes), never",
+        "POLICY",
+    ),
+    ("min-free-disk", parse_size, "refuse writes with 507 when less is free", "SIZE"),
+    (
+        "cors-origins",
+        str,
+        "origins allowed by CORS, comma-separated (default: any in "
+        "development mode, none when secured)",
+        "ORIGINS",
+    ),
+    (
+        "demo-page",
+        parse_bool,
+        "serve the demo upload page at / (default: on without a secret)",
+        None,
+    ),
+    ("webhook-url", str, "POST upload events to this URL", "URL"),
+)
+
+_DEFAULT = Settings.__dataclass_fields__
+
+_FIELD_OF_OPTION = {
+    "max-size": "max_size_bytes",
+    "expire-after": "expire_after_s",
+    "retention": "retention_s",
+    "idle-timeout": "idle_timeout_s",
+    "min-free-disk": "min_free_disk_bytes",
+    "secret": "secrets",
+}
+
+
+def field_of(option: str) -> str:
+    return _FIELD_OF_OPTION.get(option, option.replace("-", "_"))
+
+
+def env_name(option: str) -> str:
+    return "TUS_" + option.upper().replace("-", "_")
+
+
+def default_text(option: str) -> str:
+    """The default of an option, as --help shows it."""
+    default = _DEFAULT[field_of(option)].default
+    shown = {
+        "max-size": "none", "retention": "keep until deleted", "redis-url": "embedded Valkey",
+        "public-url": "from the request", "expire-after": "24h", "idle-timeout": "60s",
+        "min-free-disk": "0", "secret": "none (development mode)", "cors-origins": "see above",
+        "demo-page": "on without a secret",
+    }  # fmt: skip
+    return shown.get(option, str(default))
+
+
+def build_settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    """Merge flags (already parsed; None when not given) over TUS_* variables over defaults."""
+    values: dict[str, Any] = {}
+    for option, parse, _help, _metavar in OPTIONS:
+        name = field_of(option)
+        flag_value = flags.get(name)
+        if option == "secret":
+            secrets = list(flag_value or [])
+            if not secrets and environ.get(env_name(option)):
+                secrets = [s.strip() for s in environ[env_name(option)].split(",")]
+            if any(not s for s in secrets):
+                raise SettingError("a secret must not be empty")
+            if secrets:
+                values[name] = tuple(secrets)
+            continue
+        if flag_value is None and environ.get(env_name(option), "") != "":
+            try:
+                flag_value = parse(environ[env_name(option)])
+            except (ValueError, SettingError) as error:
+                raise SettingError(f"{env_name(option)}: {error}") from None
+        if flag_value is None:
+            continue
+        if option == "cors-origins":
+            flag_value = tuple(o.strip().rstrip("/") for o in str(flag_value).split(",") if o)
+        values[name] = flag_value
+    return Settings(**values)
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in fields(Settings)]

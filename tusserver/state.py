@@ -1,0 +1,633 @@
+"""Upload state in Redis: create, read, commit offsets, complete, terminate, expire, and locks.
+
+Every key carries its shard as a Redis Cluster hash tag, `tus:{<shard>}:...`, and every
+atomic step is one Lua script over keys of one shard, so the layout works unchanged on Redis,
+Valkey or a Redis Cluster. Offsets move only through `COMMIT`, which checks the lock, the
+expected offset and the length; the scripts that change an upload's life append its event to
+the shard's stream in the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, cast
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from tusserver.errors import (
+    BadRequest,
+    OffsetMismatch,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UploadGone,
+    UploadNotFound,
+)
+
+SHARD_COUNT = 16
+EVENTS_MAXLEN = 100_000
+UploadStatus = Literal["uploading", "received", "completed"]
+EventType = Literal["created", "completed", "terminated", "expired"]
+Tombstone = tuple[str, float]
+
+# Ids are 32 lowercase hex characters: URL-safe, and safe as a file name by construction.
+ID_ALPHABET = frozenset("0123456789abcdef")
+ID_LENGTH = 32
+
+
+def new_upload_id() -> str:
+    return secrets.token_hex(ID_LENGTH // 2)
+
+
+def is_upload_id(value: str) -> bool:
+    return len(value) == ID_LENGTH and set(value) <= ID_ALPHABET
+
+
+def shard_of(upload_id: str) -> int:
+    return int(upload_id[:2], 16) % SHARD_COUNT
+
+
+def _key(shard: int, kind: str, name: str = "") -> str:
+    return f"tus:{{{shard}}}:{kind}" + (f":{name}" if name else "")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One upload as Redis holds it."""
+
+    upload_id: str
+    owner: str
+    offset: int
+    length: int | None  # None while deferred
+    metadata: str  # the Upload-Metadata header as the client sent it (normalised)
+    status: UploadStatus
+    created_at: float
+    expires_at: float | None
+    url: str
+    concat: str = ""  # "", "partial" or "final;<id> <id> ..."
+    sha256: str = ""  # hex, once completed
+
+    @property
+    def is_complete(self) -> bool:
+        return self.length is not None and self.offset == self.length
+
+    @property
+    def is_partial(self) -> bool:
+        return self.concat == "partial"
+
+    @property
+    def is_final(self) -> bool:
+        return self.concat.startswith("final")
+
+    @property
+    def shard(self) -> int:
+        return shard_of(self.upload_id)
+
+    def as_event(self, event: EventType, at: float, path: str) -> dict[str, str]:
+        """The fields of this upload's event, flat strings as a Redis stream holds them."""
+        return {
+            "type": event,
+            "upload_id": self.upload_id,
+            "owner": self.owner,
+            "length": "" if self.length is None else str(self.length),
+            "offset": str(self.offset),
+            "metadata": self.metadata,
+            "sha256": self.sha256,
+            "path": path,
+            "url": self.url,
+            "time": f"{at:.3f}",
+        }
+
+
+def _upload_from_hash(upload_id: str, raw: Mapping[Any, Any]) -> Upload:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    return Upload(
+        upload_id=upload_id,
+        owner=fields["owner"],
+        offset=int(fields["offset"]),
+        length=int(fields["length"]) if fields["length"] != "" else None,
+        metadata=fields.get("metadata", ""),
+        status=cast(UploadStatus, fields["status"]),
+        created_at=float(fields["created"]),
+        expires_at=float(fields["expires"]) if fields.get("expires") else None,
+        url=fields.get("url", ""),
+        concat=fields.get("concat", ""),
+        sha256=fields.get("sha256", ""),
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _flat(mapping: Mapping[str, str]) -> list[str]:
+    return [item for pair in mapping.items() for item in pair]
+
+
+# KEYS: upload hash, owner index, expiry zset, events stream
+# ARGV: upload id, created (score), expires (score or ""), event count n, n*2 event fields,
+#       then the upload hash's fields as pairs. A created upload whose status is `completed`
+#       (Upload-Length: 0) also gets its `completed` event.
+# Result: 1 if created, 0 if the id was taken.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local n = tonumber(ARGV[4])
+local event = {}
+for i = 5, 4 + n * 2 do event[#event + 1] = ARGV[i] end
+local fields = {}
+for i = 5 + n * 2, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', 'created', unpack(event))
+if redis.call('HGET', KEYS[1], 'status') == 'completed' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', 'completed', unpack(event))
+end
+return 1
+""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+
+# KEYS: upload hash, lock, expiry zset, events stream, release-request key
+# ARGV: lock token, expected offset, new offset, now, expires (score or ""), sha256 hex or "",
+#       commit-ack nonce or "", then the `completed` event's fields as pairs.
+# Result: {0, offset, status} committed; {-1} lock not held; {-2} no upload;
+#         {-3, offset} offset mismatch; {-4} past Upload-Length.
+# Reaching the length makes the upload `received`, or `completed` when the sha256 is known,
+# in which case the event is appended in this same step.
+_COMMIT = (
+    """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {-1} end
+local h = redis.call('HMGET', KEYS[1], 'offset', 'length', 'status')
+if not h[1] then return {-2} end
+if h[1] ~= ARGV[2] then return {-3, tonumber(h[1])} end
+local new = tonumber(ARGV[3])
+if h[2] ~= '' and new > tonumber(h[2]) then return {-4} end
+local id = string.match(KEYS[1], ':upload:(.*)$')
+redis.call('HSET', KEYS[1], 'offset', ARGV[3], 'activity', ARGV[4])
+local status = h[3]
+if h[2] ~= '' and new == tonumber(h[2]) and status == 'uploading' then
+  if ARGV[6] ~= '' then
+    status = 'completed'
+    redis.call('HSET', KEYS[1], 'status', status, 'sha256', ARGV[6], 'completed', ARGV[4])
+    local event = {}
+    for i = 8, #ARGV do event[#event + 1] = ARGV[i] end
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(event))
+  else
+    status = 'received'
+    redis.call('HSET', KEYS[1], 'status', status)
+  end
+end
+if status ~= 'uploading' and ARGV[5] == '' then
+  redis.call('HSET', KEYS[1], 'expires', '')
+  redis.call('ZREM', KEYS[3], id)
+elseif ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'expires', ARGV[5])
+  redis.call('ZADD', KEYS[3], ARGV[5], id)
+end
+if ARGV[7] ~= '' and redis.call('GET', KEYS[5]) == 'commit:' .. ARGV[7] then
+  redis.call('DEL', KEYS[5])
+end
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'ack', ARGV[7]) end
+return {0, new, status}
+""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+)
+
+# KEYS: upload hash, expiry zset, events stream
+# ARGV: sha256 hex, now, expires (score or ""), then the `completed` event's fields as pairs.
+# Result: 1 if the upload went from `received` to `completed`, else 0.
+_COMPLETE = (
+    """
+if redis.call('HGET', KEYS[1], 'status') ~= 'received' then return 0 end
+local id = string.match(KEYS[1], ':upload:(.*)$')
+redis.call('HSET', KEYS[1], 'status', 'completed', 'sha256', ARGV[1], 'completed', ARGV[2],
+           'expires', ARGV[3])
+if ARGV[3] == '' then redis.call('ZREM', KEYS[2], id)
+else redis.call('ZADD', KEYS[2], ARGV[3], id) end
+local event = {}
+for i = 4, #ARGV do event[#event + 1] = ARGV[i] end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(event))
+return 1
+""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+)
+
+# KEYS: upload hash, lock, owner index, expiry zset, events stream, tombstone
+# ARGV: lock token ("" when the caller checked the expiry instead), now, tombstone ttl (ms),
+#       reason ("terminated"/"expired"), require-expired-before (score or ""),
+#       then the event's fields as pairs.
+# Result: 1 if removed, 0 if there was no such upload, -1 lock not held, -2 not expired (any
+#         more), -3 held by someone (expiry never removes an upload a request holds).
+_REMOVE = (
+    """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then return 0 end
+local lock = redis.call('GET', KEYS[2])
+if ARGV[1] ~= '' and lock ~= ARGV[1] then return -1 end
+if ARGV[5] ~= '' then
+  if lock then return -3 end
+  local expires = redis.call('HGET', KEYS[1], 'expires')
+  if expires == '' or tonumber(expires) > tonumber(ARGV[5]) then return -2 end
+end
+local id = string.match(KEYS[1], ':upload:(.*)$')
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[3], id)
+redis.call('ZREM', KEYS[4], id)
+redis.call('SET', KEYS[6], cjson.encode({owner, tonumber(ARGV[2]), ARGV[4]}), 'PX', ARGV[3])
+local event = {}
+for i = 6, #ARGV do event[#event + 1] = ARGV[i] end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(event))
+return 1
+""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+)
+
+# KEYS: lock, release-request key. ARGV: lock token, ttl (ms).
+# Result: -1 if the lock is not ours any more; else the pending release request
+#         ("stop" or "commit:<nonce>") or "" for none, and the lock is extended.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local request = redis.call('GET', KEYS[2])
+if not request then return '' end
+return request
+"""
+
+# KEYS: lock, release-request key. ARGV: lock token.
+# Result: 1 if released; 0 if it was not ours. A request to stop this holder goes with it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+local request = redis.call('GET', KEYS[2])
+if request and string.sub(request, 1, 7) == 'commit:' then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+# KEYS: lock, release-request key. ARGV: request ("stop" or "commit:<nonce>"), ttl (ms).
+# Result: 1 if a holder was asked (a "stop" replaces a pending "commit"), 0 if the lock is free.
+_ASK_HOLDER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] == 'stop' then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+end
+return 1
+"""
+
+# KEYS: upload hash, lock. ARGV: lock token, new length.
+# Result: 1 set, 0 already this length, -1 lock not held, -2 no upload, -3 another length
+#         is set, -4 shorter than the committed offset.
+_DECLARE_LENGTH = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+local h = redis.call('HMGET', KEYS[1], 'offset', 'length')
+if not h[1] then return -2 end
+if h[2] == ARGV[2] then return 0 end
+if h[2] ~= '' then return -3 end
+if tonumber(ARGV[2]) < tonumber(h[1]) then return -4 end
+redis.call('HSET', KEYS[1], 'length', ARGV[2])
+return 1
+"""
+
+
+class LockLost(Exception):
+    """The lock of an upload expired or was taken while its holder still worked."""
+
+
+class UploadState:
+    """All Redis access of tusserver for uploads. One per process, shared by its requests."""
+
+    def __init__(self, client: aioredis.Redis, *, tombstone_ttl_s: float) -> None:
+        self.redis = client
+        self.tombstone_ttl_ms = int(tombstone_ttl_s * 1000)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        self._create: AsyncScript = client.register_script(_CREATE)
+        self._commit: AsyncScript = client.register_script(_COMMIT)
+        self._complete: AsyncScript = client.register_script(_COMPLETE)
+        self._remove: AsyncScript = client.register_script(_REMOVE)
+        self._renew: AsyncScript = client.register_script(_RENEW)
+        self._release: AsyncScript = client.register_script(_RELEASE)
+        self._ask_holder: AsyncScript = client.register_script(_ASK_HOLDER)
+        self._declare_length: AsyncScript = client.register_script(_DECLARE_LENGTH)
+
+    async def check_layout(self) -> None:
+        """Record the shard count at first start; refuse a Redis laid out with another one,
+        or one that may evict keys."""
+        await self.redis.set("tus:config:shards", SHARD_COUNT, nx=True)
+        stored = int(await self.redis.get("tus:config:shards") or SHARD_COUNT)
+        if stored != SHARD_COUNT:
+            raise RuntimeError(
+                f"this Redis holds uploads laid out in {stored} shards, this tusserver "
+                f"uses {SHARD_COUNT}; the shard count can never change"
+            )
+        try:
+            policy = await self.redis.config_get("maxmemory-policy")
+        except aioredis.ResponseError:  # CONFIG is disabled on some hosted Redis
+            return
+        value = policy.get("maxmemory-policy", b"noeviction")
+        value = value.decode() if isinstance(value, bytes) else str(value)
+        if value != "noeviction":
+            raise RuntimeError(
+                f"Redis has maxmemory-policy {value}: it could evict upload state; "
+                "set it to noeviction"
+            )
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def get(self, upload_id: str, owner: str) -> Upload:
+        """The upload, if `owner` owns it. 404 for unknown ids and for other owners; 410 for
+        the owner of a terminated or expired upload while its tombstone lasts."""
+        if not is_upload_id(upload_id):
+            raise UploadNotFound()
+        shard = shard_of(upload_id)
+        raw = await self.redis.hgetall(_key(shard, "upload", upload_id))
+        if raw:
+            upload = _upload_from_hash(upload_id, raw)
+            if upload.owner == owner:
+                return upload
+            raise UploadNotFound()
+        tombstone = await self.redis.get(_key(shard, "tomb", upload_id))
+        if tombstone is not None:
+            tomb_owner, _at, reason = json.loads(tombstone)
+            if tomb_owner == owner:
+                raise UploadGone(f"this upload was {reason}")
+        raise UploadNotFound()
+
+    async def list_owned(
+        self, owner: str, *, after: tuple[float, str] | None, limit: int
+    ) -> list[Upload]:
+        """Up to `limit` uploads of `owner`, oldest first, after the (created, id) cursor."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(SHARD_COUNT):
+                low: str | float = "-inf" if after is None else after[0]
+                pipe.zrangebyscore(
+                    _key(shard, "owner", owner), low, "+inf", start=0, num=limit + 1,
+                    withscores=True,
+                )  # fmt: skip
+            per_shard: list[list[tuple[bytes, float]]] = await pipe.execute()
+        candidates = sorted(
+            (score, member.decode()) for rows in per_shard for member, score in rows
+        )
+        if after is not None:
+            candidates = [c for c in candidates if c > after]
+        uploads: list[Upload] = []
+        for _score, upload_id in candidates:
+            raw = await self.redis.hgetall(_key(shard_of(upload_id), "upload", upload_id))
+            if raw:
+                uploads.append(_upload_from_hash(upload_id, raw))
+            if len(uploads) == limit:
+                break
+        return uploads
+
+    # -- changing --------------------------------------------------------------------------
+
+    async def create(self, upload: Upload, *, path: str) -> None:
+        """Store a new upload, index it, and append its `created` event (and `completed`, for
+        an empty upload) in one step."""
+        shard = upload.shard
+        fields = {
+            "owner": upload.owner,
+            "offset": str(upload.offset),
+            "length": "" if upload.length is None else str(upload.length),
+            "metadata": upload.metadata,
+            "status": upload.status,
+            "created": f"{upload.created_at:.6f}",
+            "activity": f"{upload.created_at:.6f}",
+            "expires": "" if upload.expires_at is None else f"{upload.expires_at:.3f}",
+            "url": upload.url,
+            "concat": upload.concat,
+            "sha256": upload.sha256,
+        }
+        event = upload.as_event("created", upload.created_at, path)
+        del event["type"]
+        created = await self._create(
+            keys=[
+                _key(shard, "upload", upload.upload_id),
+                _key(shard, "owner", upload.owner),
+                _key(shard, "expiry"),
+                _key(shard, "events"),
+            ],
+            args=[
+                upload.upload_id,
+                f"{upload.created_at:.6f}",
+                fields["expires"],
+                len(event),
+                *_flat(event),
+                *_flat(fields),
+            ],
+        )
+        if created != 1:
+            raise RuntimeError("upload id collision")  # 128 random bits: never in practice
+
+    async def commit(
+        self,
+        upload: Upload,
+        lock_token: str,
+        new_offset: int,
+        *,
+        now: float,
+        expires_at: float | None,
+        sha256: str = "",
+        ack: str = "",
+        path: str = "",
+    ) -> Upload:
+        """Move the committed offset from `upload.offset` to `new_offset` while holding the lock.
+
+        Reaching the length marks the upload `received`, or `completed` (with its event) when
+        `sha256` is given. Raises LockLost, OffsetMismatch (409), PayloadTooLarge (413)."""
+        shard = upload.shard
+        done = upload.length is not None and new_offset == upload.length
+        finished = _replace(upload, offset=new_offset, sha256=sha256, status="completed")
+        event = finished.as_event("completed", now, path) if done and sha256 else {}
+        result = await self._commit(
+            keys=[
+                _key(shard, "upload", upload.upload_id),
+                _key(shard, "lock", upload.upload_id),
+                _key(shard, "expiry"),
+                _key(shard, "events"),
+                _key(shard, "release", upload.upload_id),
+            ],
+            args=[
+                lock_token,
+                upload.offset,
+                new_offset,
+                f"{now:.6f}",
+                "" if expires_at is None else f"{expires_at:.3f}",
+                sha256,
+                ack,
+                *_flat(event),
+            ],
+        )
+        code = int(result[0])
+        if code == -1:
+            raise LockLost()
+        if code == -2:
+            raise UploadNotFound()
+        if code == -3:
+            raise OffsetMismatch(expected=int(result[1]), got=upload.offset)
+        if code == -4:
+            raise PayloadTooLarge("the body runs past Upload-Length")
+        status = cast(UploadStatus, result[2].decode())
+        return _replace(
+            upload,
+            offset=new_offset,
+            status=status,
+            expires_at=expires_at,
+            sha256=sha256 if status == "completed" else upload.sha256,
+        )
+
+    async def complete(
+        self, upload: Upload, sha256: str, *, now: float, expires_at: float | None, path: str
+    ) -> bool:
+        """Mark a `received` upload `completed` with its SHA-256 and append the `completed`
+        event, in one step. False if it was not `received` (done already, or removed)."""
+        shard = upload.shard
+        finished = _replace(upload, sha256=sha256, status="completed")
+        result = await self._complete(
+            keys=[
+                _key(shard, "upload", upload.upload_id),
+                _key(shard, "expiry"),
+                _key(shard, "events"),
+            ],
+            args=[
+                sha256,
+                f"{now:.6f}",
+                "" if expires_at is None else f"{expires_at:.3f}",
+                *_flat(finished.as_event("completed", now, path)),
+            ],
+        )
+        return int(result) == 1
+
+    async def declare_length(self, upload: Upload, lock_token: str, length: int) -> Upload:
+        """Set the length of a deferred-length upload (400 if it contradicts what is known)."""
+        result = int(
+            await self._declare_length(
+                keys=[
+                    _key(upload.shard, "upload", upload.upload_id),
+                    _key(upload.shard, "lock", upload.upload_id),
+                ],
+                args=[lock_token, length],
+            )
+        )
+        if result == -1:
+            raise LockLost()
+        if result == -2:
+            raise UploadNotFound()
+        if result == -3:
+            raise BadRequest("Upload-Length differs from the length already set")
+        if result == -4:
+            raise BadRequest("Upload-Length is less than the bytes already received")
+        return _replace(upload, length=length)
+
+    async def remove(
+        self,
+        upload: Upload,
+        reason: Literal["terminated", "expired"],
+        *,
+        now: float,
+        path: str,
+        lock_token: str = "",
+        expired_before: float | None = None,
+    ) -> bool:
+        """Delete the upload's state, leave a tombstone for its owner and append the event.
+
+        Termination passes the lock it holds; expiry passes `expired_before` instead and never
+        removes an upload that a request holds or that was active again. True if removed."""
+        shard = upload.shard
+        result = await self._remove(
+            keys=[
+                _key(shard, "upload", upload.upload_id),
+                _key(shard, "lock", upload.upload_id),
+                _key(shard, "owner", upload.owner),
+                _key(shard, "expiry"),
+                _key(shard, "events"),
+                _key(shard, "tomb", upload.upload_id),
+            ],
+            args=[
+                lock_token,
+                f"{now:.6f}",
+                self.tombstone_ttl_ms,
+                reason,
+                "" if expired_before is None else f"{expired_before:.3f}",
+                *_flat(upload.as_event(reason, now, path)),
+            ],
+        )
+        if int(result) == -1:
+            raise LockLost()
+        return int(result) == 1
+
+    async def due(self, shard: int, now: float, limit: int = 100) -> list[str]:
+        """Ids in `shard` whose expiry time has come (to expire, finish or delete)."""
+        rows = await self.redis.zrangebyscore(_key(shard, "expiry"), "-inf", now, 0, limit)
+        return [_text(cast(bytes, row)) for row in rows]
+
+    async def get_any(self, upload_id: str) -> Upload | None:
+        """The upload whoever owns it (for background work), or None."""
+        raw = await self.redis.hgetall(_key(shard_of(upload_id), "upload", upload_id))
+        return _upload_from_hash(upload_id, raw) if raw else None
+
+    async def postpone(self, upload_id: str, until: float) -> None:
+        await self.redis.zadd(_key(shard_of(upload_id), "expiry"), {upload_id: until}, xx=True)
+
+    # -- locks -----------------------------------------------------------------------------
+
+    async def try_lock(self, upload_id: str, ttl_ms: int) -> str | None:
+        """Take the upload's lock if it is free; the token to renew and release it, or None."""
+        token = f"{self.holder}:{secrets.token_hex(8)}"
+        shard = shard_of(upload_id)
+        taken = await self.redis.set(_key(shard, "lock", upload_id), token, nx=True, px=ttl_ms)
+        return token if taken else None
+
+    async def ask_holder(self, upload_id: str, request: str, ttl_ms: int) -> bool:
+        """Ask the lock's holder to `stop` or to `commit:<nonce>`; False if nobody holds it."""
+        shard = shard_of(upload_id)
+        asked = await self._ask_holder(
+            keys=[_key(shard, "lock", upload_id), _key(shard, "release", upload_id)],
+            args=[request, ttl_ms],
+        )
+        return int(asked) == 1
+
+    async def clear_requests(self, upload_id: str) -> None:
+        await self.redis.delete(_key(shard_of(upload_id), "release", upload_id))
+
+    async def commit_ack(self, upload_id: str) -> str:
+        value = await self.redis.hget(_key(shard_of(upload_id), "upload", upload_id), "ack")
+        return _text(value) if value else ""
+
+    async def renew(self, upload_id: str, token: str, ttl_ms: int) -> str:
+        """Extend our lock; the pending request to us ("stop", "commit:<n>" or ""). Raises
+        LockLost if the lock is not ours any more."""
+        shard = shard_of(upload_id)
+        result = await self._renew(
+            keys=[_key(shard, "lock", upload_id), _key(shard, "release", upload_id)],
+            args=[token, ttl_ms],
+        )
+        if result == -1:
+            raise LockLost()
+        return result.decode() if isinstance(result, bytes) else str(result)
+
+    async def release(self, upload_id: str, token: str) -> None:
+        shard = shard_of(upload_id)
+        await self._release(
+            keys=[_key(shard, "lock", upload_id), _key(shard, "release", upload_id)],
+            args=[token],
+        )
+
+    async def ping(self) -> None:
+        try:
+            await self.redis.ping()
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as error:
+            raise ServiceUnavailable("the state store (Redis) is unreachable") from error
+
+
+def _replace(upload: Upload, **changes: Any) -> Upload:
+    return replace(upload, **changes)
+
+
+def event_fields(entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]]) -> list[dict[str, str]]:
+    """Stream entries as plain dicts with their stream id under `id`."""
+    return [
+        {"id": entry_id.decode(), **{k.decode(): v.decode() for k, v in fields.items()}}
+        for entry_id, fields in entries
+    ]

@@ -1,0 +1,181 @@
+"""Bytes on disk: one file per upload under `<data-dir>/uploads/<ab>/<id>`.
+
+Files are 0600 and folders 0700; a file's folder is fsynced when the file is created. Writes
+are positional (`os.pwrite`) from a worker thread, which also feeds the running hashes, so one
+thread hop serves a 1-4 MiB block. Nothing here knows about Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aiofiles.os
+
+from tusserver.errors import InsufficientStorage, StorageFailure
+from tusserver.settings import FsyncPolicy
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
+else:
+    Hash = Any
+
+T = TypeVar("T")
+HASH_BLOCK_BYTES = 4 * 2**20
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _storage_error(error: OSError) -> InsufficientStorage | StorageFailure:
+    if error.errno in _DISK_FULL:
+        return InsufficientStorage("the disk is full; nothing past the last commit was kept")
+    return StorageFailure(
+        f"the server could not write the upload ({os.strerror(error.errno or 0)})"
+    )
+
+
+async def _in_thread(function: Callable[[], T]) -> T:
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, function)
+    except OSError as error:
+        raise _storage_error(error) from error
+
+
+class UploadFile:
+    """An upload's file opened for writing at known offsets."""
+
+    def __init__(self, fd: int, storage: Storage) -> None:
+        self.fd = fd
+        self._storage = storage
+
+    async def write(self, offset: int, data: bytes | bytearray, hashes: list[Hash]) -> None:
+        """Write all of `data` at `offset` and feed it to `hashes`, in one thread hop.
+
+        Raises InsufficientStorage (507) when the disk is full or below --min-free-disk, and
+        StorageFailure (500) for other write errors."""
+        storage = self._storage
+
+        def write() -> None:
+            storage.check_free_space(len(data))
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], offset + done)
+            for running_hash in hashes:
+                running_hash.update(view)
+
+        await _in_thread(write)
+
+    async def sync(self) -> None:
+        """Make the written bytes durable (fdatasync where the OS has it)."""
+        await _in_thread(lambda: getattr(os, "fdatasync", os.fsync)(self.fd))
+
+    async def close(self) -> None:
+        await _in_thread(lambda: os.close(self.fd))
+
+
+class Storage:
+    """The upload files under one data directory."""
+
+    def __init__(self, data_dir: Path, *, fsync: FsyncPolicy, min_free_disk_bytes: int) -> None:
+        self.data_dir = data_dir.resolve()
+        self.root = self.data_dir / "uploads"
+        self.fsync = fsync
+        self.min_free_disk_bytes = min_free_disk_bytes
+
+    def prepare(self) -> None:
+        """Create the data folders (0700). Called once at start."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+
+    def relative_path(self, upload_id: str) -> str:
+        """Where the file lies inside the data directory (ids are hex, so never `..`)."""
+        return f"uploads/{upload_id[:2]}/{upload_id}"
+
+    def path_of(self, upload_id: str) -> Path:
+        return self.data_dir / self.relative_path(upload_id)
+
+    def check_free_space(self, wanted_bytes: int) -> None:
+        """Raise InsufficientStorage (507) if writing `wanted_bytes` would leave less than
+        --min-free-disk free. Cheap (one statvfs); skipped when no minimum is set."""
+        if self.min_free_disk_bytes <= 0:
+            return
+        stats = os.statvfs(self.root)
+        if stats.f_bavail * stats.f_frsize - wanted_bytes < self.min_free_disk_bytes:
+            raise InsufficientStorage("the server is low on disk space; try again later")
+
+    async def create(self, upload_id: str) -> None:
+        """Create the upload's empty file (0600) and make its directory entry durable."""
+        path = self.path_of(upload_id)
+        durable = self.fsync != "never"
+
+        def create() -> None:
+            self.check_free_space(0)
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+            if durable:
+                folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(folder)
+                finally:
+                    os.close(folder)
+
+        await _in_thread(create)
+
+    async def open_for_append(
+        self, upload_id: str, committed_offset: int
+    ) -> tuple[UploadFile, int]:
+        """Open the file to append at the committed offset; cut off bytes past it (left by a
+        crash or an uncommitted request). Returns the file and the offset writing starts at:
+        the file's size if it is shorter than the committed offset (bytes lost with the page
+        cache), so the caller moves the offset back instead of leaving a hole."""
+        path = self.path_of(upload_id)
+
+        def open_file() -> tuple[int, int]:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            size = os.fstat(fd).st_size
+            if size > committed_offset:
+                os.ftruncate(fd, committed_offset)
+                size = committed_offset
+            return fd, size
+
+        fd, start = await _in_thread(open_file)
+        return UploadFile(fd, self), start
+
+    async def size(self, upload_id: str) -> int:
+        try:
+            return (await aiofiles.os.stat(self.path_of(upload_id))).st_size
+        except FileNotFoundError:
+            return -1
+
+    async def delete(self, upload_id: str) -> None:
+        """Remove the upload's file; a file already gone is fine."""
+        try:
+            await aiofiles.os.remove(self.path_of(upload_id))
+        except FileNotFoundError:
+            pass
+
+    async def sha256(self, upload_id: str, length: int) -> str:
+        """The hex SHA-256 of the file's first `length` bytes, read in bounded blocks off the
+        event loop."""
+        path = self.path_of(upload_id)
+
+        def digest() -> str:
+            running = hashlib.sha256()
+            remaining = length
+            with open(path, "rb", buffering=0) as file:
+                while remaining > 0:
+                    block = file.read(min(HASH_BLOCK_BYTES, remaining))
+                    if not block:
+                        raise StorageFailure("the upload's file is shorter than its length")
+                    running.update(block)
+                    remaining -= len(block)
+            return running.hexdigest()
+
+        return await _in_thread(digest)

@@ -1,0 +1,409 @@
+"""What a handler asks of an upload, composed of `state` (Redis) and `storage` (disk).
+
+The PATCH loop lives here: it streams the body in bounded chunks, gathers them into 1-4 MiB
+writes, commits at the end, at bounded intervals and when another request asks, and keeps
+what arrived when the client hangs up. Locks are held through a `Lease` whose renew task
+listens for requests from other requests (stop, or commit now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import StreamReader
+
+from tusserver.errors import (
+    ChecksumMismatch,
+    Conflict,
+    Interrupted,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    TusError,
+    UploadLocked,
+)
+from tusserver.protocol import Checksum
+from tusserver.settings import Settings
+from tusserver.state import LockLost, Upload, UploadState, new_upload_id
+from tusserver.storage import Storage, UploadFile
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
+
+log = logging.getLogger("tusserver.uploads")
+
+WRITE_BLOCK_BYTES = 4 * 2**20
+LOCK_TTL_MS = 3000
+RENEW_INTERVAL_S = 0.1
+TAKEOVER_WAIT_S = 1.0
+COMMIT_INTERVAL_S = 1.0
+RECEIVED_GRACE_S = 60.0  # a `received` upload not completed by then is hashed by the sweeper
+_POLL_S = 0.02
+
+
+class TakenOver(Exception):
+    """Set on a PATCH body's stream to wake the reader when another request takes over."""
+
+
+@dataclass
+class Lease:
+    """A held upload lock, renewed in the background until released."""
+
+    upload_id: str
+    token: str
+    stop_requested: bool = False
+    lost: bool = False
+    body: StreamReader | None = None
+    session: AppendSession | None = None
+    renewed_at: float = field(default_factory=time.monotonic)
+
+    def wake_reader(self, error: Exception) -> None:
+        if self.body is not None and self.body.exception() is None:
+            self.body.set_exception(error)
+
+
+class RunningHashes:
+    """SHA-256 objects of uploads this process is receiving, each valid at one offset."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._hashes: OrderedDict[str, tuple[int, Hash]] = OrderedDict()
+        self._capacity = capacity
+
+    def take(self, upload_id: str, offset: int) -> Hash | None:
+        """The hash of bytes [0, offset), or None if this process does not have it."""
+        if offset == 0:
+            self._hashes.pop(upload_id, None)
+            return hashlib.sha256()
+        entry = self._hashes.pop(upload_id, None)
+        return entry[1] if entry is not None and entry[0] == offset else None
+
+    def keep(self, upload_id: str, offset: int, running: Hash) -> None:
+        self._hashes[upload_id] = (offset, running)
+        while len(self._hashes) > self._capacity:
+            self._hashes.popitem(last=False)
+
+
+class Uploads:
+    """The upload service of one process."""
+
+    def __init__(self, state: UploadState, storage: Storage, settings: Settings) -> None:
+        self.state = state
+        self.storage = storage
+        self.settings = settings
+        self.hashes = RunningHashes()
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- expiry times ----------------------------------------------------------------------
+
+    def expiry_for(self, status: str, now: float) -> float | None:
+        if status == "uploading":
+            return now + self.settings.expire_after_s
+        if status == "received":
+            return now + RECEIVED_GRACE_S
+        retention = self.settings.retention_s
+        return None if retention is None else now + retention
+
+    # -- create, read, remove --------------------------------------------------------------
+
+    async def create(
+        self, *, owner: str, length: int | None, metadata: str, concat: str, url_of: str
+    ) -> Upload:
+        """Create the upload's file and state; an empty upload is complete at once."""
+        upload_id = new_upload_id()
+        now = time.time()
+        empty = length == 0
+        upload = Upload(
+            upload_id=upload_id,
+            owner=owner,
+            offset=0,
+            length=length,
+            metadata=metadata,
+            status="completed" if empty else "uploading",
+            created_at=now,
+            expires_at=self.expiry_for("completed" if empty else "uploading", now),
+            url=url_of.replace("{id}", upload_id),
+            concat=concat,
+            sha256=hashlib.sha256().hexdigest() if empty else "",
+        )
+        await self.storage.create(upload_id)
+        await self.state.create(upload, path=self.storage.relative_path(upload_id))
+        return upload
+
+    async def current(self, upload_id: str, owner: str) -> Upload:
+        """The upload as committed now: a running PATCH is asked to commit what it has first
+        (waiting at most about a second). 404/410 inside."""
+        upload = await self.state.get(upload_id, owner)
+        if upload.status != "uploading":
+            return upload
+        nonce = secrets.token_hex(6)
+        if not await self.state.ask_holder(upload_id, f"commit:{nonce}", LOCK_TTL_MS):
+            return upload
+        deadline = time.monotonic() + TAKEOVER_WAIT_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(_POLL_S)
+            if await self.state.commit_ack(upload_id) == nonce:
+                break
+        return await self.state.get(upload_id, owner)
+
+    async def terminate(self, upload_id: str, owner: str) -> None:
+        """Delete the upload (state first, then its file), taking it from any running PATCH."""
+        async with self.locked(upload_id, owner) as (upload, lease):
+            await self.state.remove(
+                upload,
+                "terminated",
+                now=time.time(),
+                path=self.storage.relative_path(upload_id),
+                lock_token=lease.token,
+            )
+        await self.storage.delete(upload_id)
+
+    # -- locking ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def locked(self, upload_id: str, owner: str) -> AsyncIterator[tuple[Upload, Lease]]:
+        """Hold the upload's lock: a running holder is asked to stop and commit, and 423
+        follows only if it does not let go within about a second. 404/410 inside."""
+        await self.state.get(upload_id, owner)
+        token = await self.state.try_lock(upload_id, LOCK_TTL_MS)
+        deadline = time.monotonic() + TAKEOVER_WAIT_S
+        while token is None:
+            if time.monotonic() > deadline:
+                raise UploadLocked()
+            await self.state.ask_holder(upload_id, "stop", LOCK_TTL_MS)
+            await asyncio.sleep(_POLL_S)
+            token = await self.state.try_lock(upload_id, LOCK_TTL_MS)
+        lease = Lease(upload_id, token)
+        renewer = asyncio.create_task(self._renew(lease))
+        try:
+            await self.state.clear_requests(upload_id)
+            upload = await self.state.get(upload_id, owner)
+            yield upload, lease
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            await asyncio.shield(self._release(lease))
+
+    async def _release(self, lease: Lease) -> None:
+        try:
+            await self.state.release(lease.upload_id, lease.token)
+        except Exception:  # the lock expires by itself within seconds
+            log.warning("could not release the lock of %s", lease.upload_id, exc_info=True)
+
+    async def _renew(self, lease: Lease) -> None:
+        """Every ~100 ms: extend the lock and answer requests from other requests."""
+        while True:
+            await asyncio.sleep(RENEW_INTERVAL_S)
+            try:
+                request = await self.state.renew(lease.upload_id, lease.token, LOCK_TTL_MS)
+            except LockLost:
+                lease.lost = True
+                lease.wake_reader(LockLost())
+                return
+            except Exception:  # Redis unreachable: stop writing before the lock can expire
+                if time.monotonic() - lease.renewed_at > LOCK_TTL_MS / 2000:
+                    lease.lost = True
+                    lease.wake_reader(LockLost())
+                    return
+                continue
+            lease.renewed_at = time.monotonic()
+            if request == "stop":
+                lease.stop_requested = True
+                lease.wake_reader(TakenOver())
+            elif request.startswith("commit:") and lease.session is not None:
+                with contextlib.suppress(Exception):
+                    await lease.session.commit(ack=request.removeprefix("commit:"))
+
+    # -- writing ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def writing(self, upload_id: str, owner: str) -> AsyncIterator[AppendSession]:
+        """Lock the upload and open its file for appending at the committed offset. If the
+        file is shorter than that offset, the offset goes back to the file's size first."""
+        async with self.locked(upload_id, owner) as (upload, lease):
+            if upload.status != "uploading":
+                raise Conflict("this upload is already complete")
+            file, start = await self.storage.open_for_append(upload_id, upload.offset)
+            try:
+                if start < upload.offset:
+                    log.warning("upload %s: file shorter than its offset, rewinding", upload_id)
+                    upload = await self.state.commit(
+                        upload, lease.token, start, now=time.time(),
+                        expires_at=self.expiry_for("uploading", time.time()),
+                    )  # fmt: skip
+                session = AppendSession(self, upload, lease, file)
+                lease.session = session
+                yield session
+            finally:
+                lease.session = None
+                await file.close()
+
+    def finish_in_background(self, upload: Upload) -> None:
+        """Hash a `received` upload's file and mark it `completed`, off the request."""
+        task = asyncio.create_task(self.finish(upload))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def finish(self, upload: Upload) -> None:
+        """Hash the file once after its last byte and record the SHA-256 (completed event)."""
+        assert upload.length is not None
+        sha256 = await self.storage.sha256(upload.upload_id, upload.length)
+        now = time.time()
+        await self.state.complete(
+            upload, sha256, now=now, expires_at=self.expiry_for("completed", now),
+            path=self.storage.relative_path(upload.upload_id),
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+
+class AppendSession:
+    """One PATCH's (or creation-with-upload's) bytes going onto one upload."""
+
+    def __init__(self, uploads: Uploads, upload: Upload, lease: Lease, file: UploadFile) -> None:
+        self.uploads = uploads
+        self.upload = upload
+        self.lease = lease
+        self.file = file
+        self.written = upload.offset  # bytes of this upload on disk (committed or not)
+        self.synced = upload.offset
+        self.may_commit = True  # False while bytes on disk may have to be thrown away
+        self.is_checksummed = False
+        self.running_hash: Hash | None = None
+        self._commit_lock = asyncio.Lock()
+
+    @property
+    def upload_id(self) -> str:
+        return self.upload.upload_id
+
+    async def declare_length(self, length: int) -> None:
+        self.upload = await self.uploads.state.declare_length(self.upload, self.lease.token, length)
+
+    async def commit(self, ack: str = "") -> Upload:
+        """Commit the bytes on disk (after fsync, per the durability setting). Completing the
+        upload stores its SHA-256 and event when this process hashed every byte."""
+        async with self._commit_lock:
+            upload = self.upload
+            new_offset = self.written if self.may_commit else upload.offset
+            is_last = upload.length is not None and new_offset == upload.length
+            fsync = self.uploads.settings.fsync
+            if new_offset > self.synced and (fsync == "always" or (is_last and fsync != "never")):
+                await self.file.sync()
+                self.synced = new_offset
+            sha256 = ""
+            if is_last and self.running_hash is not None:
+                sha256 = self.running_hash.hexdigest()
+            now = time.time()
+            status = "uploading" if not is_last else ("completed" if sha256 else "received")
+            self.upload = await self.uploads.state.commit(
+                upload, self.lease.token, new_offset, now=now,
+                expires_at=self.uploads.expiry_for(status, now), sha256=sha256, ack=ack,
+                path=self.uploads.storage.relative_path(upload.upload_id),
+            )  # fmt: skip
+            if self.upload.status == "received":
+                self.uploads.finish_in_background(self.upload)
+            return self.upload
+
+    async def append(
+        self,
+        body: StreamReader,
+        *,
+        content_length: int | None,
+        checksum: Checksum | None,
+        max_bytes: int | None,
+    ) -> Upload:
+        """Stream `body` onto the file and commit it. Raises PayloadTooLarge (413) past the
+        length or `max_bytes` (keeping nothing of this request), ChecksumMismatch (460),
+        Interrupted (400) when another request took over, RequestTimeout (408) when the body
+        stalls; the last two keep what arrived, as does a client that hangs up."""
+        uploads = self.uploads
+        start = self.upload.offset
+        self.running_hash = uploads.hashes.take(self.upload_id, start)
+        verifier = hashlib.new(checksum.algorithm) if checksum else None
+        self.is_checksummed = checksum is not None
+        hashes = [h for h in (self.running_hash, verifier) if h is not None]
+        # Bytes of a checksummed or chunked (size unknown) body are committed only at its end:
+        # they may yet have to be thrown away.
+        self.may_commit = checksum is None and content_length is not None
+        self.lease.body = body
+        pending = bytearray()
+        last_commit = time.monotonic()
+        loop = asyncio.get_running_loop()
+        idle = uploads.settings.idle_timeout_s
+        try:
+            async with asyncio.timeout(loop.time() + idle) as stall:
+                while chunk := await body.readany():
+                    stall.reschedule(loop.time() + idle)
+                    total = self.written + len(pending) + len(chunk)
+                    self._check_room(total, max_bytes)
+                    pending += chunk
+                    if len(pending) >= WRITE_BLOCK_BYTES:
+                        await self._write(pending, hashes)
+                        pending = bytearray()
+                        if self.may_commit and time.monotonic() - last_commit > COMMIT_INTERVAL_S:
+                            await self.commit()
+                            last_commit = time.monotonic()
+                    if self.lease.stop_requested or self.lease.lost:
+                        raise TakenOver()
+            await self._write(pending, hashes)
+            if checksum is not None and verifier is not None:
+                if verifier.digest() != checksum.digest:
+                    raise ChecksumMismatch(checksum.algorithm)
+            self.may_commit = True
+            return await asyncio.shield(self._commit_and_remember())
+        except TusError:
+            self.may_commit = False
+            raise
+        except (TakenOver, LockLost, TimeoutError) as stop:
+            await self._keep_what_arrived(pending, hashes)
+            if isinstance(stop, TimeoutError):
+                raise RequestTimeout(
+                    f"the body stalled for {idle:g} s; {self.upload.offset} bytes are committed"
+                ) from None
+            if isinstance(stop, LockLost):
+                raise ServiceUnavailable("lost the upload's lock; retry", 1) from None
+            raise Interrupted(self.upload.offset) from None
+        except Exception:  # the client hung up or sent a broken body: keep what arrived
+            await self._keep_what_arrived(pending, hashes)
+            raise
+
+    def _check_room(self, total: int, max_bytes: int | None) -> None:
+        length = self.upload.length
+        if length is not None and total > length:
+            raise PayloadTooLarge("the body runs past Upload-Length; nothing of it was kept")
+        if length is None and max_bytes is not None and total > max_bytes:
+            raise PayloadTooLarge(f"the upload would pass the maximum size of {max_bytes} bytes")
+
+    async def _write(self, data: bytearray, hashes: list[Hash]) -> None:
+        if data:
+            await self.file.write(self.written, data, hashes)
+            self.written += len(data)
+
+    async def _keep_what_arrived(self, pending: bytearray, hashes: list[Hash]) -> None:
+        """Commit the bytes that arrived before the stop, unless they cannot be kept (a
+        checksummed body: unverifiable) or the lock is gone."""
+        self.may_commit = not (self.lease.lost or self.is_checksummed)
+        if not self.may_commit:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._write(pending, hashes))
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._commit_and_remember())
+
+    async def _commit_and_remember(self) -> Upload:
+        upload = await self.commit()
+        if self.running_hash is not None and upload.status == "uploading":
+            self.uploads.hashes.keep(self.upload_id, upload.offset, self.running_hash)
+        return upload
