@@ -194,9 +194,10 @@ async def _serve_worker(
         app,
         access_log_class=JsonAccessLogger if settings.log_json else AccessLogger,
         handle_signals=False,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
     await runner.setup()
-    site = web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    site = web.SockSite(runner, sock)
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
