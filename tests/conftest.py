@@ -167,7 +167,7 @@ def start_process(data_dir: Path, *args: str, env: dict[str, str] | None = None)
     """Start `tusserver` in a subprocess on a free port; wait until it listens."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"tusserver-{time.monotonic_ns()}.log"
-    log_file = open(log_path, "wb")  # noqa: SIM115 - the child writes it after we return
+    log_file = open(log_path, "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "tusserver", "--host", "127.0.0.1", "--port", "0",
          "--data-dir", str(data_dir), *args],

@@ -86,7 +86,7 @@ class Settings:
     production: bool = False
     workers: int = 1
     idle_timeout_s: float = 60.0
-    fsync: FsyncPolicy = "complete"
+    fsync: FsyncPolicy = "always"
     min_free_disk_bytes: int = 0
     cors_origins: tuple[str, ...] = ()
     demo_page: bool | None = None

@@ -1,0 +1,195 @@
+"""The Redis state layer on its own: every Lua step against a real Redis (the embedded Valkey,
+or the stock Redis that .ci/run passes in TUS_TEST_REDIS_URL)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import cast
+
+import pytest
+import redis.asyncio as aioredis
+
+from tusserver.errors import OffsetMismatch, PayloadTooLarge, UploadGone, UploadNotFound
+from tusserver.state import LockLost, Upload, UploadState, new_upload_id, shard_of
+
+LOCK_MS = 3000
+
+
+@pytest.fixture
+async def state(flushed_redis: str) -> AsyncIterator[UploadState]:
+    client = aioredis.Redis.from_url(flushed_redis)
+    yield UploadState(client, tombstone_ttl_s=60)
+    await client.aclose()
+
+
+def new_upload(length: int | None = 10, owner: str = "alice") -> Upload:
+    now = time.time()
+    return Upload(
+        upload_id=new_upload_id(),
+        owner=owner,
+        offset=0,
+        length=length,
+        metadata="filename bmFtZQ==",
+        status="uploading",
+        created_at=now,
+        expires_at=now + 60,
+        url="http://example/files/x",
+    )
+
+
+async def events_of(state: UploadState, upload: Upload) -> list[str]:
+    key = f"tus:{{{shard_of(upload.upload_id)}}}:events"
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await state.redis.xrange(key))
+    return [
+        fields[b"type"].decode()
+        for _id, fields in entries
+        if fields[b"upload_id"].decode() == upload.upload_id
+    ]
+
+
+async def test_create_then_get_returns_the_same_upload(state: UploadState) -> None:
+    upload = new_upload()
+    await state.create(upload, path="uploads/x")
+    stored = await state.get(upload.upload_id, "alice")
+    assert (stored.length, stored.offset, stored.metadata, stored.owner) == (
+        10,
+        0,
+        upload.metadata,
+        "alice",
+    )
+    assert await events_of(state, upload) == ["created"]
+
+
+async def test_other_owner_and_unknown_ids_are_not_found(state: UploadState) -> None:
+    upload = new_upload()
+    await state.create(upload, path="p")
+    with pytest.raises(UploadNotFound):
+        await state.get(upload.upload_id, "mallory")
+    with pytest.raises(UploadNotFound):
+        await state.get("../../etc/passwd", "alice")
+    with pytest.raises(UploadNotFound):
+        await state.get(new_upload_id(), "alice")
+
+
+async def test_commit_checks_lock_and_expected_offset(state: UploadState) -> None:
+    upload = new_upload()
+    await state.create(upload, path="p")
+    token = await state.try_lock(upload.upload_id, LOCK_MS)
+    assert token is not None
+    assert await state.try_lock(upload.upload_id, LOCK_MS) is None
+    with pytest.raises(LockLost):
+        await state.commit(upload, "not-the-token", 4, now=time.time(), expires_at=None)
+    moved = await state.commit(upload, token, 4, now=time.time(), expires_at=None)
+    assert moved.offset == 4
+    with pytest.raises(OffsetMismatch) as mismatch:
+        await state.commit(upload, token, 6, now=time.time(), expires_at=None)  # stale: expects 0
+    assert mismatch.value.headers["Upload-Offset"] == "4"
+    with pytest.raises(PayloadTooLarge):
+        await state.commit(moved, token, 11, now=time.time(), expires_at=None)
+    assert (await state.get(upload.upload_id, "alice")).offset == 4
+
+
+async def test_reaching_the_length_with_a_hash_completes_with_one_event(state: UploadState) -> None:
+    upload = new_upload(length=3)
+    await state.create(upload, path="p")
+    token = await state.try_lock(upload.upload_id, LOCK_MS)
+    assert token is not None
+    done = await state.commit(upload, token, 3, now=time.time(), expires_at=None, sha256="ab" * 32)
+    assert done.status == "completed"
+    assert (await state.get(upload.upload_id, "alice")).sha256 == "ab" * 32
+    assert await events_of(state, upload) == ["created", "completed"]
+
+
+async def test_received_upload_completes_once(state: UploadState) -> None:
+    upload = new_upload(length=3)
+    await state.create(upload, path="p")
+    token = await state.try_lock(upload.upload_id, LOCK_MS)
+    assert token is not None
+    received = await state.commit(upload, token, 3, now=time.time(), expires_at=time.time() + 60)
+    assert received.status == "received"
+    assert await events_of(state, upload) == ["created"]
+    assert await state.complete(received, "cd" * 32, now=time.time(), expires_at=None, path="p")
+    assert not await state.complete(received, "cd" * 32, now=time.time(), expires_at=None, path="p")
+    assert await events_of(state, upload) == ["created", "completed"]
+
+
+async def test_terminate_leaves_a_tombstone_for_the_owner_only(state: UploadState) -> None:
+    upload = new_upload()
+    await state.create(upload, path="p")
+    token = await state.try_lock(upload.upload_id, LOCK_MS)
+    assert token is not None
+    removed = await state.remove(upload, "terminated", now=time.time(), path="p", lock_token=token)
+    assert removed
+    with pytest.raises(UploadGone):
+        await state.get(upload.upload_id, "alice")
+    with pytest.raises(UploadNotFound):
+        await state.get(upload.upload_id, "mallory")
+    assert await events_of(state, upload) == ["created", "terminated"]
+
+
+async def test_expiry_skips_held_and_fresh_uploads(state: UploadState) -> None:
+    upload = new_upload()
+    await state.create(upload, path="p")
+    assert upload.expires_at is not None
+    early = upload.expires_at - 1
+    assert not await state.remove(upload, "expired", now=early, path="p", expired_before=early)
+    token = await state.try_lock(upload.upload_id, LOCK_MS)
+    assert token is not None
+    late = upload.expires_at + 1
+    assert not await state.remove(upload, "expired", now=late, path="p", expired_before=late)
+    await state.release(upload.upload_id, token)
+    assert await state.due(upload.shard, late) == [upload.upload_id]
+    assert await state.remove(upload, "expired", now=late, path="p", expired_before=late)
+    assert await events_of(state, upload) == ["created", "expired"]
+
+
+async def test_holder_hears_stop_and_commit_requests(state: UploadState) -> None:
+    upload = new_upload()
+    await state.create(upload, path="p")
+    assert not await state.ask_holder(upload.upload_id, "stop", LOCK_MS)  # nobody holds it
+    token = await state.try_lock(upload.upload_id, LOCK_MS)
+    assert token is not None
+    assert await state.renew(upload.upload_id, token, LOCK_MS) == ""
+    assert await state.ask_holder(upload.upload_id, "commit:n1", LOCK_MS)
+    assert await state.renew(upload.upload_id, token, LOCK_MS) == "commit:n1"
+    await state.commit(upload, token, 0, now=time.time(), expires_at=None, ack="n1")
+    assert await state.commit_ack(upload.upload_id) == "n1"
+    assert await state.renew(upload.upload_id, token, LOCK_MS) == ""
+    assert await state.ask_holder(upload.upload_id, "stop", LOCK_MS)
+    assert await state.ask_holder(upload.upload_id, "commit:n2", LOCK_MS)  # held: asked
+    assert await state.renew(upload.upload_id, token, LOCK_MS) == "stop"  # stop wins
+    await state.release(upload.upload_id, token)
+    with pytest.raises(LockLost):
+        await state.renew(upload.upload_id, token, LOCK_MS)
+
+
+async def test_deferred_length_is_declared_once(state: UploadState) -> None:
+    upload = new_upload(length=None)
+    await state.create(upload, path="p")
+    token = await state.try_lock(upload.upload_id, LOCK_MS)
+    assert token is not None
+    declared = await state.declare_length(upload, token, 5)
+    assert declared.length == 5
+    assert (await state.declare_length(upload, token, 5)).length == 5
+    with pytest.raises(Exception, match="differs"):
+        await state.declare_length(upload, token, 6)
+
+
+async def test_list_owned_pages_through_every_shard(state: UploadState) -> None:
+    created = []
+    for _ in range(7):
+        upload = new_upload(owner="lister")
+        await state.create(upload, path="p")
+        created.append(upload.upload_id)
+    await state.create(new_upload(owner="someone-else"), path="p")
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await state.list_owned("lister", after=cursor, limit=3)
+        if not page:
+            break
+        seen += [u.upload_id for u in page]
+        cursor = (page[-1].created_at, page[-1].upload_id)
+    assert sorted(seen) == sorted(created)
+    assert len(seen) == len(set(seen))
