@@ -15,6 +15,8 @@ from tusserver import protocol
 from tusserver.auth import Grant
 from tusserver.errors import (
     BadRequest,
+    Conflict,
+    Forbidden,
     MethodNotAllowed,
     OffsetMismatch,
     PayloadTooLarge,
@@ -33,7 +35,10 @@ EXTENSIONS = (
     "expiration",
     "checksum",
     "termination",
+    "concatenation",
 )
+LIST_PAGE_DEFAULT = 100
+LIST_PAGE_MAX = 1000
 
 
 def uploads(request: web.Request) -> Uploads:
@@ -101,22 +106,23 @@ async def post(request: web.Request) -> web.Response:
     who.require("create")
     length = protocol.parse_upload_length(request.headers.get("Upload-Length"))
     is_deferred = protocol.parse_defer_length(request.headers.get("Upload-Defer-Length"))
-    if request.headers.get("Upload-Concat") is not None:
-        raise BadRequest("concatenation is not supported by this server")
+    concat = protocol.parse_concat(request.headers.get("Upload-Concat"))
+    metadata = protocol.parse_metadata(request.headers.get("Upload-Metadata"))
+    who.check_metadata(metadata)
+    if concat is not None and concat.is_final:
+        return await _post_final(request, concat, metadata)
     if length is None and not is_deferred:
         raise BadRequest("Upload-Length or Upload-Defer-Length: 1 is required")
     if length is not None and is_deferred:
         raise BadRequest("send either Upload-Length or Upload-Defer-Length, not both")
     _check_max_size(request, length)
-    metadata = protocol.parse_metadata(request.headers.get("Upload-Metadata"))
-    who.check_metadata(metadata)
     has_body = protocol.has_offset_stream(request.headers.get("Content-Type"))
     checksum = protocol.parse_checksum(request.headers.get("Upload-Checksum")) if has_body else None
     upload = await uploads(request).create(
         owner=who.subject,
         length=length,
         metadata=protocol.format_metadata(metadata),
-        concat="",
+        concat="partial" if concat is not None else "",
         url_of=location_of(request),
     )
     if has_body and request.body_exists:
@@ -138,8 +144,46 @@ async def post(request: web.Request) -> web.Response:
             location=upload.url,
             upload_offset=upload.offset,
             upload_expires=expires_header(upload),
+            upload_concat="partial" if concat is not None else None,
         ),
     )
+
+
+async def _post_final(
+    request: web.Request, concat: protocol.Concat, metadata: dict[str, bytes | None]
+) -> web.Response:
+    """Concatenation: a final upload made of complete partial uploads of the same owner."""
+    if request.headers.get("Upload-Length") is not None:
+        raise BadRequest("a final upload takes its length from its partial uploads")
+    base_path = request.app[SETTINGS].base_path
+    partial_ids = []
+    for path in concat.partial_paths:
+        if not path.startswith(base_path) or "/" in path[len(base_path) :]:
+            raise BadRequest(f"{path} is not an upload of this server")
+        partial_ids.append(path[len(base_path) :])
+    upload = await uploads(request).concatenate(
+        owner=grant(request).subject,
+        partial_ids=partial_ids,
+        metadata=protocol.format_metadata(metadata),
+        url_of=location_of(request),
+        max_bytes=_max_bytes(request),
+    )
+    return web.Response(
+        status=201,
+        headers=tus_headers(
+            location=upload.url,
+            upload_offset=upload.offset,
+            upload_concat=concat_header(request, upload),
+        ),
+    )
+
+
+def concat_header(request: web.Request, upload: Upload) -> str | None:
+    if not upload.is_final:
+        return "partial" if upload.is_partial else None
+    template = location_of(request)
+    urls = [template.replace("{id}", pid) for pid in upload.concat.removeprefix("final;").split()]
+    return protocol.format_concat(protocol.Concat(True, ()), urls)
 
 
 # -- one upload: HEAD, PATCH, DELETE -------------------------------------------------------
@@ -155,6 +199,7 @@ async def head(request: web.Request) -> web.Response:
         upload_defer_length=1 if upload.length is None else None,
         upload_metadata=upload.metadata or None,
         upload_expires=expires_header(upload),
+        upload_concat=concat_header(request, upload),
         cache_control="no-store",
     )
     if upload.sha256:
@@ -172,6 +217,8 @@ async def patch(request: web.Request) -> web.Response:
     content_length = request.content_length
     async with uploads(request).writing(upload_id, grant(request).subject) as session:
         upload = session.upload
+        if upload.is_final:
+            raise Forbidden("a final upload cannot be patched")
         if offset != upload.offset:
             raise OffsetMismatch(expected=upload.offset, got=offset)
         if declared_length is not None and declared_length != upload.length:
@@ -200,11 +247,88 @@ async def delete(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=tus_headers())
 
 
+# -- the read side: GET of one upload, GET of the collection ----------------------------
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    """The bytes of a completed upload (Range supported); 409 while it is not complete."""
+    upload_id = _own_upload_id(request, "read")
+    upload = await uploads(request).state.get(upload_id, grant(request).subject)
+    if upload.status != "completed":
+        raise Conflict("this upload is not complete yet")
+    metadata = protocol.parse_metadata(upload.metadata)
+    filename = _text_or_none(metadata.get("filename") or metadata.get("name"))
+    filetype = _text_or_none(metadata.get("filetype") or metadata.get("type"))
+    headers = {
+        "Content-Disposition": protocol.content_disposition(filename),
+        "Content-Type": protocol.download_content_type(filetype),
+        "X-Content-Type-Options": "nosniff",
+        "Repr-Digest": protocol.format_repr_digest(bytes.fromhex(upload.sha256)),
+        "Cache-Control": "private, no-cache",
+    }
+    return web.FileResponse(uploads(request).file_path(upload), headers=headers)
+
+
+async def listing(request: web.Request) -> web.Response:
+    """The requester's uploads as JSON, oldest first, `limit` at a time with a `cursor`."""
+    who = grant(request)
+    who.require("read")
+    limit = _parse_limit(request.query.get("limit"))
+    after = _parse_cursor(request.query.get("cursor"))
+    page = await uploads(request).list_owned(who.subject, after, limit)
+    next_cursor = None
+    if len(page) == limit:
+        last = page[-1]
+        next_cursor = f"{last.created_at:.6f}_{last.upload_id}"
+    return web.json_response(
+        {"uploads": [_listed(upload) for upload in page], "next_cursor": next_cursor},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _listed(upload: Upload) -> dict[str, object]:
+    metadata = protocol.parse_metadata(upload.metadata)
+    return {
+        "id": upload.upload_id,
+        "url": upload.url,
+        "length": upload.length,
+        "offset": upload.offset,
+        "state": upload.status,
+        "metadata": {key: _text_or_none(value) for key, value in metadata.items()},
+        "sha256": upload.sha256 or None,
+        "created": upload.created_at,
+        "expires": upload.expires_at,
+    }
+
+
+def _text_or_none(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", errors="replace")
+
+
+def _parse_limit(value: str | None) -> int:
+    if value is None:
+        return LIST_PAGE_DEFAULT
+    if not value.isdigit() or not 1 <= int(value) <= LIST_PAGE_MAX:
+        raise BadRequest(f"limit must be a whole number from 1 to {LIST_PAGE_MAX}")
+    return int(value)
+
+
+def _parse_cursor(value: str | None) -> tuple[float, str] | None:
+    if not value:
+        return None
+    created, _, upload_id = value.partition("_")
+    try:
+        return float(created), upload_id
+    except ValueError:
+        raise BadRequest("cursor is not one this server gave out") from None
+
+
 # -- dispatch ------------------------------------------------------------------------------
 
-COLLECTION_METHODS: dict[str, Handler] = {"OPTIONS": options, "POST": post}
+COLLECTION_METHODS: dict[str, Handler] = {"OPTIONS": options, "POST": post, "GET": listing}
 UPLOAD_METHODS: dict[str, Handler] = {
     "OPTIONS": options,
+    "GET": download,
     "HEAD": head,
     "PATCH": patch,
     "DELETE": delete,

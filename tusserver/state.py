@@ -158,8 +158,7 @@ return 1
 #         {-3, offset} offset mismatch; {-4} past Upload-Length.
 # Reaching the length makes the upload `received`, or `completed` when the sha256 is known,
 # in which case the event is appended in this same step.
-_COMMIT = (
-    """
+_COMMIT = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {-1} end
 local h = redis.call('HMGET', KEYS[1], 'offset', 'length', 'status')
 if not h[1] then return {-2} end
@@ -194,13 +193,11 @@ end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'ack', ARGV[7]) end
 return {0, new, status}
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
-)
 
 # KEYS: upload hash, expiry zset, events stream
 # ARGV: sha256 hex, now, expires (score or ""), then the `completed` event's fields as pairs.
 # Result: 1 if the upload went from `received` to `completed`, else 0.
-_COMPLETE = (
-    """
+_COMPLETE = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'received' then return 0 end
 local id = string.match(KEYS[1], ':upload:(.*)$')
 redis.call('HSET', KEYS[1], 'status', 'completed', 'sha256', ARGV[1], 'completed', ARGV[2],
@@ -212,7 +209,6 @@ for i = 4, #ARGV do event[#event + 1] = ARGV[i] end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(event))
 return 1
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
-)
 
 # KEYS: upload hash, lock, owner index, expiry zset, events stream, tombstone
 # ARGV: lock token ("" when the caller checked the expiry instead), now, tombstone ttl (ms),
@@ -220,8 +216,7 @@ return 1
 #       then the event's fields as pairs.
 # Result: 1 if removed, 0 if there was no such upload, -1 lock not held, -2 not expired (any
 #         more), -3 held by someone (expiry never removes an upload a request holds).
-_REMOVE = (
-    """
+_REMOVE = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then return 0 end
 local lock = redis.call('GET', KEYS[2])
@@ -241,7 +236,6 @@ for i = 6, #ARGV do event[#event + 1] = ARGV[i] end
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(event))
 return 1
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
-)
 
 # KEYS: lock, release-request key. ARGV: lock token, ttl (ms).
 # Result: -1 if the lock is not ours any more; else the pending release request

@@ -17,19 +17,22 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import StreamReader
 
 from tusserver.errors import (
+    BadRequest,
     ChecksumMismatch,
-    Conflict,
     Interrupted,
     PayloadTooLarge,
     RequestTimeout,
     ServiceUnavailable,
     TusError,
+    UploadGone,
     UploadLocked,
+    UploadNotFound,
 )
 from tusserver.protocol import Checksum
 from tusserver.settings import Settings
@@ -154,6 +157,15 @@ class Uploads:
                 break
         return await self.state.get(upload_id, owner)
 
+    def file_path(self, upload: Upload) -> Path:
+        """Where a completed upload's bytes are, for a download response."""
+        return self.storage.path_of(upload.upload_id)
+
+    async def list_owned(
+        self, owner: str, after: tuple[float, str] | None, limit: int
+    ) -> list[Upload]:
+        return await self.state.list_owned(owner, after=after, limit=limit)
+
     async def terminate(self, upload_id: str, owner: str) -> None:
         """Delete the upload (state first, then its file), taking it from any running PATCH."""
         async with self.locked(upload_id, owner) as (upload, lease):
@@ -230,8 +242,9 @@ class Uploads:
         """Lock the upload and open its file for appending at the committed offset. If the
         file is shorter than that offset, the offset goes back to the file's size first."""
         async with self.locked(upload_id, owner) as (upload, lease):
-            if upload.status != "uploading":
-                raise Conflict("this upload is already complete")
+            if upload.status != "uploading":  # nothing to open: any byte is past the length
+                yield AppendSession(self, upload, lease, None)
+                return
             file, start = await self.storage.open_for_append(upload_id, upload.offset)
             try:
                 if start < upload.offset:
@@ -246,6 +259,50 @@ class Uploads:
             finally:
                 lease.session = None
                 await file.close()
+
+    async def concatenate(
+        self,
+        *,
+        owner: str,
+        partial_ids: list[str],
+        metadata: str,
+        url_of: str,
+        max_bytes: int | None,
+    ) -> Upload:
+        """Create a final upload from complete partial uploads of `owner`, locked in a fixed
+        order (they live in different shards). 400 for unknown, foreign, unfinished or
+        non-partial uploads."""
+        async with contextlib.AsyncExitStack() as stack:
+            partials: dict[str, Upload] = {}
+            for partial_id in sorted(set(partial_ids)):
+                try:
+                    partial, _lease = await stack.enter_async_context(
+                        self.locked(partial_id, owner)
+                    )
+                except (UploadNotFound, UploadGone):
+                    raise BadRequest(f"partial upload {partial_id} does not exist") from None
+                if not partial.is_partial:
+                    raise BadRequest(f"upload {partial_id} is not a partial upload")
+                if partial.status == "uploading":
+                    raise BadRequest(f"partial upload {partial_id} is not complete")
+                partials[partial_id] = partial
+            parts = [(pid, partials[pid].length or 0) for pid in partial_ids]
+            length = sum(part_length for _, part_length in parts)
+            if max_bytes is not None and length > max_bytes:
+                raise PayloadTooLarge(f"the final upload would pass {max_bytes} bytes")
+            final_id = new_upload_id()
+            await self.storage.concatenate(final_id, parts)
+            sha256 = await self.storage.sha256(final_id, length)
+            now = time.time()
+            final = Upload(
+                upload_id=final_id, owner=owner, offset=length, length=length,
+                metadata=metadata, status="completed", created_at=now,
+                expires_at=self.expiry_for("completed", now),
+                url=url_of.replace("{id}", final_id),
+                concat="final;" + " ".join(partial_ids), sha256=sha256,
+            )  # fmt: skip
+            await self.state.create(final, path=self.storage.relative_path(final_id))
+            return final
 
     def finish_in_background(self, upload: Upload) -> None:
         """Hash a `received` upload's file and mark it `completed`, off the request."""
@@ -272,7 +329,9 @@ class Uploads:
 class AppendSession:
     """One PATCH's (or creation-with-upload's) bytes going onto one upload."""
 
-    def __init__(self, uploads: Uploads, upload: Upload, lease: Lease, file: UploadFile) -> None:
+    def __init__(
+        self, uploads: Uploads, upload: Upload, lease: Lease, file: UploadFile | None
+    ) -> None:
         self.uploads = uploads
         self.upload = upload
         self.lease = lease
@@ -299,7 +358,8 @@ class AppendSession:
             new_offset = self.written if self.may_commit else upload.offset
             is_last = upload.length is not None and new_offset == upload.length
             fsync = self.uploads.settings.fsync
-            if new_offset > self.synced and (fsync == "always" or (is_last and fsync != "never")):
+            needs_sync = fsync == "always" or (is_last and fsync != "never")
+            if new_offset > self.synced and needs_sync and self.file is not None:
                 await self.file.sync()
                 self.synced = new_offset
             sha256 = ""
@@ -328,6 +388,10 @@ class AppendSession:
         length or `max_bytes` (keeping nothing of this request), ChecksumMismatch (460),
         Interrupted (400) when another request took over, RequestTimeout (408) when the body
         stalls; the last two keep what arrived, as does a client that hangs up."""
+        if self.file is None:  # the upload is complete: only an empty body fits
+            if await body.readany():
+                raise PayloadTooLarge("this upload is already complete")
+            return self.upload
         uploads = self.uploads
         start = self.upload.offset
         self.running_hash = uploads.hashes.take(self.upload_id, start)
@@ -387,7 +451,7 @@ class AppendSession:
             raise PayloadTooLarge(f"the upload would pass the maximum size of {max_bytes} bytes")
 
     async def _write(self, data: bytearray, hashes: list[Hash]) -> None:
-        if data:
+        if data and self.file is not None:
             await self.file.write(self.written, data, hashes)
             self.written += len(data)
 
