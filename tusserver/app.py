@@ -113,8 +113,9 @@ def _refusal(
     response = web.Response(status=status, text=reason + "\n", headers=headers)
     if _is_tus_route(request):
         response.headers["Tus-Resumable"] = protocol.TUS_VERSION
-    if request.headers.get("Expect", "").lower() == "100-continue" or status >= 500:
-        response.force_close()  # the body may not have been read: don't reuse the connection
+    expects_continue = request.headers.get("Expect", "").lower() == "100-continue"
+    if expects_continue or status >= 500 or not request.content.is_eof():
+        response.force_close()  # the body was not (all) read: don't reuse the connection
         response.headers["Connection"] = "close"
     return response
 
@@ -175,6 +176,12 @@ async def _redis_context(app: web.Application) -> AsyncIterator[None]:
     await client.aclose()
 
 
+async def _stop_writers(app: web.Application) -> None:
+    """On shutdown (after the listener closed): running PATCHes commit and answer 503."""
+    if UPLOADS in app:
+        app[UPLOADS].stop_writers()
+
+
 async def _sweeper_context(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(expiry.sweep_forever(app[UPLOADS], app[SETTINGS].sweep_interval_s))
     yield
@@ -210,6 +217,7 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
         expect_handler=continue_handler,
     )  # fmt: skip
     app.router.add_get("/health", health, name="health")
+    app.on_shutdown.append(_stop_writers)
     app.cleanup_ctx.append(_redis_context)
     app.cleanup_ctx.append(_sweeper_context)
     return app

@@ -57,7 +57,11 @@ class TakenOver(Exception):
     """Set on a PATCH body's stream to wake the reader when another request takes over."""
 
 
-@dataclass
+class ShuttingDown(Exception):
+    """Set on a PATCH body's stream when the server stops: commit what arrived, answer 503."""
+
+
+@dataclass(eq=False)
 class Lease:
     """A held upload lock, renewed in the background until released."""
 
@@ -104,6 +108,8 @@ class Uploads:
         self.settings = settings
         self.hashes = RunningHashes()
         self._background: set[asyncio.Task[None]] = set()
+        self._leases: set[Lease] = set()
+        self.is_stopping = False
 
     # -- expiry times ----------------------------------------------------------------------
 
@@ -184,6 +190,8 @@ class Uploads:
     async def locked(self, upload_id: str, owner: str) -> AsyncIterator[tuple[Upload, Lease]]:
         """Hold the upload's lock: a running holder is asked to stop and commit, and 423
         follows only if it does not let go within about a second. 404/410 inside."""
+        if self.is_stopping:
+            raise ServiceUnavailable("the server is restarting; retry shortly", 2)
         await self.state.get(upload_id, owner)
         token = await self.state.try_lock(upload_id, LOCK_TTL_MS)
         deadline = time.monotonic() + TAKEOVER_WAIT_S
@@ -194,12 +202,14 @@ class Uploads:
             await asyncio.sleep(_POLL_S)
             token = await self.state.try_lock(upload_id, LOCK_TTL_MS)
         lease = Lease(upload_id, token)
+        self._leases.add(lease)
         renewer = asyncio.create_task(self._renew(lease))
         try:
             await self.state.clear_requests(upload_id)
             upload = await self.state.get(upload_id, owner)
             yield upload, lease
         finally:
+            self._leases.discard(lease)
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
@@ -306,9 +316,15 @@ class Uploads:
 
     def finish_in_background(self, upload: Upload) -> None:
         """Hash a `received` upload's file and mark it `completed`, off the request."""
-        task = asyncio.create_task(self.finish(upload))
+        task = asyncio.create_task(self._finish_logged(upload))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _finish_logged(self, upload: Upload) -> None:
+        try:
+            await self.finish(upload)
+        except Exception:  # the sweeper hashes it later
+            log.warning("could not hash upload %s yet", upload.upload_id, exc_info=True)
 
     async def finish(self, upload: Upload) -> None:
         """Hash the file once after its last byte and record the SHA-256 (completed event)."""
@@ -319,6 +335,12 @@ class Uploads:
             upload, sha256, now=now, expires_at=self.expiry_for("completed", now),
             path=self.storage.relative_path(upload.upload_id),
         )  # fmt: skip
+
+    def stop_writers(self) -> None:
+        """Graceful shutdown: every running PATCH commits what it has and answers 503."""
+        self.is_stopping = True
+        for lease in list(self._leases):
+            lease.wake_reader(ShuttingDown())
 
     async def close(self) -> None:
         for task in list(self._background):
@@ -430,11 +452,15 @@ class AppendSession:
         except TusError:
             self.may_commit = False
             raise
-        except (TakenOver, LockLost, TimeoutError) as stop:
+        except (TakenOver, LockLost, TimeoutError, ShuttingDown) as stop:
             await self._keep_what_arrived(pending, hashes)
             if isinstance(stop, TimeoutError):
                 raise RequestTimeout(
                     f"the body stalled for {idle:g} s; {self.upload.offset} bytes are committed"
+                ) from None
+            if isinstance(stop, ShuttingDown):
+                raise ServiceUnavailable(
+                    f"the server is restarting; {self.upload.offset} bytes are committed", 2
                 ) from None
             if isinstance(stop, LockLost):
                 raise ServiceUnavailable("lost the upload's lock; retry", 1) from None
