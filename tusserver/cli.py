@@ -79,7 +79,13 @@ def make_parser() -> argparse.ArgumentParser:
         "TUS_* environment variable named beside it; flags win.",
     )
     commands = parser.add_subparsers(dest="command", metavar="{serve,token}")
-    serve = commands.add_parser("serve", help="serve uploads (the default)")
+    serve = commands.add_parser(
+        "serve",
+        help="serve uploads (the default)",
+        description="Serve tus uploads (the default command). Each option can also be set "
+        "with the TUS_* environment variable named beside it; flags win. Other commands: "
+        "`tusserver token --help`.",
+    )
     _serve_parser(serve)
     token = commands.add_parser("token", help="print a signed access token for a client")
     token.add_argument("--subject", required=True, help="who the token is for (owner of uploads)")
@@ -98,8 +104,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or (args_list[0] not in SUBCOMMANDS and args_list[0] not in ("-h", "--help")):
-        args_list.insert(0, "serve")
+    if not args_list or args_list[0] not in SUBCOMMANDS:
+        args_list.insert(0, "serve")  # `tusserver --help` shows the serve options
     args = make_parser().parse_args(args_list)
     if args.command == "token":
         return _token(args)

@@ -48,6 +48,12 @@ def parse_duration(value: str) -> float:
     return float(match.group(1)) * _DURATION_UNITS[unit]
 
 
+def parse_int(value: str) -> int:
+    if not value.strip().isdigit():
+        raise SettingError(f"{value!r} is not a whole number")
+    return int(value)
+
+
 def parse_bool(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -136,7 +142,7 @@ class Settings:
 Option = tuple[str, Any, str, str | None]
 OPTIONS: tuple[Option, ...] = (
     ("host", str, "address to listen on; not loopback requires a secret", "ADDR"),
-    ("port", int, "port to listen on", "PORT"),
+    ("port", parse_int, "port to listen on", "PORT"),
     ("base-path", str, "path of the upload endpoint", "PATH"),
     ("public-url", str, "absolute URL of the endpoint as clients see it (for Location)", "URL"),
     ("behind-proxy", parse_bool, "trust X-Forwarded-*/Forwarded headers from a proxy", None),
@@ -169,7 +175,7 @@ OPTIONS: tuple[Option, ...] = (
         "SECRET",
     ),
     ("production", parse_bool, "refuse to start without a secret", None),
-    ("workers", int, "worker processes sharing the listening socket", "N"),
+    ("workers", parse_int, "worker processes sharing the listening socket", "N"),
     ("idle-timeout", parse_duration, "end a PATCH whose body stalls this long", "DURATION"),
     (
         "fsync",
