@@ -52,21 +52,21 @@ class UploadFile:
         self.fd = fd
         self._storage = storage
 
-    async def write(self, offset: int, data: bytes | bytearray, hashes: list[Hash]) -> None:
-        """Write all of `data` at `offset` and feed it to `hashes`, in one thread hop.
+    async def write(self, offset: int, chunks: list[bytes], hashes: list[Hash]) -> None:
+        """Write `chunks` back to back at `offset` and feed them to `hashes`, in one thread
+        hop and without joining them (one vectored write where the OS has it).
 
         Raises InsufficientStorage (507) when the disk is full or below --min-free-disk, and
         StorageFailure (500) for other write errors."""
         storage = self._storage
+        size = sum(len(chunk) for chunk in chunks)
 
         def write() -> None:
-            storage.check_free_space(len(data))
-            view = memoryview(data)
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self.fd, view[done:], offset + done)
+            storage.check_free_space(size)
+            _write_all(self.fd, chunks, offset, size)
             for running_hash in hashes:
-                running_hash.update(view)
+                for chunk in chunks:
+                    running_hash.update(chunk)
 
         await _in_thread(write)
 
@@ -201,6 +201,19 @@ class Storage:
             return running.hexdigest()
 
         return await _in_thread(digest)
+
+
+def _write_all(fd: int, chunks: list[bytes], offset: int, size: int) -> None:
+    """pwritev until every byte is written (a short write resumes where it stopped)."""
+    pwritev = getattr(os, "pwritev", None)
+    done = 0
+    if pwritev is not None and len(chunks) <= os.sysconf("SC_IOV_MAX"):
+        done = pwritev(fd, chunks, offset)
+    if done == size:
+        return
+    view = memoryview(b"".join(chunks))
+    while done < size:
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def _copy_range(source_fd: int, target_fd: int, length: int, target_offset: int) -> None:

@@ -424,7 +424,8 @@ class AppendSession:
         # they may yet have to be thrown away.
         self.may_commit = checksum is None and content_length is not None
         self.lease.body = body
-        pending = bytearray()
+        pending: list[bytes] = []
+        pending_bytes = 0
         last_commit = time.monotonic()
         loop = asyncio.get_running_loop()
         idle = uploads.settings.idle_timeout_s
@@ -432,12 +433,12 @@ class AppendSession:
             async with asyncio.timeout(loop.time() + idle) as stall:
                 while chunk := await body.readany():
                     stall.reschedule(loop.time() + idle)
-                    total = self.written + len(pending) + len(chunk)
-                    self._check_room(total, max_bytes)
-                    pending += chunk
-                    if len(pending) >= WRITE_BLOCK_BYTES:
+                    pending_bytes += len(chunk)
+                    self._check_room(self.written + pending_bytes, max_bytes)
+                    pending.append(chunk)
+                    if pending_bytes >= WRITE_BLOCK_BYTES:
                         await self._write(pending, hashes)
-                        pending = bytearray()
+                        pending, pending_bytes = [], 0
                         if self.may_commit and time.monotonic() - last_commit > COMMIT_INTERVAL_S:
                             await self.commit()
                             last_commit = time.monotonic()
@@ -476,12 +477,13 @@ class AppendSession:
         if length is None and max_bytes is not None and total > max_bytes:
             raise PayloadTooLarge(f"the upload would pass the maximum size of {max_bytes} bytes")
 
-    async def _write(self, data: bytearray, hashes: list[Hash]) -> None:
-        if data and self.file is not None:
-            await self.file.write(self.written, data, hashes)
-            self.written += len(data)
+    async def _write(self, chunks: list[bytes], hashes: list[Hash]) -> None:
+        if chunks and self.file is not None:
+            await self.file.write(self.written, chunks, hashes)
+            self.written += sum(len(chunk) for chunk in chunks)
+            chunks.clear()
 
-    async def _keep_what_arrived(self, pending: bytearray, hashes: list[Hash]) -> None:
+    async def _keep_what_arrived(self, pending: list[bytes], hashes: list[Hash]) -> None:
         """Commit the bytes that arrived before the stop, unless they cannot be kept (a
         checksummed body: unverifiable) or the lock is gone."""
         self.may_commit = not (self.lease.lost or self.is_checksummed)
