@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
@@ -25,6 +24,7 @@ from tusserver.errors import ServiceUnavailable, TusError
 from tusserver.keys import GRANT, REDIS, REDIS_URL, SETTINGS, UPLOADS
 from tusserver.settings import Settings
 from tusserver.state import UploadState
+from tusserver.state import connect as connect_redis
 from tusserver.storage import Storage
 from tusserver.uploads import Uploads
 
@@ -163,9 +163,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def _redis_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    client = aioredis.Redis.from_url(
-        app[REDIS_URL], socket_connect_timeout=3, socket_timeout=10, health_check_interval=30
-    )
+    client = await connect_redis(app[REDIS_URL])
     state = UploadState(client, tombstone_ttl_s=settings.tombstone_ttl_s)
     await state.check_layout()
     storage = Storage(

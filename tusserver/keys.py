@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from aiohttp import web
-from redis.asyncio import Redis
 
 from tusserver.auth import Grant
 from tusserver.settings import Settings
+from tusserver.state import RedisClient
 from tusserver.uploads import Uploads
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS_URL = web.AppKey("redis_url", str)
-REDIS = web.AppKey("redis", Redis)
+REDIS = web.AppKey[RedisClient]("redis")
 UPLOADS = web.AppKey("uploads", Uploads)
 GRANT = web.RequestKey("grant", Grant)
