@@ -19,7 +19,7 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tusserver import auth, expiry, handlers, protocol
+from tusserver import auth, demo, expiry, handlers, protocol
 from tusserver.errors import ServiceUnavailable, TusError
 from tusserver.keys import GRANT, REDIS, REDIS_URL, SETTINGS, UPLOADS
 from tusserver.settings import Settings
@@ -218,6 +218,7 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
         expect_handler=continue_handler,
     )  # fmt: skip
     app.router.add_get("/health", health, name="health")
+    demo.add_demo_routes(app, settings)
     app.on_shutdown.append(_stop_writers)
     app.cleanup_ctx.append(_redis_context)
     app.cleanup_ctx.append(_sweeper_context)

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tusserver import auth
+from tusserver import auth, uploader
 from tusserver.app import AccessLogger, JsonAccessLogger, build_app
 from tusserver.redis_embedded import EmbeddedRedis, EmbeddedRedisError
 from tusserver.settings import (
@@ -39,7 +39,7 @@ from tusserver.settings import (
 log = logging.getLogger("tusserver")
 EXIT_USAGE = 2
 SHUTDOWN_TIMEOUT_S = 10.0
-SUBCOMMANDS = ("serve", "token")
+SUBCOMMANDS = ("serve", "token", "upload")
 
 
 def _serve_parser(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +78,7 @@ def make_parser() -> argparse.ArgumentParser:
         "Without a subcommand it serves. Every serve option can also be set with the "
         "TUS_* environment variable named beside it; flags win.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{serve,token}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,token,upload}")
     serve = commands.add_parser(
         "serve",
         help="serve uploads (the default)",
@@ -99,6 +99,10 @@ def make_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--secret", help=f"signing secret [default: the first of {env_name('secret')}]"
     )
+    upload = commands.add_parser(
+        "upload", help="upload files and folders to a tus server", description=uploader.DESCRIPTION
+    )
+    uploader.add_arguments(upload)
     return parser
 
 
@@ -109,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(args_list)
     if args.command == "token":
         return _token(args)
+    if args.command == "upload":
+        return uploader.run(args)
     try:
         flags = {k: v for k, v in vars(args).items() if k != "command"}
         settings = build_settings(flags, os.environ)

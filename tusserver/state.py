@@ -154,7 +154,8 @@ return 1
 
 # KEYS: upload hash, lock, expiry zset, events stream, release-request key
 # ARGV: lock token, expected offset, new offset, now, expires (score or ""), sha256 hex or "",
-#       commit-ack nonce or "", then the `completed` event's fields as pairs.
+#       commit-ack nonce or "", "1" to release the lock after committing, then the
+#       `completed` event's fields as pairs.
 # Result: {0, offset, status} committed; {-1} lock not held; {-2} no upload;
 #         {-3, offset} offset mismatch; {-4} past Upload-Length.
 # Reaching the length makes the upload `received`, or `completed` when the sha256 is known,
@@ -174,7 +175,7 @@ if h[2] ~= '' and new == tonumber(h[2]) and status == 'uploading' then
     status = 'completed'
     redis.call('HSET', KEYS[1], 'status', status, 'sha256', ARGV[6], 'completed', ARGV[4])
     local event = {}
-    for i = 8, #ARGV do event[#event + 1] = ARGV[i] end
+    for i = 9, #ARGV do event[#event + 1] = ARGV[i] end
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(event))
   else
     status = 'received'
@@ -192,6 +193,11 @@ if ARGV[7] ~= '' and redis.call('GET', KEYS[5]) == 'commit:' .. ARGV[7] then
   redis.call('DEL', KEYS[5])
 end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'ack', ARGV[7]) end
+if ARGV[8] == '1' then
+  redis.call('DEL', KEYS[2])
+  local request = redis.call('GET', KEYS[5])
+  if request and string.sub(request, 1, 7) == 'commit:' then redis.call('DEL', KEYS[5]) end
+end
 return {0, new, status}
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
@@ -237,6 +243,26 @@ for i = 6, #ARGV do event[#event + 1] = ARGV[i] end
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(event))
 return 1
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+
+# KEYS: upload hash, lock, release-request key, tombstone. ARGV: owner, lock token, ttl (ms).
+# Result: {1, fields...} locked (an old request to the previous holder is cleared) with the
+#         upload's hash; {2} another request holds it; {0} no upload of this owner;
+#         {3, reason} the owner's upload was terminated or expired (tombstone).
+_ACQUIRE = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then
+  local tomb = redis.call('GET', KEYS[4])
+  if tomb then
+    local t = cjson.decode(tomb)
+    if t[1] == ARGV[1] then return {3, t[3]} end
+  end
+  return {0}
+end
+if owner ~= ARGV[1] then return {0} end
+if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return {2} end
+redis.call('DEL', KEYS[3])
+return {1, redis.call('HGETALL', KEYS[1])}
+"""
 
 # KEYS: lock, release-request key. ARGV: lock token, ttl (ms).
 # Result: -1 if the lock is not ours any more; else the pending release request
@@ -328,6 +354,7 @@ class UploadState:
         self._release: AsyncScript = client.register_script(_RELEASE)
         self._ask_holder: AsyncScript = client.register_script(_ASK_HOLDER)
         self._declare_length: AsyncScript = client.register_script(_DECLARE_LENGTH)
+        self._acquire: AsyncScript = client.register_script(_ACQUIRE)
 
     async def check_layout(self) -> None:
         """Record the shard count at first start; refuse a Redis laid out with another one,
@@ -449,6 +476,7 @@ class UploadState:
         sha256: str = "",
         ack: str = "",
         path: str = "",
+        release: bool = False,
     ) -> Upload:
         """Move the committed offset from `upload.offset` to `new_offset` while holding the lock.
 
@@ -474,6 +502,7 @@ class UploadState:
                 "" if expires_at is None else f"{expires_at:.3f}",
                 sha256,
                 ack,
+                "1" if release else "",
                 *_flat(event),
             ],
         )
@@ -589,6 +618,32 @@ class UploadState:
         await self.redis.zadd(_key(shard_of(upload_id), "expiry"), {upload_id: until}, xx=True)
 
     # -- locks -----------------------------------------------------------------------------
+
+    async def acquire(self, upload_id: str, owner: str, ttl_ms: int) -> tuple[Upload, str] | None:
+        """Lock an upload of `owner` and read it, in one step: the upload and the lock's
+        token, or None while another request holds it. 404/410 as `get`."""
+        if not is_upload_id(upload_id):
+            raise UploadNotFound()
+        shard = shard_of(upload_id)
+        token = f"{self.holder}:{secrets.token_hex(8)}"
+        result = await self._acquire(
+            keys=[
+                _key(shard, "upload", upload_id),
+                _key(shard, "lock", upload_id),
+                _key(shard, "release", upload_id),
+                _key(shard, "tomb", upload_id),
+            ],
+            args=[owner, token, ttl_ms],
+        )
+        code = int(result[0])
+        if code == 0:
+            raise UploadNotFound()
+        if code == 3:
+            raise UploadGone(f"this upload was {_text(result[1])}")
+        if code == 2:
+            return None
+        flat = result[1]
+        return _upload_from_hash(upload_id, dict(zip(flat[::2], flat[1::2], strict=True))), token
 
     async def try_lock(self, upload_id: str, ttl_ms: int) -> str | None:
         """Take the upload's lock if it is free; the token to renew and release it, or None."""

@@ -70,6 +70,10 @@ class UploadFile:
 
         await _in_thread(write)
 
+    async def truncate(self, size: int) -> None:
+        """Cut the file back to `size` bytes (throwing away bytes that were not committed)."""
+        await _in_thread(lambda: os.ftruncate(self.fd, size))
+
     async def sync(self) -> None:
         """Make the written bytes durable (fdatasync where the OS has it)."""
         await _in_thread(lambda: getattr(os, "fdatasync", os.fsync)(self.fd))

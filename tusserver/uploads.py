@@ -69,6 +69,7 @@ class Lease:
     token: str
     stop_requested: bool = False
     lost: bool = False
+    released: bool = False
     body: StreamReader | None = None
     session: AppendSession | None = None
     renewed_at: float = field(default_factory=time.monotonic)
@@ -192,28 +193,27 @@ class Uploads:
         follows only if it does not let go within about a second. 404/410 inside."""
         if self.is_stopping:
             raise ServiceUnavailable("the server is restarting; retry shortly", 2)
-        await self.state.get(upload_id, owner)
-        token = await self.state.try_lock(upload_id, LOCK_TTL_MS)
+        acquired = await self.state.acquire(upload_id, owner, LOCK_TTL_MS)
         deadline = time.monotonic() + TAKEOVER_WAIT_S
-        while token is None:
+        while acquired is None:
             if time.monotonic() > deadline:
                 raise UploadLocked()
             await self.state.ask_holder(upload_id, "stop", LOCK_TTL_MS)
             await asyncio.sleep(_POLL_S)
-            token = await self.state.try_lock(upload_id, LOCK_TTL_MS)
+            acquired = await self.state.acquire(upload_id, owner, LOCK_TTL_MS)
+        upload, token = acquired
         lease = Lease(upload_id, token)
         self._leases.add(lease)
         renewer = asyncio.create_task(self._renew(lease))
         try:
-            await self.state.clear_requests(upload_id)
-            upload = await self.state.get(upload_id, owner)
             yield upload, lease
         finally:
             self._leases.discard(lease)
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-            await asyncio.shield(self._release(lease))
+            if not lease.released:
+                await asyncio.shield(self._release(lease))
 
     async def _release(self, lease: Lease) -> None:
         try:
@@ -225,6 +225,8 @@ class Uploads:
         """Every ~100 ms: extend the lock and answer requests from other requests."""
         while True:
             await asyncio.sleep(RENEW_INTERVAL_S)
+            if lease.released:
+                return
             try:
                 request = await self.state.renew(lease.upload_id, lease.token, LOCK_TTL_MS)
             except LockLost:
@@ -372,7 +374,7 @@ class AppendSession:
     async def declare_length(self, length: int) -> None:
         self.upload = await self.uploads.state.declare_length(self.upload, self.lease.token, length)
 
-    async def commit(self, ack: str = "") -> Upload:
+    async def commit(self, ack: str = "", *, release: bool = False) -> Upload:
         """Commit the bytes on disk (after fsync, per the durability setting). Completing the
         upload stores its SHA-256 and event when this process hashed every byte."""
         async with self._commit_lock:
@@ -392,8 +394,9 @@ class AppendSession:
             self.upload = await self.uploads.state.commit(
                 upload, self.lease.token, new_offset, now=now,
                 expires_at=self.uploads.expiry_for(status, now), sha256=sha256, ack=ack,
-                path=self.uploads.storage.relative_path(upload.upload_id),
+                path=self.uploads.storage.relative_path(upload.upload_id), release=release,
             )  # fmt: skip
+            self.lease.released = release
             if self.upload.status == "received":
                 self.uploads.finish_in_background(self.upload)
             return self.upload
@@ -449,9 +452,10 @@ class AppendSession:
                 if verifier.digest() != checksum.digest:
                     raise ChecksumMismatch(checksum.algorithm)
             self.may_commit = True
-            return await asyncio.shield(self._commit_and_remember())
+            return await asyncio.shield(self._commit_and_remember(release=True))
         except TusError:
             self.may_commit = False
+            await self._discard()
             raise
         except (TakenOver, LockLost, TimeoutError, ShuttingDown) as stop:
             await self._keep_what_arrived(pending, hashes)
@@ -488,14 +492,23 @@ class AppendSession:
         checksummed body: unverifiable) or the lock is gone."""
         self.may_commit = not (self.lease.lost or self.is_checksummed)
         if not self.may_commit:
+            await self._discard()
             return
         with contextlib.suppress(Exception):
             await asyncio.shield(self._write(pending, hashes))
         with contextlib.suppress(Exception):
             await asyncio.shield(self._commit_and_remember())
 
-    async def _commit_and_remember(self) -> Upload:
-        upload = await self.commit()
+    async def _discard(self) -> None:
+        """Leave the file as it was before this request (while we still hold the lock)."""
+        if self.file is None or self.lease.lost or self.written == self.upload.offset:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.file.truncate(self.upload.offset))
+        self.written = self.upload.offset
+
+    async def _commit_and_remember(self, *, release: bool = False) -> Upload:
+        upload = await self.commit(release=release)
         if self.running_hash is not None and upload.status == "uploading":
             self.uploads.hashes.keep(self.upload_id, upload.offset, self.running_hash)
         return upload
