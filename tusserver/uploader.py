@@ -113,6 +113,14 @@ def _usage_error(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run `tusserver upload` with parsed arguments; the exit code."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # before the uploads started (token command, OPTIONS)
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
     # imported here, so `tusserver serve` never loads the client libraries
     from tusserver.uploader_transfer import RetryPolicy, TokenSource, UploadOptions
     from tusserver.uploader_tus import UploadFailed

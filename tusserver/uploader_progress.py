@@ -19,6 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from tusserver.uploader_files import LocalFile
 from tusserver.uploader_transfer import FileResult
@@ -134,10 +135,11 @@ class RichReporter:
                 self._total, total=self._total_bytes, description=self._total_name()
             )
         style = {"uploaded": "green", "skipped": "dim", "failed": "bold red"}[result.outcome]
-        self.console.print(_done_line(result), style=style, markup=False)
+        # a Text, not print(style=): that style would also tint the bars drawn after it
+        self.console.print(Text(_done_line(result), style=style))
 
     def note(self, text: str) -> None:
-        self.console.print(text, style="yellow", markup=False)
+        self.console.print(Text(text, style="yellow"))
 
     def close(self) -> None:
         self.progress.stop()

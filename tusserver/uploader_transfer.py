@@ -163,8 +163,9 @@ def upload_file(
                 transfer.uploader.close()
     except UploadFailed as error:
         return FileResult(file, "failed", transfer.sent if transfer else 0, str(error))
-    except OSError as error:
-        reason = f"cannot read the file: {error.strerror or error}"
+    except OSError as error:  # reading the file, or writing the state file
+        where = f": {error.filename}" if error.filename else ""
+        reason = f"{error.strerror or error}{where}"
         return FileResult(file, "failed", transfer.sent if transfer else 0, reason)
 
 
@@ -212,8 +213,8 @@ class _Transfer:
             raise UploadFailed("the file changed while it was uploaded; run again to send it anew")
         detail = ""
         if self.options.verify_sha256:
-            detail = self._verify()
-            if detail.startswith("SHA-256 mismatch"):
+            is_intact, detail = self._verify()
+            if not is_intact:
                 state.remove(key)  # the next run uploads it again
                 raise UploadFailed(detail)
         state.put(key, self.uploader.url, self.file.path, is_done=True)
@@ -281,8 +282,9 @@ class _Transfer:
             return False
         return (info.st_size, info.st_mtime_ns) == (self.file.size, self.file.mtime_ns)
 
-    def _verify(self) -> str:
-        """Compare the server's SHA-256 (`Repr-Digest` on HEAD) with the local file's.
+    def _verify(self) -> tuple[bool, str]:
+        """Compare the server's SHA-256 (`Repr-Digest` on HEAD) with the local file's: False
+        and why on a mismatch, else True and what was found.
 
         A server may hash a resumed upload after its last PATCH, so wait for the digest a
         little (longer for larger files); a server that never reports one is said so."""
@@ -293,11 +295,11 @@ class _Transfer:
             if remote is not None:
                 break
             if time.monotonic() > deadline:
-                return "not verified: the server reports no SHA-256 (Repr-Digest)"
+                return True, "not verified: the server reports no SHA-256 (Repr-Digest)"
             time.sleep(0.1)
         if remote != local:
-            return (
+            return False, (
                 f"SHA-256 mismatch: the server has {remote.hex()}, the file {local.hex()}; "
                 "it will be uploaded anew on the next run"
             )
-        return "SHA-256 verified"
+        return True, "SHA-256 verified"

@@ -4,8 +4,9 @@ tuspy's Uploader builds the protocol's requests: creation headers, Upload-Metada
 Tus-Resumable and client headers, reading a chunk at the offset, Upload-Checksum. tuspy 1.1
 sends them without timeouts and reports nothing while a PATCH body streams, so the classes
 here send the same requests with timeouts (a dropped network must end in an error, not a
-hang), on one keep-alive session per file, with a body that counts the bytes as they go. Retrying is not done here: every failure
-is raised as tuspy's TusCommunicationError with its status, for the caller's policy.
+hang), on one keep-alive session per file, with a body that counts bytes as they go.
+Nothing here retries: every failure is raised as tuspy's TusCommunicationError with its
+status, for the caller's policy.
 """
 
 from __future__ import annotations

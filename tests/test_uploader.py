@@ -1,0 +1,498 @@
+"""`tusserver upload` against real tusserver processes: the uploader runs as a subprocess
+(`python -m tusserver upload ...`), so signals, exit codes and output are the real ones."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ServerProcess
+from tusserver import cli
+from tusserver.auth import issue_token
+from tusserver.uploader_files import ResumeState, find_files, resume_key
+from tusserver.uploader_progress import PlainReporter
+from tusserver.uploader_transfer import FileResult, RetryPolicy, is_retryable
+from tusserver.uploader_tus import network_reason, parse_repr_digest
+
+SECRET = "uploader-test-secret"
+Processes = Callable[..., ServerProcess]
+ANSI_OR_CR = re.compile(r"\x1b|\r")
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def write_random(path: Path, size: int, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(random.Random(seed).randbytes(size))
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_upload(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tusserver", "upload", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+@pytest.fixture
+def uploaders(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start uploader processes with output to files; each is killed (by PID) at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        n = len(started)
+        with (
+            open(tmp_path / f"upload-{n}.out", "wb") as out,
+            open(tmp_path / f"upload-{n}.err", "wb") as err,
+        ):
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tusserver", "upload", *args], stdout=out, stderr=err
+            )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def request(
+    url: str, method: str = "GET", token: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    headers = {"Tus-Resumable": "1.0.0"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    sent = urllib.request.Request(url, method=method, headers=headers)  # noqa: S310 (http only)
+    try:
+        with urllib.request.urlopen(sent, timeout=10) as response:  # noqa: S310
+            return response.status, dict(response.headers.items()), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers.items()), error.read()
+
+
+def server_offset(url: str, token: str | None = None) -> int:
+    status, headers, _ = request(url, "HEAD", token)
+    assert status == 200
+    return int(headers["Upload-Offset"])
+
+
+def listed_uploads(endpoint: str, token: str | None = None) -> dict[str, dict[str, Any]]:
+    """The server's uploads, by their relativePath metadata."""
+    status, _, body = request(endpoint + "?limit=1000", token=token)
+    assert status == 200, body
+    uploads = json.loads(body)["uploads"]
+    by_path = {str(u["metadata"]["relativePath"]): u for u in uploads}
+    assert len(by_path) == len(uploads), "two uploads of the same file"
+    return by_path
+
+
+def assert_identical_on_server(
+    endpoint: str, files: dict[str, Path], token: str | None = None
+) -> None:
+    uploads = listed_uploads(endpoint, token)
+    assert set(uploads) == set(files)
+    for relative_path, path in files.items():
+        upload = uploads[relative_path]
+        assert upload["state"] == "completed", relative_path
+        assert upload["sha256"] == sha256_of(path), relative_path
+        status, _, body = request(str(upload["url"]), token=token)
+        assert status == 200
+        assert body == path.read_bytes(), relative_path
+        assert upload["metadata"]["filename"] == path.name
+
+
+def state_entry(state_file: Path, path: Path) -> dict[str, object] | None:
+    try:
+        document = json.loads(state_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    for entry in document["uploads"].values():
+        if entry["path"] == str(path.resolve()):
+            return dict(entry)
+    return None
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
+    """Poll with a deadline (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached in {timeout_s} s: {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- uploads of a folder -------------------------------------------------------------------
+
+
+def make_tree(root: Path) -> dict[str, Path]:
+    """A folder of mixed sizes, empty and multi-MiB files included; by relative path."""
+    sizes = {
+        "empty.txt": 0,
+        "small.txt": 5,
+        "sub/one.bin": 100 * 1024,
+        "sub/naïve name.txt": 1000,
+        "sub/deeper/three.bin": 3 * 2**20 + 7,
+        "five.bin": 5 * 2**20,
+    }
+    files = {}
+    for n, (name, size) in enumerate(sizes.items()):
+        write_random(root / name, size, seed=n)
+        files[f"{root.name}/{name}"] = root / name
+    return files
+
+
+def test_folder_uploads_in_parallel_with_identical_bytes_and_plain_lines(
+    tmp_path: Path, processes: Processes
+) -> None:
+    server = processes(tmp_path / "data")
+    files = make_tree(tmp_path / "tree")
+    args = [str(tmp_path / "tree"), "--endpoint", server.url, "--parallel", "3",
+            "--checksum", "sha256", "--state-file", str(tmp_path / "state.json")]  # fmt: skip
+
+    first = run_upload(*args)
+
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert_identical_on_server(server.url, files)
+    # no terminal: plain lines, no bars, no escape sequences, one "done" line per file
+    assert not ANSI_OR_CR.search(first.stdout)
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith("uploading 6 files (8.1 MiB) to ")
+    assert "done tree/five.bin (5.0 MiB, SHA-256 verified)" in lines
+    assert "done tree/empty.txt (0 B, SHA-256 verified)" in lines
+    assert sum(line.startswith("done ") for line in lines) == 6
+    assert lines[-1].startswith("6 uploaded, 0 skipped (uploaded before), 0 failed; 8.1 MiB")
+
+    second = run_upload(*args)
+
+    assert second.returncode == 0, second.stderr
+    assert "0 uploaded, 6 skipped (uploaded before), 0 failed; 0 B sent" in second.stdout
+    assert len(listed_uploads(server.url)) == 6  # nothing was uploaded again
+
+
+def test_on_a_terminal_each_file_gets_a_progress_bar(tmp_path: Path, processes: Processes) -> None:
+    server = processes(tmp_path / "data")
+    files = make_tree(tmp_path / "tree")
+    controller, terminal = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tusserver", "upload", str(tmp_path / "tree"), "--endpoint",
+         server.url, "--state-file", str(tmp_path / "state.json"), "--chunk-size", "256KiB"],
+        stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
+    )  # fmt: skip
+    os.close(terminal)
+    shown = bytearray()
+    try:
+        while True:
+            try:
+                block = os.read(controller, 65536)
+            except OSError:  # EIO: the uploader closed the terminal
+                break
+            if not block:
+                break
+            shown += block
+        assert process.wait(30) == 0, shown.decode(errors="replace")
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = shown.decode(errors="replace")
+    assert "\x1b[1A" in text  # bars redrawn in place (cursor up)
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    assert re.search(r"total: 6/6 files +━+ 8\.5/8\.5 MB [\d.]+ [kMG]?B/s", plain), plain
+    assert re.search(r"tree/five\.bin +━*╸?━* [\d.]+/5\.2 MB", plain), plain
+    assert "done tree/five.bin (5.0 MiB)" in text
+    assert_identical_on_server(server.url, files)
+
+
+def test_interrupted_runs_resume_from_the_server_offset(
+    tmp_path: Path, processes: Processes, uploaders: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    server = processes(tmp_path / "data")
+    small, big = tmp_path / "tree" / "small.txt", tmp_path / "tree" / "big.bin"
+    write_random(small, 10, seed=1)
+    write_random(big, 16 * 2**20, seed=2)
+    state_file = tmp_path / "state.json"
+    # 16 KiB requests make the big file slow enough to interrupt mid-way
+    args = [str(tmp_path / "tree"), "--endpoint", server.url, "--parallel", "2",
+            "--state-file", str(state_file), "--retry-delay", "0.1"]  # fmt: skip
+
+    def big_url() -> str:
+        entry = state_entry(state_file, big)
+        return str(entry["url"]) if entry else ""
+
+    def small_is_done() -> bool:
+        entry = state_entry(state_file, small)
+        return entry is not None and entry["done"] is True
+
+    # Ctrl-C once the small file is done and the big one has bytes on the server
+    first = uploaders(*args, "--chunk-size", "16KiB")
+    wait_for(lambda: bool(big_url()) and small_is_done(), what="small done, big created")
+    url = big_url()
+    wait_for(lambda: server_offset(url) > 0, what="big has bytes")
+    first.send_signal(signal.SIGINT)
+    assert first.wait(20) == 130
+    assert "run the same command again" in (tmp_path / "upload-0.err").read_text()
+    offset_after_sigint = server_offset(url)
+    assert 0 < offset_after_sigint < big.stat().st_size
+
+    # the same command again, killed hard once it has moved the offset further
+    second = uploaders(*args, "--chunk-size", "16KiB")
+    second_out = tmp_path / "upload-1.out"
+    wait_for(lambda: "start tree/big.bin (16.0 MiB, resuming at " in second_out.read_text(),
+             what="second run resumed")  # fmt: skip
+    resumed_at = server_offset(url)
+    wait_for(lambda: server_offset(url) > resumed_at, what="second run sent bytes")
+    second.send_signal(signal.SIGKILL)
+    assert second.wait(20) == -signal.SIGKILL
+    offset_after_sigkill = server_offset(url)
+    assert offset_after_sigint < offset_after_sigkill < big.stat().st_size
+    assert big_url() == url  # resumed the same upload, not a new one
+
+    third = run_upload(*args, "--chunk-size", "4MiB", "--checksum", "sha256")
+
+    assert third.returncode == 0, third.stdout + third.stderr
+    lines = third.stdout.splitlines()
+    assert "skip tree/small.txt (10 B, uploaded before)" in lines
+    [resuming] = [line for line in lines if line.startswith("start tree/big.bin")]
+    assert re.fullmatch(r"start tree/big\.bin \(16\.0 MiB, resuming at [1-9][\d.]* \w+\)", resuming)
+    assert "done tree/big.bin (16.0 MiB, SHA-256 verified)" in lines
+    assert_identical_on_server(server.url, {"tree/small.txt": small, "tree/big.bin": big})
+    assert big_url() == url
+
+
+def test_a_server_restart_mid_upload_is_retried_until_done(
+    tmp_path: Path, processes: Processes, uploaders: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    port = str(free_port())
+    server = processes(tmp_path / "data", "--port", port)
+    big = tmp_path / "big.bin"
+    write_random(big, 4 * 2**20, seed=3)
+    state_file = tmp_path / "state.json"
+    uploader = uploaders(str(big), "--endpoint", server.url, "--chunk-size", "16KiB",
+                         "--state-file", str(state_file), "--retry-delay", "0.2",
+                         "--retries", "20")  # fmt: skip
+    wait_for(lambda: state_entry(state_file, big) is not None, what="upload created")
+    url = str(state_entry(state_file, big)["url"])  # type: ignore[index]
+    wait_for(lambda: server_offset(url) > 0, what="bytes on the server")
+
+    server.stop(signal.SIGTERM)  # running PATCHes get 503, then connections are refused
+    processes(tmp_path / "data", "--port", port)
+
+    assert uploader.wait(60) == 0
+    err = (tmp_path / "upload-0.err").read_text()
+    assert re.search(r"big\.bin: upload: (503 |network error).*; retry 1/20 in ", err), err
+    assert_identical_on_server(server.url, {"big.bin": big})
+
+
+# -- tokens --------------------------------------------------------------------------------
+
+
+def test_an_expired_token_is_refused_clearly_and_renewed_by_the_token_command(
+    tmp_path: Path, processes: Processes
+) -> None:
+    server = processes(tmp_path / "data", "--secret", SECRET)
+    files = make_tree(tmp_path / "tree")
+    actions = ["create", "upload", "read"]
+    expired = issue_token(SECRET, subject="alice", actions=actions, ttl_s=60,
+                          now=time.time() - 3600)  # fmt: skip
+    state = ["--state-file", str(tmp_path / "state.json"), "--checksum", "sha256"]
+
+    refused = run_upload(str(tmp_path / "tree"), "--endpoint", server.url, "--token", expired,
+                         *state)  # fmt: skip
+
+    assert refused.returncode == 1
+    assert "create the upload: 401 Unauthorized: token expired" in refused.stderr
+    assert "--token-command can renew it" in refused.stderr
+    assert "retry" not in refused.stderr  # a 4xx is not retried
+    assert listed_uploads(server.url, issue_token(SECRET, subject="alice", actions=actions,
+                                                  ttl_s=60)) == {}  # fmt: skip
+
+    # the command's first token is already expired (as a short one would be mid-run);
+    # every later call prints a fresh one
+    calls = tmp_path / "calls"
+    script = tmp_path / "fresh_token.py"  # not token.py: that would shadow a stdlib module
+    script.write_text(
+        "import pathlib, sys, time\n"
+        "from tusserver.auth import issue_token\n"
+        f"calls = pathlib.Path({str(calls)!r})\n"
+        "calls.write_text(calls.read_text() + 'x' if calls.exists() else 'x')\n"
+        f"now = time.time() - (3600 if len(calls.read_text()) == 1 else 0)\n"
+        f"print(issue_token({SECRET!r}, subject='alice', actions={actions!r}, ttl_s=60,"
+        " now=now))\n"
+    )
+    command = shlex.join([sys.executable, str(script)])
+
+    renewed = run_upload(str(tmp_path / "tree"), "--endpoint", server.url, "--parallel", "3",
+                         "--token-command", command, *state)  # fmt: skip
+
+    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+    assert calls.read_text() == "xx"  # once at start, once after the 401s of all 3 threads
+    fresh = issue_token(SECRET, subject="alice", actions=actions, ttl_s=60)
+    assert_identical_on_server(server.url, files, fresh)
+
+
+def test_a_token_without_the_create_action_is_a_clear_failure(
+    tmp_path: Path, processes: Processes
+) -> None:
+    server = processes(tmp_path / "data", "--secret", SECRET)
+    write_random(tmp_path / "a.bin", 10, seed=4)
+    token = issue_token(SECRET, subject="bob", actions=["upload"], ttl_s=60)
+
+    result = run_upload(str(tmp_path / "a.bin"), "--endpoint", server.url, "--token", token,
+                        "--state-file", str(tmp_path / "state.json"))  # fmt: skip
+
+    assert result.returncode == 1
+    assert "failed: a.bin: create the upload: 403 Forbidden: this token does not allow create" in (
+        result.stderr
+    )
+    assert "0 uploaded, 0 skipped (uploaded before), 1 failed" in result.stdout
+
+
+# -- usage ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["missing-file", "--endpoint", "http://127.0.0.1:9/files/"], "missing-file: No such"),
+        (["{file}", "--endpoint", "ftp://example/files/"], "must be an http:// or https:// URL"),
+        (
+            ["{file}", "--endpoint", "http://127.0.0.1:9/", "--token", "t", "--token-command", "c"],
+            "not allowed with argument",
+        ),
+        (["{file}"], "the following arguments are required: --endpoint"),
+        (["{file}", "--endpoint", "http://127.0.0.1:9/", "--parallel", "0"], "--parallel"),
+        (["{file}", "--endpoint", "http://127.0.0.1:9/", "--chunk-size", "lots"], "not a size"),
+    ],
+)
+def test_bad_usage_exits_2_with_a_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], said: str
+) -> None:
+    file = tmp_path / "f.txt"
+    file.write_text("x")
+    argv = ["upload", *(arg.replace("{file}", str(file)) for arg in args)]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = int(exit_.code or 0)
+    assert code == 2
+    assert said in capsys.readouterr().err
+
+
+# -- the parts, on real files --------------------------------------------------------------
+
+
+def test_folders_keep_relative_paths_and_each_file_is_found_once(tmp_path: Path) -> None:
+    write_random(tmp_path / "photos" / "2024" / "a.jpg", 3, seed=5)
+    write_random(tmp_path / "photos" / "b.jpg", 3, seed=6)
+    write_random(tmp_path / "loose.txt", 3, seed=7)
+
+    files, problems = find_files(
+        [str(tmp_path / "photos"), str(tmp_path / "photos" / "b.jpg"), str(tmp_path / "loose.txt")]
+    )
+
+    assert problems == []
+    assert [f.relative_path for f in files] == ["photos/b.jpg", "photos/2024/a.jpg", "loose.txt"]
+
+
+def test_the_resume_key_changes_with_the_content_and_the_state_file_survives_reuse(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "f.bin"
+    write_random(path, 200_000, seed=8)
+    [before], _ = find_files([str(path)])
+    key_before = resume_key("http://a/files/", before)
+    state = ResumeState(tmp_path / "state" / "uploads.json")
+    state.put(key_before, "http://a/files/1", path, is_done=False)
+
+    with open(path, "r+b") as stream:  # same size, same mtime, different last bytes
+        stream.seek(-1, 2)
+        stream.write(b"\x00" if path.read_bytes()[-1] else b"\x01")
+    os.utime(path, ns=(before.mtime_ns, before.mtime_ns))
+    [after], _ = find_files([str(path)])
+
+    assert after.mtime_ns == before.mtime_ns
+    assert resume_key("http://a/files/", after) != key_before
+    assert resume_key("http://b/files/", after) != resume_key("http://a/files/", after)
+    entry = ResumeState(state.path).get(key_before)
+    assert entry is not None and entry.url == "http://a/files/1" and not entry.is_done
+    assert (state.path.stat().st_mode & 0o777) == 0o600
+
+
+def test_retry_policy_retries_what_may_pass_and_backs_off() -> None:
+    assert [s for s in (None, 400, 401, 403, 404, 409, 410, 413, 423, 460, 500, 503)
+            if is_retryable(s)] == [None, 409, 423, 500, 503]  # fmt: skip
+    policy = RetryPolicy(retries=5, base_delay_s=1.0, max_delay_s=8.0)
+    assert 0.75 <= policy.delay_s(1) <= 1.25
+    assert 3.0 <= policy.delay_s(3) <= 5.0
+    assert 6.0 <= policy.delay_s(10) <= 10.0
+
+
+def test_repr_digest_is_read_only_when_it_is_a_sha256() -> None:
+    digest = hashlib.sha256(b"x").digest()
+    b64 = base64.b64encode(digest).decode()
+    assert parse_repr_digest(f"sha-256=:{b64}:") == digest
+    assert parse_repr_digest(f"sha-512=:AAAA:, sha-256=:{b64}:") == digest
+    assert parse_repr_digest("sha-256=:AAAA:") is None
+    assert parse_repr_digest(None) is None
+
+
+def test_network_errors_are_said_in_a_few_words() -> None:
+    refused = (
+        "HTTPConnectionPool(host='127.0.0.1', port=9): Max retries exceeded with url: /files/ "
+        "(Caused by NewConnectionError(\"HTTPConnection(host='127.0.0.1', port=9): Failed to "
+        'establish a new connection: [Errno 111] Connection refused"))'
+    )
+    reset = "('Connection aborted.', ConnectionResetError(104, 'Connection reset by peer'))"
+    timeout = "HTTPConnectionPool(host='127.0.0.1', port=9): Read timed out. (read timeout=60)"
+    assert network_reason(refused) == "Connection refused"
+    assert network_reason(reset) == "Connection reset by peer"
+    assert network_reason(timeout) == "Read timed out. (read timeout=60)"
+
+
+def test_plain_progress_lines_are_throttled(tmp_path: Path) -> None:
+    write_random(tmp_path / "f.bin", 1000, seed=9)
+    [file], _ = find_files([str(tmp_path / "f.bin")])
+    out, err = io.StringIO(), io.StringIO()
+    reporter = PlainReporter(out, err, every_s=3600)
+    reporter.file_started(file, 0)
+    for _ in range(10):
+        reporter.file_sent(file, 100)
+    reporter.file_done(FileResult(file, "uploaded", 1000))
+    reporter.file_done(FileResult(file, "failed", 0, "nope"))
+
+    assert out.getvalue().splitlines() == ["start f.bin (1000 B)", "done f.bin (1000 B)"]
+    assert err.getvalue().splitlines() == ["FAIL f.bin: nope"]
