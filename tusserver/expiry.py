@@ -10,11 +10,11 @@ sweep at once: each step is atomic in Redis and takes the upload's lock where it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 from tusserver.state import SHARD_COUNT
+from tusserver.tasks import was_cancelled
 from tusserver.uploads import LOCK_TTL_MS, RECEIVED_GRACE_S, Uploads
 
 log = logging.getLogger("tusserver.expiry")
@@ -57,7 +57,7 @@ async def _finish(uploads: Uploads, upload_id: str, now: float) -> int:
 
 async def sweep_forever(uploads: Uploads, interval_s: float) -> None:
     """Sweep now and then every `interval_s`, logging (not dying on) failures."""
-    while True:
+    while not was_cancelled():
         try:
             handled = await sweep_once(uploads)
             if handled:
@@ -66,5 +66,6 @@ async def sweep_forever(uploads: Uploads, interval_s: float) -> None:
             raise
         except Exception:
             log.warning("sweep failed; retrying later", exc_info=True)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.sleep(interval_s)
+        if was_cancelled():
+            break
+        await asyncio.sleep(interval_s)

@@ -38,6 +38,7 @@ from tusserver.protocol import Checksum
 from tusserver.settings import Settings
 from tusserver.state import LockLost, Upload, UploadState, new_upload_id
 from tusserver.storage import Storage, UploadFile
+from tusserver.tasks import cancel_and_wait, was_cancelled
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
@@ -188,9 +189,11 @@ class Uploads:
     # -- locking ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def locked(self, upload_id: str, owner: str) -> AsyncIterator[tuple[Upload, Lease]]:
-        """Hold the upload's lock: a running holder is asked to stop and commit, and 423
-        follows only if it does not let go within about a second. 404/410 inside."""
+    async def locked(
+        self, upload_id: str, owner: str, *, takeover: bool = True
+    ) -> AsyncIterator[tuple[Upload, Lease]]:
+        """Hold the upload's lock: a running holder is asked to stop and commit (unless not
+        `takeover`), and 423 follows if it does not let go within about a second. 404/410."""
         if self.is_stopping:
             raise ServiceUnavailable("the server is restarting; retry shortly", 2)
         acquired = await self.state.acquire(upload_id, owner, LOCK_TTL_MS)
@@ -198,7 +201,8 @@ class Uploads:
         while acquired is None:
             if time.monotonic() > deadline:
                 raise UploadLocked()
-            await self.state.ask_holder(upload_id, "stop", LOCK_TTL_MS)
+            if takeover:
+                await self.state.ask_holder(upload_id, "stop", LOCK_TTL_MS)
             await asyncio.sleep(_POLL_S)
             acquired = await self.state.acquire(upload_id, owner, LOCK_TTL_MS)
         upload, token = acquired
@@ -209,9 +213,7 @@ class Uploads:
             yield upload, lease
         finally:
             self._leases.discard(lease)
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            await cancel_and_wait(renewer)
             if not lease.released:
                 await asyncio.shield(self._release(lease))
 
@@ -223,9 +225,9 @@ class Uploads:
 
     async def _renew(self, lease: Lease) -> None:
         """Every ~100 ms: extend the lock and answer requests from other requests."""
-        while True:
+        while not was_cancelled():
             await asyncio.sleep(RENEW_INTERVAL_S)
-            if lease.released:
+            if lease.released or was_cancelled():
                 return
             try:
                 request = await self.state.renew(lease.upload_id, lease.token, LOCK_TTL_MS)
@@ -284,20 +286,21 @@ class Uploads:
         """Create a final upload from complete partial uploads of `owner`, locked in a fixed
         order (they live in different shards). 400 for unknown, foreign, unfinished or
         non-partial uploads."""
+        for partial_id in partial_ids:  # refuse early, without touching a running upload
+            try:
+                _check_partial(partial_id, await self.state.get(partial_id, owner))
+            except (UploadNotFound, UploadGone):
+                raise BadRequest(f"partial upload {partial_id} does not exist") from None
         async with contextlib.AsyncExitStack() as stack:
             partials: dict[str, Upload] = {}
             for partial_id in sorted(set(partial_ids)):
                 try:
                     partial, _lease = await stack.enter_async_context(
-                        self.locked(partial_id, owner)
+                        self.locked(partial_id, owner, takeover=False)
                     )
                 except (UploadNotFound, UploadGone):
                     raise BadRequest(f"partial upload {partial_id} does not exist") from None
-                if not partial.is_partial:
-                    raise BadRequest(f"upload {partial_id} is not a partial upload")
-                if partial.status == "uploading":
-                    raise BadRequest(f"partial upload {partial_id} is not complete")
-                partials[partial_id] = partial
+                partials[partial_id] = _check_partial(partial_id, partial)
             parts = [(pid, partials[pid].length or 0) for pid in partial_ids]
             length = sum(part_length for _, part_length in parts)
             if max_bytes is not None and length > max_bytes:
@@ -346,8 +349,30 @@ class Uploads:
 
     async def close(self) -> None:
         for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+            await cancel_and_wait(task)
+
+
+def _unread_chunks(body: StreamReader) -> list[bytes]:
+    """Bytes the stream received but had not handed out when it failed. aiohttp's `readany`
+    raises a stored error (client hung up, takeover) before returning its buffer, yet those
+    bytes did arrive in order after what was read, so they are kept. (aiohttp has no public
+    way to take them; this reads its buffer, and finds nothing if that ever changes.)"""
+    buffer = getattr(body, "_buffer", None)
+    if not buffer:
+        return []
+    chunks = [bytes(chunk) for chunk in buffer]
+    chunks[0] = chunks[0][int(getattr(body, "_buffer_offset", 0)) :]
+    buffer.clear()
+    return [chunk for chunk in chunks if chunk]
+
+
+def _check_partial(partial_id: str, partial: Upload) -> Upload:
+    """The partial upload, if a final upload may be built from it (400 otherwise)."""
+    if not partial.is_partial:
+        raise BadRequest(f"upload {partial_id} is not a partial upload")
+    if partial.status == "uploading":
+        raise BadRequest(f"partial upload {partial_id} is not complete")
+    return partial
 
 
 class AppendSession:
@@ -488,12 +513,19 @@ class AppendSession:
             chunks.clear()
 
     async def _keep_what_arrived(self, pending: list[bytes], hashes: list[Hash]) -> None:
-        """Commit the bytes that arrived before the stop, unless they cannot be kept (a
-        checksummed body: unverifiable) or the lock is gone."""
+        """Commit the bytes that arrived before the stop, including those aiohttp had buffered
+        but not handed out, unless they cannot be kept (a checksummed body: unverifiable) or
+        the lock is gone."""
         self.may_commit = not (self.lease.lost or self.is_checksummed)
         if not self.may_commit:
             await self._discard()
             return
+        if self.lease.body is not None:
+            leftover = _unread_chunks(self.lease.body)
+            arrived = self.written + sum(map(len, pending)) + sum(map(len, leftover))
+            length = self.upload.length
+            if length is None or arrived <= length:
+                pending.extend(leftover)
         with contextlib.suppress(Exception):
             await asyncio.shield(self._write(pending, hashes))
         with contextlib.suppress(Exception):
