@@ -25,7 +25,7 @@ import pytest
 import redis
 from aiohttp import web
 
-from tusserver.app import build_app
+from tusserver.app import AccessLogger, build_app
 from tusserver.keys import UPLOADS
 from tusserver.redis_embedded import EmbeddedRedis
 from tusserver.settings import Settings
@@ -103,7 +103,9 @@ async def make_server(flushed_redis: str, tmp_path: Path) -> AsyncIterator[Serve
     async def start(**overrides: Any) -> Server:
         settings = replace(Settings(data_dir=tmp_path / "data", port=0), **overrides)
         app = build_app(settings, flushed_redis)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2)
+        runner = web.AppRunner(
+            app, handle_signals=False, shutdown_timeout=2, access_log_class=AccessLogger
+        )
         await runner.setup()
         runners.append(runner)
         await web.TCPSite(runner, "127.0.0.1", 0).start()
