@@ -153,13 +153,15 @@ async def test_holder_hears_stop_and_commit_requests(state: UploadState) -> None
     assert await state.renew(upload.upload_id, token, LOCK_MS) == ""
     assert await state.ask_holder(upload.upload_id, "commit:n1", LOCK_MS)
     assert await state.renew(upload.upload_id, token, LOCK_MS) == "commit:n1"
+    assert not await state.holder_answered(upload.upload_id, "n1")
     await state.commit(upload, token, 0, now=time.time(), expires_at=None, ack="n1")
-    assert await state.commit_ack(upload.upload_id) == "n1"
+    assert await state.holder_answered(upload.upload_id, "n1")
     assert await state.renew(upload.upload_id, token, LOCK_MS) == ""
     assert await state.ask_holder(upload.upload_id, "stop", LOCK_MS)
     assert await state.ask_holder(upload.upload_id, "commit:n2", LOCK_MS)  # held: asked
     assert await state.renew(upload.upload_id, token, LOCK_MS) == "stop"  # stop wins
     await state.release(upload.upload_id, token)
+    assert await state.holder_answered(upload.upload_id, "never-acknowledged")  # let go
     with pytest.raises(LockLost):
         await state.renew(upload.upload_id, token, LOCK_MS)
 

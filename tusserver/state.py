@@ -297,6 +297,14 @@ end
 return 1
 """
 
+# KEYS: upload hash, lock. ARGV: nonce of a commit request.
+# Result: 1 if the holder acknowledged that request, or nobody holds the lock any more; else 0.
+_ANSWERED = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 1 end
+if redis.call('HGET', KEYS[1], 'ack') == ARGV[1] then return 1 end
+return 0
+"""
+
 # KEYS: upload hash, lock. ARGV: lock token, new length.
 # Result: 1 set, 0 already this length, -1 lock not held, -2 no upload, -3 another length
 #         is set, -4 shorter than the committed offset.
@@ -355,6 +363,7 @@ class UploadState:
         self._ask_holder: AsyncScript = client.register_script(_ASK_HOLDER)
         self._declare_length: AsyncScript = client.register_script(_DECLARE_LENGTH)
         self._acquire: AsyncScript = client.register_script(_ACQUIRE)
+        self._answered: AsyncScript = client.register_script(_ANSWERED)
 
     async def check_layout(self) -> None:
         """Record the shard count at first start; refuse a Redis laid out with another one,
@@ -664,9 +673,14 @@ class UploadState:
     async def clear_requests(self, upload_id: str) -> None:
         await self.redis.delete(_key(shard_of(upload_id), "release", upload_id))
 
-    async def commit_ack(self, upload_id: str) -> str:
-        value = await self.redis.hget(_key(shard_of(upload_id), "upload", upload_id), "ack")
-        return _text(value) if value else ""
+    async def holder_answered(self, upload_id: str, nonce: str) -> bool:
+        """True once the holder committed for the request `commit:<nonce>`, or let go."""
+        shard = shard_of(upload_id)
+        answered = await self._answered(
+            keys=[_key(shard, "upload", upload_id), _key(shard, "lock", upload_id)],
+            args=[nonce],
+        )
+        return int(answered) == 1
 
     async def renew(self, upload_id: str, token: str, ttl_ms: int) -> str:
         """Extend our lock; the pending request to us ("stop", "commit:<n>" or ""). Raises

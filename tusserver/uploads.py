@@ -161,7 +161,7 @@ class Uploads:
         deadline = time.monotonic() + TAKEOVER_WAIT_S
         while time.monotonic() < deadline:
             await asyncio.sleep(_POLL_S)
-            if await self.state.commit_ack(upload_id) == nonce:
+            if await self.state.holder_answered(upload_id, nonce):
                 break
         return await self.state.get(upload_id, owner)
 
