@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from tusserver import auth, uploader
 from tusserver.app import AccessLogger, JsonAccessLogger, build_app
@@ -35,6 +37,8 @@ from tusserver.settings import (
     parse_duration,
     parse_size,
 )
+from tusserver.state import UploadState
+from tusserver.state import connect as connect_redis
 
 log = logging.getLogger("tusserver")
 EXIT_USAGE = 2
@@ -179,6 +183,13 @@ def serve(settings: Settings) -> int:
         if embedded is not None:
             embedded.stop()
         return 1
+    failure = asyncio.run(_check_redis(settings, redis_url))
+    if failure is not None:
+        print(f"tusserver: {failure}", file=sys.stderr)
+        sock.close()
+        if embedded is not None:
+            embedded.stop()
+        return 1
     host, port = sock.getsockname()[:2]
     if not settings.is_secured:
         log.warning(
@@ -195,6 +206,26 @@ def serve(settings: Settings) -> int:
         sock.close()
         if embedded is not None:
             embedded.stop()
+
+
+async def _check_redis(settings: Settings, redis_url: str) -> str | None:
+    """Why the Redis at `redis_url` cannot hold our state (unreachable, another shard
+    layout, evicting keys), in one line; None if it can."""
+    try:
+        client = await connect_redis(redis_url)
+    except (RedisError, OSError) as error:
+        return f"cannot reach Redis at {_without_password(redis_url)}: {error}"
+    try:
+        await UploadState(client, tombstone_ttl_s=settings.tombstone_ttl_s).check_layout()
+    except (RedisError, OSError, RuntimeError) as error:
+        return f"Redis at {_without_password(redis_url)}: {error}"
+    finally:
+        await client.aclose()
+    return None
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)
 
 
 async def _serve_worker(

@@ -1,0 +1,290 @@
+"""Real `tusserver` processes: restarts, a second server on the same data, an orphaned
+embedded Valkey, the embedded Valkey dying, the command line and the access log.
+
+Each process gets its own data directory under tmp_path and so its own embedded Valkey; the
+`processes` fixture kills whatever is still running at the end, by pid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import TUS, ServerProcess, patch_headers, wait_until
+from tusserver.auth import DEFAULT_LEEWAY_S, verify_token
+from tusserver.errors import Unauthorized
+from tusserver.protocol import format_repr_digest
+from tusserver.settings import OPTIONS, default_text, env_name
+
+StartProcess = Callable[..., ServerProcess]
+CLI_TIMEOUT_S = 60
+
+
+def tusserver_executable() -> str:
+    script = Path(sys.executable).parent / "tusserver"
+    assert script.exists(), f"the tusserver script is not installed next to {sys.executable}"
+    return str(script)
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    """This environment without TUS_* settings (so none leaks into a test), plus `extra`."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith("TUS_")}
+    return {**kept, **extra}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tusserver_executable(), *args],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        env=env if env is not None else clean_environ(),
+    )
+
+
+def is_running(pid: int) -> bool:
+    """Whether the pid is a live process (a zombie waiting to be reaped counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def wait_for_exit(pid: int, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while is_running(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def valkey_pid(data_dir: Path) -> int:
+    return int((data_dir / "redis" / "valkey.pid").read_text().strip())
+
+
+def file_of(data_dir: Path, upload_id: str) -> Path:
+    return data_dir / "uploads" / upload_id[:2] / upload_id
+
+
+async def create(http: aiohttp.ClientSession, endpoint: str, length: int) -> str:
+    """POST a new upload at `endpoint`; its id."""
+    async with http.post(endpoint, headers={**TUS, "Upload-Length": str(length)}) as response:
+        assert response.status == 201, await response.text()
+        return response.headers["Location"].rstrip("/").rsplit("/", 1)[1]
+
+
+async def offset_at(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.head(url, headers=TUS) as response:
+        assert response.status == 200, response.status
+        return int(response.headers["Upload-Offset"])
+
+
+# -- restarts ------------------------------------------------------------------------------
+
+
+async def test_restart_mid_upload_resumes_at_the_committed_offset(
+    processes: StartProcess, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    data_dir = tmp_path / "data"
+    payload = os.urandom(3 * 2**20 + 17)
+    half = len(payload) // 2
+    first = processes(data_dir)
+    upload_id = await create(http, first.url, len(payload))
+    async with http.patch(
+        first.url + upload_id, data=io.BytesIO(payload[:half]), headers=patch_headers(0)
+    ) as response:
+        assert response.status == 204
+    assert first.stop(signal.SIGTERM) == 0
+
+    second = processes(data_dir)
+    url = second.url + upload_id
+    assert await offset_at(http, url) == half
+    rest = io.BytesIO(payload[half:])
+    async with http.patch(url, data=rest, headers=patch_headers(half)) as response:
+        assert response.status == 204
+        assert response.headers["Upload-Offset"] == str(len(payload))
+    assert file_of(data_dir, upload_id).read_bytes() == payload
+
+    async def has_digest() -> bool:
+        async with http.head(url, headers=TUS) as response:
+            return "Repr-Digest" in response.headers
+
+    await wait_until(has_digest)
+    async with http.head(url, headers=TUS) as response:
+        digest = response.headers["Repr-Digest"]
+    assert digest == format_repr_digest(hashlib.sha256(payload).digest())
+
+
+def test_second_tusserver_on_the_same_data_dir_refuses(
+    processes: StartProcess, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    first = processes(data_dir)
+    result = run_cli(
+        "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir)
+    )  # fmt: skip
+    assert result.returncode != 0
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1, result.stderr
+    assert "another tusserver" in errors[0] and str(data_dir.resolve()) in errors[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert first.process.poll() is None  # the first one is untouched
+
+
+async def test_restart_after_a_killed_supervisor_adopts_the_orphaned_valkey(
+    processes: StartProcess, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    data_dir = tmp_path / "data"
+    first = processes(data_dir)
+    upload_id = await create(http, first.url, 10)
+    async with http.patch(first.url + upload_id, data=b"abc", headers=patch_headers(0)) as r:
+        assert r.status == 204
+    orphan = valkey_pid(data_dir)
+    first.stop(signal.SIGKILL)
+    assert is_running(orphan)  # the supervisor died; its Valkey did not
+
+    second = processes(data_dir)
+    assert "adopted" in second.log()
+    assert valkey_pid(data_dir) == orphan
+    assert await offset_at(http, second.url + upload_id) == 3
+    assert second.stop(signal.SIGTERM) == 0
+    assert wait_for_exit(orphan), "a clean stop must end the adopted Valkey too"
+
+
+async def test_embedded_valkey_dying_makes_tusserver_exit_non_zero(
+    processes: StartProcess, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    data_dir = tmp_path / "data"
+    server = processes(data_dir)
+    await create(http, server.url, 10)  # serving, past its start
+    os.kill(valkey_pid(data_dir), signal.SIGKILL)
+    code = server.process.wait(timeout=30)
+    assert code != 0
+    assert "embedded Redis server stopped unexpectedly" in server.log()
+
+
+def test_unreachable_redis_at_start_exits_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "no-redis-here.sock"
+    result = run_cli(
+        "--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path / "data"),
+        "--redis-url", f"unix://{missing}",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    assert str(missing) in result.stderr.strip().splitlines()[-1]  # the last line says why
+
+
+# -- the command line ----------------------------------------------------------------------
+
+INVALID_SETTINGS = [
+    (["--max-size", "lots"], {}, "lots"),
+    (["--expire-after", "forever"], {}, "forever"),
+    ([], {"TUS_PORT": "abc"}, "TUS_PORT"),
+    (["--host", "0.0.0.0"], {}, "secret"),  # noqa: S104 (refused, never bound)
+    (["--production"], {}, "secret"),
+]
+
+
+@pytest.mark.parametrize(("args", "env", "named"), INVALID_SETTINGS)
+def test_invalid_setting_exits_non_zero_with_one_line_and_no_traceback(
+    tmp_path: Path, args: list[str], env: dict[str, str], named: str
+) -> None:
+    # The data dir lies under a plain file: were a setting wrongly accepted, the server
+    # would fail at mkdir, before it could start a Redis or listen anywhere.
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    result = run_cli(
+        *args, "--data-dir", str(blocker / "data"), env=clean_environ(**env)
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    # argparse may print its usage synopsis first; the error itself is one line.
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if not line.startswith(("usage:", " "))]
+    assert len(errors) == 1, result.stderr
+    assert named in errors[0] and errors[0] == lines[-1]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["serve", "--help"]])
+def test_help_shows_every_option_with_its_default_and_env_name(args: list[str]) -> None:
+    result = run_cli(*args, env=clean_environ(COLUMNS="2000"))
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    options_part = text[text.index("options:") :]
+    flags = [f"--{option} " for option, *_ in OPTIONS]
+    for flag, (option, *_) in zip(flags, OPTIONS, strict=True):
+        start = options_part.index(flag)
+        later = [options_part.find(other, start + 1) for other in flags if other != flag]
+        end = min([position for position in later if position > start], default=None)
+        described = options_part[start:end]
+        assert f"env {env_name(option)};" in described, described
+        assert f"default: {default_text(option)}]" in described, described
+
+
+def test_python_dash_m_tusserver_help_works() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tusserver", "--help"],
+        capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=clean_environ(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "usage: tusserver" in result.stdout
+    assert "--max-size" in result.stdout
+
+
+def test_token_command_prints_a_token_verify_token_accepts() -> None:
+    result = run_cli(
+        "token", "--subject", "alice", "--actions", "create,upload", "--max-size", "10GB",
+        "--ttl", "15m", "--secret", "s3cret",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    token = lines[0]
+    grant = verify_token(token, ["s3cret"])
+    assert grant.subject == "alice"
+    assert grant.actions == frozenset({"create", "upload"})
+    assert grant.max_size_bytes == 10 * 10**9
+    assert grant.upload_id is None
+    now = time.time()
+    verify_token(token, ["s3cret"], now=now + 14 * 60)  # still valid near the end of 15m
+    with pytest.raises(Unauthorized, match="expired"):
+        verify_token(token, ["s3cret"], now=now + 15 * 60 + DEFAULT_LEEWAY_S + 2)
+    with pytest.raises(Unauthorized, match="signature"):
+        verify_token(token, ["another secret"])
+
+
+# -- the access log ------------------------------------------------------------------------
+
+
+async def test_access_log_never_shows_the_query_string(
+    processes: StartProcess, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    server = processes(tmp_path / "data")
+    upload_id = await create(http, server.url, 10)
+    async with http.head(server.url + upload_id + "?token=secret123", headers=TUS) as response:
+        assert response.status == 200
+    async with http.get(server.url + "?token=secret123&x=1", headers=TUS) as response:
+        await response.read()
+
+    async def head_is_logged() -> bool:
+        return f"HEAD /files/{upload_id} 200" in server.log()
+
+    await wait_until(head_is_logged)
+    assert "secret123" not in server.log()
+    assert "token=" not in server.log()
