@@ -19,13 +19,14 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tusserver import auth, demo, expiry, handlers, protocol
+from tusserver import auth, demo, events, expiry, handlers, protocol
 from tusserver.errors import ServiceUnavailable, TusError
-from tusserver.keys import GRANT, REDIS, REDIS_URL, SETTINGS, UPLOADS
+from tusserver.keys import GRANT, PRE_CREATE, REDIS, REDIS_URL, SETTINGS, UPLOADS
 from tusserver.settings import Settings
 from tusserver.state import UploadState
 from tusserver.state import connect as connect_redis
 from tusserver.storage import Storage
+from tusserver.tasks import cancel_and_wait
 from tusserver.uploads import Uploads
 
 log = logging.getLogger("tusserver")
@@ -40,7 +41,8 @@ CORS_ALLOW_HEADERS = (
 CORS_EXPOSE_HEADERS = (
     "Location, Upload-Offset, Upload-Length, Upload-Metadata, Upload-Defer-Length, "
     "Upload-Expires, Upload-Concat, Repr-Digest, Tus-Resumable, Tus-Version, Tus-Extension, "
-    "Tus-Max-Size, Tus-Checksum-Algorithm, Retry-After, Content-Disposition, Content-Range"
+    "Tus-Max-Size, Tus-Checksum-Algorithm, Retry-After, Content-Disposition, Content-Range, "
+    "ETag, WWW-Authenticate"
 )
 CORS_ALLOW_METHODS = "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
 # aiohttp refuses header lines past this itself; protocol.py refuses Upload-Metadata and
@@ -186,8 +188,7 @@ async def _stop_writers(app: web.Application) -> None:
 async def _sweeper_context(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(expiry.sweep_forever(app[UPLOADS], app[SETTINGS].sweep_interval_s))
     yield
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    await cancel_and_wait(task)
 
 
 def build_app(settings: Settings, redis_url: str) -> web.Application:
@@ -222,6 +223,8 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
     app.on_shutdown.append(_stop_writers)
     app.cleanup_ctx.append(_redis_context)
     app.cleanup_ctx.append(_sweeper_context)
+    app[PRE_CREATE] = events.PreCreateCheck(settings)
+    app.cleanup_ctx.append(events.events_context(settings, redis_url, app[PRE_CREATE]))
     return app
 
 

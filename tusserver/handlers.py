@@ -7,6 +7,7 @@ in `errors`, state and bytes behind `Uploads`. The method is the effective one, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -22,7 +23,7 @@ from tusserver.errors import (
     PayloadTooLarge,
     TusError,
 )
-from tusserver.keys import GRANT, SETTINGS, UPLOADS
+from tusserver.keys import GRANT, PRE_CREATE, SETTINGS, UPLOADS
 from tusserver.state import Upload
 from tusserver.uploads import Uploads
 
@@ -109,6 +110,7 @@ async def post(request: web.Request) -> web.Response:
     concat = protocol.parse_concat(request.headers.get("Upload-Concat"))
     metadata = protocol.parse_metadata(request.headers.get("Upload-Metadata"))
     who.check_metadata(metadata)
+    await request.app[PRE_CREATE].check(who.subject, length, metadata, concat)
     if concat is not None and concat.is_final:
         return await _post_final(request, concat, metadata)
     if length is None and not is_deferred:
@@ -318,9 +320,12 @@ def _parse_cursor(value: str | None) -> tuple[float, str] | None:
         return None
     created, _, upload_id = value.partition("_")
     try:
-        return float(created), upload_id
+        created_at = float(created)
     except ValueError:
-        raise BadRequest("cursor is not one this server gave out") from None
+        created_at = math.nan
+    if not math.isfinite(created_at) or not upload_id.isalnum():
+        raise BadRequest("cursor is not one this server gave out")
+    return created_at, upload_id
 
 
 # -- dispatch ------------------------------------------------------------------------------

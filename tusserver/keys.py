@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from tusserver.auth import Grant
+from tusserver.events import PreCreateCheck
 from tusserver.settings import Settings
 from tusserver.state import RedisClient
 from tusserver.uploads import Uploads
@@ -13,4 +14,5 @@ SETTINGS = web.AppKey("settings", Settings)
 REDIS_URL = web.AppKey("redis_url", str)
 REDIS = web.AppKey[RedisClient]("redis")
 UPLOADS = web.AppKey("uploads", Uploads)
+PRE_CREATE = web.AppKey("pre_create", PreCreateCheck)
 GRANT = web.RequestKey("grant", Grant)

@@ -100,6 +100,14 @@ class Settings:
     sweep_interval_s: float = 30.0
     max_metadata_bytes: int = 64 * 1024
     webhook_url: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_timeout_s: float = 10.0
+    webhook_max_tries: int = 20
+    webhook_max_age_s: float = 24 * 3600.0
+    webhook_backoff_s: float = 1.0  # before the 2nd try, doubling up to webhook_backoff_max_s
+    webhook_backoff_max_s: float = 600.0
+    pre_create_url: str | None = None
+    pre_create_timeout_s: float = 3.0
 
     @property
     def is_secured(self) -> bool:
@@ -129,6 +137,13 @@ class Settings:
             raise SettingError(f"--fsync must be always, complete or never, got {self.fsync!r}")
         if self.public_url is not None and not re.match(r"^https?://[^/]+", self.public_url):
             raise SettingError(f"--public-url must be an absolute http(s) URL: {self.public_url}")
+        for flag, url in (("webhook", self.webhook_url), ("pre-create", self.pre_create_url)):
+            if url is not None and not re.match(r"^https?://[^/]+", url):
+                raise SettingError(f"--{flag}-url must be an absolute http(s) URL")
+        if self.webhook_timeout_s <= 0 or self.pre_create_timeout_s <= 0:
+            raise SettingError("--webhook-timeout and --pre-create-timeout must be positive")
+        if self.webhook_max_tries < 1:
+            raise SettingError("--webhook-max-tries must be at least 1")
         if not self.secrets and (self.production or not is_loopback_host(self.host)):
             why = "--production" if self.production else f"--host {self.host} (not loopback)"
             raise SettingError(
@@ -199,6 +214,17 @@ OPTIONS: tuple[Option, ...] = (
         None,
     ),
     ("webhook-url", str, "POST upload events to this URL", "URL"),
+    (
+        "webhook-secret",
+        str,
+        "sign webhook and pre-create requests with this secret instead of the token secrets",
+        "SECRET",
+    ),
+    ("webhook-timeout", parse_duration, "wait this long for the webhook's answer", "DURATION"),
+    ("webhook-max-tries", parse_int, "tries before an event goes to the dead-letter stream", "N"),
+    ("webhook-max-age", parse_duration, "retry an event no longer than this", "DURATION"),
+    ("pre-create-url", str, "ask this URL before creating an upload (2xx: accept)", "URL"),
+    ("pre-create-timeout", parse_duration, "answer 503 if pre-create is slower", "DURATION"),
 )
 
 _DEFAULT = Settings.__dataclass_fields__
@@ -210,6 +236,9 @@ _FIELD_OF_OPTION = {
     "idle-timeout": "idle_timeout_s",
     "min-free-disk": "min_free_disk_bytes",
     "secret": "secrets",
+    "webhook-timeout": "webhook_timeout_s",
+    "webhook-max-age": "webhook_max_age_s",
+    "pre-create-timeout": "pre_create_timeout_s",
 }
 
 
@@ -229,6 +258,8 @@ def default_text(option: str) -> str:
         "public-url": "from the request", "expire-after": "24h", "idle-timeout": "60s",
         "min-free-disk": "0", "secret": "none (development mode)", "cors-origins": "see above",
         "demo-page": "on without a secret",
+        "webhook-url": "none", "webhook-secret": "each --secret", "webhook-timeout": "10s",
+        "webhook-max-age": "24h", "pre-create-url": "none (off)", "pre-create-timeout": "3s",
     }  # fmt: skip
     return shown.get(option, str(default))
 

@@ -1,0 +1,158 @@
+// Drive tusserver's demo page in Debian's headless Chromium with playwright-core, as a person
+// would: pick a file in Uppy's Dashboard, press upload, (optionally) reload mid-upload and
+// resume, then take a screenshot.
+//
+// Usage: node browser_demo.mjs '<options as JSON>'
+// Options: pageUrl, file, screenshot (PNG path), and optionally
+//   reloadAfterBytes       reload the page once the upload has sent this many bytes
+//   uploadBytesPerSecond   throttle the browser's uploads (Chromium's own network emulation)
+//                          until the reload, so that the reload lands while a PATCH is running
+//   reselectAfterReload    pick the file again after the reload, as Uppy asks for files that
+//                          its Golden Retriever could not keep (over 10 MiB)
+//   expectBlocked          the endpoint is expected to refuse this origin: stop once Chromium
+//                          reports the CORS block instead of waiting for a success
+//   timeoutMs              for each wait (default 60000)
+//
+// Every line on stdout is one JSON event: request (to the tus endpoint, with the phase
+// before/after the reload), kept (HEAD from Node after the reload: the bytes the server kept),
+// console (errors and warnings of the page, CSP violations among them), address (the page's
+// URL once loaded), success, blocked, screenshot; `error` when something went wrong.
+
+import { chromium } from 'playwright-core'
+
+const options = JSON.parse(process.argv[2])
+const timeout = options.timeoutMs ?? 60000
+
+function emit(event, fields = {}) {
+  process.stdout.write(`${JSON.stringify({ event, ...fields })}\n`)
+}
+
+const browser = await chromium.launch({
+  executablePath: '/usr/bin/chromium',
+  headless: true, // playwright-core adds --headless
+  args: [
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+  ],
+  timeout,
+})
+
+let phase = 'before-reload'
+let sawCorsBlock = null
+
+try {
+  const context = await browser.newContext({ viewport: { width: 1100, height: 760 } })
+  const page = await context.newPage()
+  page.setDefaultTimeout(timeout)
+  await page.addInitScript(() => {
+    document.addEventListener('securitypolicyviolation', (e) => {
+      console.error(`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI}`)
+    })
+  })
+  page.on('console', (message) => {
+    if (message.type() === 'error' || message.type() === 'warning') {
+      emit('console', { type: message.type(), text: message.text(), phase })
+      if (/CORS policy/.test(message.text()) && sawCorsBlock) sawCorsBlock(message.text())
+    }
+  })
+  page.on('pageerror', (error) => emit('console', { type: 'pageerror', text: String(error), phase }))
+
+  const endpoint = new URL(new URL(options.pageUrl).searchParams.get('endpoint') ?? '/files/', options.pageUrl)
+  const uploadUrls = new Set()
+  page.on('request', (request) => {
+    if (!request.url().startsWith(endpoint.href)) return
+    const offset = request.headers()['upload-offset']
+    emit('request', { phase, method: request.method(), url: request.url(), offset })
+  })
+  page.on('response', (response) => {
+    const location = response.headers().location
+    if (response.request().method() === 'POST' && location) uploadUrls.add(new URL(location, endpoint).href)
+  })
+
+  const cdp = await context.newCDPSession(page)
+  async function throttle(bytesPerSecond) {
+    await cdp.send('Network.enable')
+    await cdp.send('Network.emulateNetworkConditions', {
+      offline: false,
+      latency: 0,
+      downloadThroughput: -1,
+      uploadThroughput: bytesPerSecond ?? -1,
+    })
+  }
+
+  await page.goto(options.pageUrl)
+  await page.locator('.uppy-Dashboard').waitFor()
+  emit('address', { url: page.url() })
+
+  await page.locator('input[type=file]').first().setInputFiles(options.file)
+  if (options.uploadBytesPerSecond) await throttle(options.uploadBytesPerSecond)
+  if (options.reloadAfterBytes !== undefined) {
+    await page.evaluate((threshold) => {
+      window.tusserverDemo.uppy.on('upload-progress', (_file, progress) => {
+        if (progress.bytesUploaded >= threshold && !window.reloadStarted) {
+          window.reloadStarted = true
+          window.location.reload() // the running PATCH is cut off
+        }
+      })
+    }, options.reloadAfterBytes)
+  }
+
+  const blocked = new Promise((resolve) => {
+    sawCorsBlock = resolve
+  })
+  const uploadButton = page.locator('.uppy-StatusBar-actionBtn--upload')
+  if (options.reloadAfterBytes !== undefined) {
+    const reloaded = page.waitForEvent('load')
+    await uploadButton.click()
+    await reloaded
+    phase = 'after-reload'
+    await page.locator('.uppy-Dashboard').waitFor()
+    await throttle(-1)
+    for (const url of uploadUrls) {
+      const head = await fetch(url, { method: 'HEAD', headers: { 'Tus-Resumable': '1.0.0' } })
+      emit('kept', { url, status: head.status, offset: Number(head.headers.get('upload-offset')) })
+    }
+    // Golden Retriever has brought the file back (files over 10 MiB only by name: the person
+    // picks them again); the same button then resumes the upload.
+    await page.getByText('Session restored').waitFor()
+    if (options.reselectAfterReload) {
+      await page.getByRole('button', { name: 'Re-select' }).click()
+      await page.locator('input[type=file]').first().setInputFiles(options.file)
+    }
+    await page.getByText('We restored all files').waitFor()
+    await page.screenshot({ path: options.screenshot.replace(/\.png$/, '-restored.png') })
+  }
+  await uploadButton.click()
+
+  if (options.expectBlocked) {
+    let timer
+    const text = await Promise.race([
+      blocked,
+      new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error('no CORS block seen')), timeout)
+      }),
+    ])
+    clearTimeout(timer)
+    emit('blocked', { text })
+  } else {
+    const link = page.locator('#uploaded li a')
+    await link.waitFor()
+    emit('success', {
+      url: await link.getAttribute('href'),
+      text: await page.locator('#uploaded').innerText(),
+      address: page.url(),
+    })
+  }
+  await page.screenshot({ path: options.screenshot, fullPage: true })
+  emit('screenshot', { path: options.screenshot })
+} catch (error) {
+  emit('error', { message: String(error && error.stack ? error.stack : error) })
+  process.exitCode = 1
+} finally {
+  await browser.close()
+}

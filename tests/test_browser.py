@@ -1,0 +1,288 @@
+"""The demo page: served from the package's static files, and used for real in Debian's headless
+Chromium (driven by playwright-core from tests/js) against real tusserver processes, from
+another origin than the endpoint so that CORS is really exercised. Screenshots land in
+tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+
+from tests.conftest import ServerFactory, ServerProcess, require_tool
+from tests.test_js_client import (
+    JS_DIR,
+    MiB,
+    Run,
+    assert_stored_exactly,
+    bearer,
+    head,
+    http_request,
+    random_file,
+    require_node_package,
+    tusserver_process,
+)
+from tusserver import demo
+from tusserver.auth import issue_token
+from tusserver.settings import Settings
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+SECRET = "browser-secret"
+
+
+# -- the page over HTTP (no browser needed) ------------------------------------------------
+
+
+async def test_development_mode_serves_the_page_and_its_files(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server()
+    async with http.get(server.root + "/") as response:
+        assert response.status == 200
+        assert response.content_type == "text/html"
+        assert "connect-src * blob:" in response.headers["Content-Security-Policy"]
+        page = await response.text()
+    assert '<meta name="tus-endpoint" content="/files/">' in page
+    assert '<meta name="tus-secured" content="false">' in page
+    assert '<script src="static/vendor/uppy/uppy.min.js">' in page
+    for path, kind in [
+        ("static/vendor/uppy/uppy.min.js", "javascript"),
+        ("static/vendor/uppy/uppy.min.css", "text/css"),
+        ("static/demo.js", "javascript"),
+        ("static/vendor/uppy/LICENSE.txt", "text/plain"),
+        ("static/vendor/uppy/THIRD-PARTY-LICENSES.txt", "text/plain"),
+    ]:
+        async with http.get(f"{server.root}/{path}") as response:
+            assert response.status == 200, path
+            assert kind in response.content_type, (path, response.content_type)
+            assert len(await response.read()) > 500, path
+    async with http.get(server.root + "/static/") as response:
+        assert response.status in (403, 404)  # no directory listing
+
+
+async def test_vendored_bundle_matches_its_recorded_checksums() -> None:
+    """VERSION (written by scripts/build-demo-page.sh) holds the SHA-256 of each file as npm
+    shipped it; a hand-edited or half-copied bundle fails here."""
+    vendor = demo.STATIC_DIR / "vendor" / "uppy"
+    lines = (vendor / "VERSION").read_text().splitlines()
+    assert lines[0].startswith("uppy ")
+    sums = {name: digest for digest, name in (line.split() for line in lines[1:])}
+    assert set(sums) == {"uppy.min.js", "uppy.min.css"}
+    for name, digest in sums.items():
+        assert hashlib.sha256((vendor / name).read_bytes()).hexdigest() == digest
+
+
+async def test_secured_mode_has_no_page_unless_asked(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    quiet = await make_server(secrets=("s",))
+    for path in ("/", "/static/demo.js"):
+        async with http.get(quiet.root + path) as response:
+            assert response.status == 404, path
+
+    shown = await make_server(secrets=("s",), demo_page=True)
+    async with http.get(shown.root + "/") as response:  # no token needed for the page
+        assert response.status == 200
+        assert '<meta name="tus-secured" content="true">' in await response.text()
+    async with http.get(shown.root + "/static/vendor/uppy/uppy.min.js") as response:
+        assert response.status == 200
+
+
+async def test_development_mode_page_can_be_turned_off(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(demo_page=False)
+    async with http.get(server.root + "/") as response:
+        assert response.status == 404
+
+
+async def test_page_on_a_root_endpoint_gives_way_to_tus(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(base_path="/")
+    root = server.url.rstrip("/")
+    async with http.post(root + "/", headers={"Tus-Resumable": "1.0.0", "Upload-Length": "1"}) as r:
+        assert r.status == 201
+    async with http.get(root + "/") as response:
+        assert response.content_type != "text/html"
+
+
+def test_page_shows_the_public_url_escaped() -> None:
+    settings = Settings(public_url='https://up.example/files?a="b"&c')
+    page = demo.render_page('<meta content="{{endpoint}}">', settings)
+    assert page == '<meta content="https://up.example/files?a=&quot;b&quot;&amp;c">'
+
+
+# -- Chromium ---------------------------------------------------------------------------------
+
+
+def require_browser() -> None:
+    require_tool(
+        CHROMIUM.exists(), "Debian's chromium is missing (.ci/install-tools.sh installs it)"
+    )
+    require_node_package("playwright-core")
+
+
+def run_browser(**options: Any) -> Run:
+    """Run tests/js/browser_demo.mjs with `options`; its JSON events."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    process = subprocess.run(
+        ["node", str(JS_DIR / "browser_demo.mjs"), json.dumps(options)],
+        capture_output=True, text=True, timeout=180, cwd=JS_DIR,
+    )  # fmt: skip
+    events = [json.loads(line) for line in process.stdout.splitlines() if line.strip()]
+    return Run(process.returncode, events, process.stderr)
+
+
+def port_of(server: ServerProcess) -> int:
+    port = urlsplit(server.url).port
+    assert port is not None
+    return port
+
+
+def assert_no_page_faults(run: Run) -> None:
+    """No script error, no CSP violation, no CORS refusal in the page's console."""
+    faults = [
+        event["text"] for event in run.of("console")
+        if event["type"] == "pageerror" or "CSP" in event["text"] or "CORS" in event["text"]
+    ]  # fmt: skip
+    assert faults == []
+
+
+def assert_screenshot(path: Path) -> None:
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert path.stat().st_size > 10_000  # a drawn page, not a blank one
+
+
+@pytest.fixture(scope="module")
+def browser_tools() -> None:
+    require_browser()
+
+
+@pytest.fixture(scope="module")
+def page_server(
+    browser_tools: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """Development mode: serves the page (opened as http://localhost:PORT/) and an endpoint."""
+    yield from tusserver_process(tmp_path_factory.mktemp("page") / "data")
+
+
+@pytest.fixture(scope="module")
+def secured_server(
+    browser_tools: None, tmp_path_factory: pytest.TempPathFactory, page_server: ServerProcess
+) -> Iterator[ServerProcess]:
+    """Secured, with its own page, allowing one other origin: the page server's."""
+    yield from tusserver_process(
+        tmp_path_factory.mktemp("secured-page") / "data",
+        "--secret", SECRET, "--demo-page",
+        "--cors-origins", f"http://localhost:{port_of(page_server)}",
+    )  # fmt: skip
+
+
+def token(subject: str, *actions: str) -> str:
+    return issue_token(SECRET, subject=subject, actions=actions, ttl_s=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("size", "is_picked_again"),
+    [(8 * MiB, False), (12 * MiB, True)],
+    ids=["kept-by-golden-retriever", "picked-again"],
+)
+def test_demo_page_uploads_across_origins_and_resumes_after_a_reload(
+    page_server: ServerProcess, tmp_path: Path, size: int, is_picked_again: bool
+) -> None:
+    """Uppy keeps files up to 10 MiB across a reload; bigger ones the person picks again. Either
+    way the upload goes on from the bytes the server kept (tus-js-client's stored URL + HEAD)."""
+    data = random_file(tmp_path / "holiday.mp4", size)
+    port = port_of(page_server)
+    screenshot = ARTIFACTS / f"demo-page-resumed-after-reload-{size // MiB}MiB.png"
+    run = run_browser(
+        # the page's origin is localhost, the endpoint's 127.0.0.1: every request is CORS
+        pageUrl=f"http://localhost:{port}/?endpoint=http://127.0.0.1:{port}/files/",
+        file=str(tmp_path / "holiday.mp4"),
+        screenshot=str(screenshot),
+        reloadAfterBytes=3 * MiB,
+        uploadBytesPerSecond=2 * MiB,  # the reload lands while the PATCH is running
+        reselectAfterReload=is_picked_again,
+    )
+    assert run.returncode == 0, run
+
+    [created] = run.sent("POST")
+    assert created["phase"] == "before-reload"
+    kept = run.one("kept")
+    assert kept["status"] == 200
+    assert 0 < kept["offset"] < len(data)  # the cut-off PATCH kept what had arrived
+    resumed = [r for r in run.sent("PATCH") if r["phase"] == "after-reload"]
+    assert resumed[0]["url"] == kept["url"]
+    assert resumed[0]["offset"] == str(kept["offset"])
+    assert run.one("success")["url"] == kept["url"]
+    assert_stored_exactly(kept["url"], data)
+    assert_no_page_faults(run)
+    log = page_server.log()
+    assert "OPTIONS /files/ 204" in log  # Chromium's preflight, answered
+    assert_screenshot(screenshot)
+    assert_screenshot(Path(str(screenshot).replace(".png", "-restored.png")))
+
+
+@pytest.mark.slow
+def test_secured_page_takes_its_token_from_the_fragment(
+    secured_server: ServerProcess, tmp_path: Path
+) -> None:
+    data = random_file(tmp_path / "report.pdf", MiB + 17)
+    screenshot = ARTIFACTS / "demo-page-secured.png"
+    fragment = f"#token={token('ada', 'create', 'upload')}"
+    run = run_browser(
+        pageUrl=f"http://127.0.0.1:{port_of(secured_server)}/{fragment}",
+        file=str(tmp_path / "report.pdf"),
+        screenshot=str(screenshot),
+    )
+    assert run.returncode == 0, run
+    assert "token" not in run.one("address")["url"]  # moved out of the address bar
+    url = run.one("success")["url"]
+    assert_stored_exactly(url, data, bearer(token("ada", "read")))
+    assert head(url, bearer(token("ada", "read"))).status == 200
+    not_owner = http_request(
+        "HEAD", url, {"Tus-Resumable": "1.0.0", **bearer(token("bob", "read"))}
+    )
+    assert not_owner.status == 404
+    assert_no_page_faults(run)
+    assert_screenshot(screenshot)
+
+
+@pytest.mark.slow
+def test_secured_endpoint_serves_its_configured_origin_only(
+    page_server: ServerProcess, secured_server: ServerProcess, tmp_path: Path
+) -> None:
+    data = random_file(tmp_path / "notes.txt", 300_000)
+    endpoint = f"http://127.0.0.1:{port_of(secured_server)}/files/"
+    fragment = f"#token={token('ada', 'create', 'upload')}"
+
+    allowed = run_browser(
+        pageUrl=f"http://localhost:{port_of(page_server)}/?endpoint={endpoint}{fragment}",
+        file=str(tmp_path / "notes.txt"),
+        screenshot=str(ARTIFACTS / "demo-page-secured-cross-origin.png"),
+    )
+    assert allowed.returncode == 0, allowed
+    assert_no_page_faults(allowed)
+    assert_stored_exactly(allowed.one("success")["url"], data, bearer(token("ada", "read")))
+
+    posts_before = secured_server.log().count("POST /files/")
+    refused = run_browser(  # 127.0.0.1:PORT is another origin than localhost:PORT
+        pageUrl=f"http://127.0.0.1:{port_of(page_server)}/?endpoint={endpoint}{fragment}",
+        file=str(tmp_path / "notes.txt"),
+        screenshot=str(ARTIFACTS / "demo-page-secured-other-origin.png"),
+        expectBlocked=True,
+    )
+    assert refused.returncode == 0, refused
+    assert "Access-Control-Allow-Origin" in refused.one("blocked")["text"]
+    assert secured_server.log().count("POST /files/") == posts_before  # stopped at preflight

@@ -1,0 +1,657 @@
+"""Events for the parent service: webhook delivery from the outbox, and the pre-create check.
+
+The outbox is the per-shard stream `tus:{<shard>}:events`, written by the Lua steps of
+`state.py` together with the change they report. With --webhook-url every tusserver process
+joins one consumer group per stream: each event goes to one process, which POSTs it as signed
+JSON, retries with exponential backoff and jitter, and acknowledges and deletes it only after a
+2xx. Entries a dead process held are claimed by another once they have been idle for a while.
+Events that still fail after a bounded number of tries or age move to the dead-letter stream
+`tus:{<shard>}:dead`. docs/events.md describes the wire format and how to verify signatures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError, ResponseError
+
+from tusserver import protocol
+from tusserver.errors import Forbidden, ServiceUnavailable, TusError
+from tusserver.settings import Settings
+from tusserver.state import SHARD_COUNT, RedisClient, connect
+from tusserver.tasks import cancel_and_wait, was_cancelled
+
+log = logging.getLogger("tusserver.events")
+
+GROUP = "tusserver-webhook"
+SIGNATURE_HEADER = "Tus-Signature"
+DEAD_LETTER_MAXLEN = 10_000
+MAX_IN_FLIGHT_PER_SHARD = 8
+READ_BLOCK_MS = 1000
+READ_RETRY_S = 1.0
+FORGET_CONSUMER_AFTER_MS = 3600 * 1000
+MAX_REASON_CHARS = 200
+USER_AGENT = "tusserver"
+
+
+def events_key(shard: int) -> str:
+    return f"tus:{{{shard}}}:events"
+
+
+def dead_letter_key(shard: int) -> str:
+    return f"tus:{{{shard}}}:dead"
+
+
+# -- signatures ----------------------------------------------------------------------------
+
+
+def signature_header(signing_secrets: Sequence[str], body: bytes, timestamp: int) -> str:
+    """`t=<unix seconds>,v1=<hex>` with one v1 per secret: HMAC-SHA256 of `<t>.<body>`."""
+    signed = f"{timestamp}.".encode() + body
+    parts = [f"t={timestamp}"]
+    for secret in signing_secrets:
+        digest = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+        parts.append(f"v1={digest}")
+    return ",".join(parts)
+
+
+def verify_signature(
+    header: str,
+    body: bytes,
+    signing_secrets: Sequence[str],
+    *,
+    now: float | None = None,
+    tolerance_s: float = 300.0,
+) -> bool:
+    """True if `header` signs `body` with one of `signing_secrets` and its time is within
+    `tolerance_s` of `now` (what a parent written in Python does with each request)."""
+    fields = [part.strip().partition("=") for part in header.split(",")]
+    stamps = [value for name, _eq, value in fields if name == "t"]
+    given = [value for name, _eq, value in fields if name == "v1"]
+    if len(stamps) != 1 or not (stamps[0].isascii() and stamps[0].isdigit()) or not given:
+        return False
+    now = time.time() if now is None else now
+    if abs(now - int(stamps[0])) > tolerance_s:
+        return False
+    signed = f"{stamps[0]}.".encode() + body
+    for secret in signing_secrets:
+        expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest().encode()
+        if any(hmac.compare_digest(expected, candidate.encode()) for candidate in given):
+            return True
+    return False
+
+
+def signing_secrets_of(settings: Settings) -> tuple[str, ...]:
+    """--webhook-secret if set, else the token secrets; () means unsigned (development)."""
+    return (settings.webhook_secret,) if settings.webhook_secret else settings.secrets
+
+
+def _post_headers(signing_secrets: Sequence[str], body: bytes) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+    if signing_secrets:
+        headers[SIGNATURE_HEADER] = signature_header(signing_secrets, body, int(time.time()))
+    return headers
+
+
+def _metadata_text(metadata: Mapping[str, bytes | None]) -> dict[str, str | None]:
+    """Metadata values as text (UTF-8, undecodable bytes replaced) for the JSON bodies."""
+    return {
+        key: None if value is None else value.decode("utf-8", errors="replace")
+        for key, value in metadata.items()
+    }
+
+
+def _stored_metadata_text(raw: str) -> dict[str, str | None]:
+    try:
+        return _metadata_text(protocol.parse_metadata(raw))
+    except TusError:  # stored metadata was parsed once already; never fail an event on it
+        return {}
+
+
+async def _read_some(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Up to `limit` bytes of the answer's body (a parent's answer is not worth more)."""
+    data = b""
+    while len(data) < limit and (chunk := await response.content.read(limit - len(data))):
+        data += chunk
+    return data
+
+
+def _json_bytes(payload: Mapping[str, object]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# -- the outbox in Redis -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One event of a shard's stream, as read for delivery."""
+
+    shard: int
+    stream_id: str
+    fields: Mapping[str, str]
+
+    @property
+    def event_id(self) -> str:
+        """Unique across shards, stable across retries and restarts: the parent dedups on it."""
+        return f"{self.shard}:{self.stream_id}"
+
+    def age_s(self, now: float) -> float:
+        """Seconds since the event was written (stream ids start with Redis's clock in ms)."""
+        return now - int(self.stream_id.split("-")[0]) / 1000
+
+    def body(self) -> bytes:
+        """The JSON the webhook receives; the same bytes at every try."""
+        fields = self.fields
+        length = fields.get("length", "")
+        return _json_bytes(
+            {
+                "id": self.event_id,
+                "shard": self.shard,
+                "stream_id": self.stream_id,
+                "type": fields.get("type", ""),
+                "upload_id": fields.get("upload_id", ""),
+                "owner": fields.get("owner", ""),
+                "length": int(length) if length.isdigit() else None,
+                "offset": int(fields.get("offset") or 0),
+                "metadata": _stored_metadata_text(fields.get("metadata", "")),
+                "upload_metadata": fields.get("metadata", ""),
+                "sha256": fields.get("sha256") or None,
+                "path": fields.get("path", ""),
+                "url": fields.get("url", ""),
+                "time": float(fields.get("time") or 0),
+            }
+        )
+
+
+# KEYS: events stream. ARGV: group, consumer, stream id, 1 to count a new try (else 0).
+# Result: the entry's tries so far, with its idle time reset, if this consumer holds it;
+#         0 if it does not (delivered, claimed by another process, or trimmed away).
+_HOLD = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+if #redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3]) == 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+  return 0
+end
+local tries = p[1][4] + tonumber(ARGV[4])
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'RETRYCOUNT', tries, 'JUSTID')
+return tries
+"""
+
+# KEYS: events stream. ARGV: group, stream id. Result: 1 if the entry was deleted.
+_ACKNOWLEDGE = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
+"""
+
+# KEYS: events stream, dead-letter stream. ARGV: group, consumer, stream id, dead-letter
+#       maxlen, then the dead-letter entry's fields as pairs.
+# Result: 1 if moved; 0 if this consumer does not hold the entry any more.
+_BURY = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*', unpack(fields))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: events stream. ARGV: group, consumer.
+# Result: 1 if the consumer held nothing and was removed from the group, else 0.
+_FORGET = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(shard: int, rows: Sequence[Any]) -> list[Entry]:
+    return [
+        Entry(shard, _text(stream_id), {_text(k): _text(v) for k, v in fields.items()})
+        for stream_id, fields in rows
+        if stream_id is not None and fields
+    ]
+
+
+class Outbox:
+    """The consumer-group side of the event streams: all Redis access of delivery."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        consumer: str | None = None,
+        dead_letter_maxlen: int = DEAD_LETTER_MAXLEN,
+    ) -> None:
+        self.redis = client
+        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.dead_letter_maxlen = dead_letter_maxlen
+        self._hold: AsyncScript = client.register_script(_HOLD)
+        self._acknowledge: AsyncScript = client.register_script(_ACKNOWLEDGE)
+        self._bury: AsyncScript = client.register_script(_BURY)
+        self._forget: AsyncScript = client.register_script(_FORGET)
+
+    async def ensure_group(self, shard: int) -> None:
+        """Create the group (from the stream's start, so nothing written before is skipped)."""
+        try:
+            await self.redis.xgroup_create(events_key(shard), GROUP, "0", mkstream=True)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def read_new(self, shard: int, count: int, block_ms: int | None) -> list[Entry]:
+        """Up to `count` entries never delivered to any process; waits up to `block_ms`."""
+        reply: list[tuple[bytes, Sequence[Any]]] | None = await self.redis.xreadgroup(
+            GROUP, self.consumer, {events_key(shard): ">"}, count=count, block=block_ms
+        )  # type: ignore[assignment]  # RESP2: [[stream, rows]], None after a timeout
+        return [entry for _stream, rows in reply or [] for entry in _entries(shard, rows)]
+
+    async def claim_stale(
+        self, shard: int, count: int, min_idle_ms: int, cursor: str
+    ) -> tuple[list[Entry], str]:
+        """Take over up to `count` entries nobody touched for `min_idle_ms` (their process
+        died); the cursor to go on from, "0-0" when the scan went round."""
+        reply = await self.redis.xautoclaim(
+            events_key(shard), GROUP, self.consumer, min_idle_ms, cursor, count=count
+        )
+        return _entries(shard, reply[1]), _text(reply[0])
+
+    async def hold(self, entry: Entry, *, new_try: bool) -> int:
+        """Keep the entry ours (resets its idle time); its tries, or 0 if it is not ours."""
+        tries = await self._hold(
+            keys=[events_key(entry.shard)],
+            args=[GROUP, self.consumer, entry.stream_id, 1 if new_try else 0],
+        )
+        return int(tries)
+
+    async def acknowledge(self, entry: Entry) -> None:
+        """The parent has it: acknowledge and delete the entry."""
+        await self._acknowledge(keys=[events_key(entry.shard)], args=[GROUP, entry.stream_id])
+
+    async def bury(self, entry: Entry, *, tries: int, error: str) -> bool:
+        """Move the entry to the shard's dead-letter stream; False if it is not ours."""
+        dead = {**entry.fields, "event_id": entry.event_id, "tries": str(tries), "error": error}
+        moved = await self._bury(
+            keys=[events_key(entry.shard), dead_letter_key(entry.shard)],
+            args=[
+                GROUP,
+                self.consumer,
+                entry.stream_id,
+                self.dead_letter_maxlen,
+                *[item for pair in dead.items() for item in pair],
+            ],
+        )
+        return int(moved) == 1
+
+    async def forget_idle_consumers(self, shard: int, idle_ms: int) -> None:
+        """Remove consumers of dead processes once they hold nothing and were long idle."""
+        for consumer in await self.redis.xinfo_consumers(events_key(shard), GROUP):
+            name = _text(consumer["name"])
+            if name != self.consumer and int(consumer["idle"]) > idle_ms:
+                await self._forget(keys=[events_key(shard)], args=[GROUP, name])
+
+    async def leave(self) -> None:
+        """Remove this process's consumer from every group where it holds nothing."""
+        for shard in range(SHARD_COUNT):
+            await self._forget(keys=[events_key(shard)], args=[GROUP, self.consumer])
+
+
+# -- webhook delivery ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """How hard delivery tries. An entry held by a process is touched at least every
+    `claim_idle_s / 3`, so only a dead process's entries go idle long enough to be claimed."""
+
+    timeout_s: float = 10.0
+    max_tries: int = 20
+    max_age_s: float = 24 * 3600.0
+    backoff_s: float = 1.0
+    backoff_max_s: float = 600.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeliveryPolicy:
+        return cls(
+            timeout_s=settings.webhook_timeout_s,
+            max_tries=settings.webhook_max_tries,
+            max_age_s=settings.webhook_max_age_s,
+            backoff_s=settings.webhook_backoff_s,
+            backoff_max_s=settings.webhook_backoff_max_s,
+        )
+
+    @property
+    def claim_idle_s(self) -> float:
+        return max(3 * self.timeout_s, 1.0)
+
+    def delay_before(self, next_try: int) -> float:
+        """Exponential backoff with jitter before try `next_try` (2 or more): between half
+        and all of backoff_s * 2**(next_try - 2), at most backoff_max_s."""
+        ceiling = min(self.backoff_max_s, self.backoff_s * 2 ** min(next_try - 2, 30))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+class WebhookDelivery:
+    """Sends every event of the outbox to the parent's webhook, at least once each."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        session: aiohttp.ClientSession,
+        url: str,
+        signing_secrets: Sequence[str],
+        policy: DeliveryPolicy,
+    ) -> None:
+        self.outbox = outbox
+        self.session = session
+        self.url = url
+        self.signing_secrets = tuple(signing_secrets)
+        self.policy = policy
+        self.readers: list[asyncio.Task[None]] = []
+        self.deliveries: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        """One reader per shard stream, in the background until `stop`."""
+        self.readers = [
+            asyncio.create_task(_ShardReader(self, s).run()) for s in range(SHARD_COUNT)
+        ]
+
+    async def stop(self) -> None:
+        """Stop reading, then stop running deliveries (their entries stay pending, and are
+        claimed again after a while by this or another process)."""
+        await _cancel_all(self.readers)
+        await _cancel_all(list(self.deliveries))  # all there are, now that nobody reads
+
+    async def deliver(self, entry: Entry) -> None:
+        """POST the entry until a 2xx, then acknowledge it; bury it after the last try."""
+        tries = await self.outbox.hold(entry, new_try=False)
+        failed_before = False
+        while tries and not was_cancelled():
+            error = await self._post(entry, tries)
+            if error is None:
+                await asyncio.shield(self.outbox.acknowledge(entry))
+                return
+            if tries >= self.policy.max_tries or entry.age_s(time.time()) > self.policy.max_age_s:
+                await self._bury(entry, tries, error)
+                return
+            if not failed_before:
+                log.warning("event %s not delivered yet (%s); retrying", entry.event_id, error)
+                failed_before = True
+            if not await self._wait_holding(entry, self.policy.delay_before(tries + 1)):
+                return
+            tries = await self.outbox.hold(entry, new_try=True)
+
+    async def _post(self, entry: Entry, tries: int) -> str | None:
+        """One try: None on a 2xx, else what went wrong (never the URL: it may hold secrets)."""
+        body = entry.body()
+        headers = _post_headers(self.signing_secrets, body)
+        headers |= {"Tus-Event-Id": entry.event_id, "Tus-Event-Attempt": str(tries)}
+        try:
+            async with self.session.post(
+                self.url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                await _read_some(response, 4096)
+                if 200 <= response.status < 300:
+                    return None
+                return f"HTTP {response.status}"
+        except TimeoutError:
+            return f"no answer within {self.policy.timeout_s:g}s"
+        except aiohttp.ClientError as error:
+            return f"{type(error).__name__}: {error}"
+
+    async def _wait_holding(self, entry: Entry, delay_s: float) -> bool:
+        """Sleep `delay_s`, keeping the entry ours; False if another process took it."""
+        deadline = time.monotonic() + delay_s
+        while (left := deadline - time.monotonic()) > 0 and not was_cancelled():
+            await asyncio.sleep(min(left, self.policy.claim_idle_s / 3))
+            if not await self.outbox.hold(entry, new_try=False):
+                return False
+        return True
+
+    async def _bury(self, entry: Entry, tries: int, error: str) -> None:
+        if await asyncio.shield(self.outbox.bury(entry, tries=tries, error=error)):
+            log.error(
+                "event %s (%s of upload %s) failed %d tries, last: %s; moved to %s",
+                entry.event_id,
+                entry.fields.get("type", ""),
+                entry.fields.get("upload_id", ""),
+                tries,
+                error,
+                dead_letter_key(entry.shard),
+            )
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        await cancel_and_wait(task)
+
+
+class _ShardReader:
+    """Reads one shard's stream for the group: new entries, and stale ones of dead processes,
+    keeping at most MAX_IN_FLIGHT_PER_SHARD deliveries running."""
+
+    def __init__(self, delivery: WebhookDelivery, shard: int) -> None:
+        self.delivery = delivery
+        self.outbox = delivery.outbox
+        self.shard = shard
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.has_group = False
+        self.claim_cursor = "0-0"
+        self.claim_at = 0.0
+
+    async def run(self) -> None:
+        failing = False
+        try:
+            while not was_cancelled():  # redis-py may swallow a cancel on Python 3.11
+                try:
+                    await self._step()
+                except RedisError as error:
+                    if not failing:  # once per outage, not once a second
+                        log.warning("reading events of shard %d failed: %s", self.shard, error)
+                except Exception:
+                    log.exception("reading events of shard %d failed", self.shard)
+                else:
+                    failing = False
+                    continue
+                failing = True
+                self.has_group = False  # a flushed Redis lost it: make it again
+                await asyncio.sleep(READ_RETRY_S)
+        finally:
+            for task in self.in_flight:  # WebhookDelivery.stop waits for them
+                task.cancel()
+
+    async def _step(self) -> None:
+        if not self.has_group:
+            await self.outbox.ensure_group(self.shard)
+            self.has_group = True
+        free = MAX_IN_FLIGHT_PER_SHARD - len(self.in_flight)
+        if free <= 0:
+            await asyncio.wait(self.in_flight, return_when=asyncio.FIRST_COMPLETED)
+            return
+        entries = await self._claim_stale(free) if time.monotonic() >= self.claim_at else []
+        if len(entries) < free:
+            until_claim_ms = int((self.claim_at - time.monotonic()) * 1000)
+            block_ms = None if entries else max(1, min(READ_BLOCK_MS, until_claim_ms))
+            entries += await self.outbox.read_new(self.shard, free - len(entries), block_ms)
+        for entry in entries:
+            task = asyncio.create_task(self._deliver(entry))
+            for tasks in (self.in_flight, self.delivery.deliveries):
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+    async def _claim_stale(self, count: int) -> list[Entry]:
+        policy = self.delivery.policy
+        idle_ms = int(policy.claim_idle_s * 1000)
+        entries, self.claim_cursor = await self.outbox.claim_stale(
+            self.shard, count, idle_ms, self.claim_cursor
+        )
+        if self.claim_cursor == "0-0":  # went round: look again in a while
+            self.claim_at = time.monotonic() + policy.claim_idle_s / 2
+            await self.outbox.forget_idle_consumers(self.shard, FORGET_CONSUMER_AFTER_MS)
+        return entries
+
+    async def _deliver(self, entry: Entry) -> None:
+        try:
+            await self.delivery.deliver(entry)
+        except RedisError as error:  # the entry stays pending and is claimed again later
+            log.warning("event %s: Redis failed during delivery: %s", entry.event_id, error)
+        except Exception:
+            log.exception("event %s: delivery failed unexpectedly", entry.event_id)
+
+
+# -- the pre-create check --------------------------------------------------------------------
+
+
+class PreCreateCheck:
+    """Asks the parent whether to accept an upload before it is created (--pre-create-url).
+
+    Without a URL every upload passes. The parent answers 2xx to accept and 4xx to refuse
+    (the client gets 403 with the parent's reason); 5xx, no answer in time or no connection
+    make the client retry later (503)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.pre_create_url
+        self.timeout_s = settings.pre_create_timeout_s
+        self.signing_secrets = signing_secrets_of(settings)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self.url is not None and not self.signing_secrets:
+            log.warning("pre-create requests are sent unsigned: set --webhook-secret")
+        if self.url is not None and self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def check(
+        self,
+        subject: str,
+        length: int | None,
+        metadata: Mapping[str, bytes | None],
+        concat: protocol.Concat | None,
+    ) -> None:
+        """Return if the parent accepts; Forbidden (403) with its reason if it refuses;
+        ServiceUnavailable (503) if it fails or does not answer in time."""
+        if self.url is None:
+            return
+        if self._session is None:
+            raise ServiceUnavailable("the server is starting or stopping; retry shortly")
+        body = _json_bytes(
+            {
+                "type": "pre-create",
+                "subject": subject,
+                "length": length,
+                "metadata": _metadata_text(metadata),
+                "upload_metadata": protocol.format_metadata(metadata),
+                "concat": None if concat is None else "final" if concat.is_final else "partial",
+            }
+        )
+        headers = _post_headers(self.signing_secrets, body)
+        try:
+            async with self._session.post(
+                self.url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                status, answer = response.status, await _read_some(response, 4096)
+        except (TimeoutError, aiohttp.ClientError) as error:
+            log.warning("pre-create check got no answer: %s", type(error).__name__)
+            raise ServiceUnavailable("the upload could not be confirmed; retry later") from None
+        if 200 <= status < 300:
+            return
+        if 400 <= status < 500:
+            raise Forbidden(_reason(answer) or "the upload was refused")
+        log.warning("pre-create check answered HTTP %d", status)
+        raise ServiceUnavailable("the upload could not be confirmed; retry later")
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def _reason(answer: bytes) -> str:
+    """The parent's reason as one short line: a JSON object's `reason`, else the text."""
+    text = answer.decode("utf-8", errors="replace")
+    with contextlib.suppress(ValueError):
+        parsed = json.loads(text)
+        if isinstance(parsed, dict) and isinstance(parsed.get("reason"), str):
+            text = parsed["reason"]
+    text = " ".join(_CONTROL_CHARS.sub(" ", text).split())
+    return text[: MAX_REASON_CHARS - 3] + "..." if len(text) > MAX_REASON_CHARS else text
+
+
+# -- the app's resource --------------------------------------------------------------------
+
+
+def events_context(
+    settings: Settings, redis_url: str, pre_create: PreCreateCheck
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The app's cleanup_ctx entry: the pre-create check's client, and webhook delivery when
+    --webhook-url is set."""
+
+    async def context(_app: web.Application) -> AsyncIterator[None]:
+        await pre_create.start()
+        try:
+            if settings.webhook_url is None:
+                yield
+            else:
+                async with _delivering(settings, settings.webhook_url, redis_url):
+                    yield
+        finally:
+            await pre_create.close()
+
+    return context
+
+
+@contextlib.asynccontextmanager
+async def _delivering(settings: Settings, url: str, redis_url: str) -> AsyncIterator[None]:
+    """Run webhook delivery in the background while the block runs."""
+    policy = DeliveryPolicy.from_settings(settings)
+    signing = signing_secrets_of(settings)
+    if not signing:
+        log.warning(
+            "webhook events are sent unsigned: set --webhook-secret (or --secret) so the "
+            "parent can tell them from forgeries"
+        )
+    client = await connect(redis_url)  # blocking reads hold connections: apart from requests'
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=policy.timeout_s))
+    outbox = Outbox(client)
+    delivery = WebhookDelivery(outbox, session, url, signing, policy)
+    delivery.start()
+    try:
+        yield
+    finally:
+        await delivery.stop()
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(2):
+                await outbox.leave()
+        await session.close()
+        await client.aclose()
