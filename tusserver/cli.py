@@ -52,7 +52,7 @@ def _serve_parser(parser: argparse.ArgumentParser) -> None:
         shown = f"{help_text} [env {env_name(option)}; default: {default_text(option)}]"
         if metavar is None:
             parser.add_argument(
-                flag, dest=field_of(option), action="store_const", const=True, help=shown
+                flag, dest=field_of(option), action=argparse.BooleanOptionalAction, help=shown
             )
         elif option == "secret":
             parser.add_argument(
