@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -227,11 +228,15 @@ def test_help_shows_every_option_with_its_default_and_env_name(args: list[str]) 
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
     options_part = text[text.index("options:") :]
-    flags = [f"--{option} " for option, *_ in OPTIONS]
-    for flag, (option, *_) in zip(flags, OPTIONS, strict=True):
-        start = options_part.index(flag)
-        later = [options_part.find(other, start + 1) for other in flags if other != flag]
-        end = min([position for position in later if position > start], default=None)
+    # "--name VALUE" for valued options, "--name, --no-name" for yes/no ones
+    starts = {}
+    for option, *_ in OPTIONS:
+        found = re.search(rf"(?<![\w-])--{re.escape(option)}[ ,]", options_part)
+        assert found is not None, option
+        starts[option] = found.start()
+    for option, *_ in OPTIONS:
+        start = starts[option]
+        end = min([p for p in starts.values() if p > start], default=None)
         described = options_part[start:end]
         assert f"env {env_name(option)};" in described, described
         assert f"default: {default_text(option)}]" in described, described

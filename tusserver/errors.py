@@ -40,6 +40,12 @@ class Interrupted(TusError):
         )
 
 
+class BodyIncomplete(TusError):
+    """The client stopped sending before the body's end; what arrived is kept (400)."""
+
+    status = 400
+
+
 class Unauthorized(TusError):
     """A missing, malformed, forged or expired token (401)."""
 

@@ -24,6 +24,7 @@ from aiohttp import StreamReader
 
 from tusserver.errors import (
     BadRequest,
+    BodyIncomplete,
     ChecksumMismatch,
     Interrupted,
     PayloadTooLarge,
@@ -366,6 +367,13 @@ def _unread_chunks(body: StreamReader) -> list[bytes]:
     return [chunk for chunk in chunks if chunk]
 
 
+def _clear_wakeup(body: StreamReader) -> None:
+    """Forget the error we set to wake the reader, so aiohttp can drain the rest of the body
+    after the answer instead of logging our own signal as an unhandled exception."""
+    if isinstance(body.exception(), (TakenOver, ShuttingDown, LockLost)):
+        body._exception = None  # aiohttp offers no public way to clear it
+
+
 def _check_partial(partial_id: str, partial: Upload) -> Upload:
     """The partial upload, if a final upload may be built from it (400 otherwise)."""
     if not partial.is_partial:
@@ -390,7 +398,12 @@ class AppendSession:
         self.may_commit = True  # False while bytes on disk may have to be thrown away
         self.is_checksummed = False
         self.running_hash: Hash | None = None
-        self._commit_lock = asyncio.Lock()
+        self.hashes: list[Hash] = []
+        self.pending: list[bytes] = []  # received, not yet written
+        self.pending_bytes = 0
+        self.received = upload.offset  # offset plus every byte this request has received
+        self.committed_at = time.monotonic()
+        self._lock = asyncio.Lock()  # one write or commit at a time (the renew task commits)
 
     @property
     def upload_id(self) -> str:
@@ -400,9 +413,13 @@ class AppendSession:
         self.upload = await self.uploads.state.declare_length(self.upload, self.lease.token, length)
 
     async def commit(self, ack: str = "", *, release: bool = False) -> Upload:
-        """Commit the bytes on disk (after fsync, per the durability setting). Completing the
-        upload stores its SHA-256 and event when this process hashed every byte."""
-        async with self._commit_lock:
+        """Write what is gathered in memory and commit every byte on disk (after fsync, per
+        the durability setting), unless this request's bytes may yet be thrown away.
+        Completing the upload stores its SHA-256 and event when this process hashed every
+        byte."""
+        async with self._lock:
+            if self.may_commit:
+                await self._flush()
             upload = self.upload
             new_offset = self.written if self.may_commit else upload.offset
             is_last = upload.length is not None and new_offset == upload.length
@@ -421,6 +438,7 @@ class AppendSession:
                 expires_at=self.uploads.expiry_for(status, now), sha256=sha256, ack=ack,
                 path=self.uploads.storage.relative_path(upload.upload_id), release=release,
             )  # fmt: skip
+            self.committed_at = time.monotonic()
             self.lease.released = release
             if self.upload.status == "received":
                 self.uploads.finish_in_background(self.upload)
@@ -437,42 +455,37 @@ class AppendSession:
         """Stream `body` onto the file and commit it. Raises PayloadTooLarge (413) past the
         length or `max_bytes` (keeping nothing of this request), ChecksumMismatch (460),
         Interrupted (400) when another request took over, RequestTimeout (408) when the body
-        stalls; the last two keep what arrived, as does a client that hangs up."""
+        stalls, BodyIncomplete (400) when the client hung up; those last three keep what
+        arrived."""
         if self.file is None:  # the upload is complete: only an empty body fits
             if await body.readany():
                 raise PayloadTooLarge("this upload is already complete")
             return self.upload
         uploads = self.uploads
-        start = self.upload.offset
-        self.running_hash = uploads.hashes.take(self.upload_id, start)
+        self.running_hash = uploads.hashes.take(self.upload_id, self.upload.offset)
         verifier = hashlib.new(checksum.algorithm) if checksum else None
         self.is_checksummed = checksum is not None
-        hashes = [h for h in (self.running_hash, verifier) if h is not None]
+        self.hashes = [h for h in (self.running_hash, verifier) if h is not None]
         # Bytes of a checksummed or chunked (size unknown) body are committed only at its end:
         # they may yet have to be thrown away.
         self.may_commit = checksum is None and content_length is not None
         self.lease.body = body
-        pending: list[bytes] = []
-        pending_bytes = 0
-        last_commit = time.monotonic()
+        self.received = self.written
         loop = asyncio.get_running_loop()
         idle = uploads.settings.idle_timeout_s
         try:
+            # The stall deadline covers waiting for the client only, never our own writes.
             async with asyncio.timeout(loop.time() + idle) as stall:
                 while chunk := await body.readany():
-                    stall.reschedule(loop.time() + idle)
-                    pending_bytes += len(chunk)
-                    self._check_room(self.written + pending_bytes, max_bytes)
-                    pending.append(chunk)
-                    if pending_bytes >= WRITE_BLOCK_BYTES:
-                        await self._write(pending, hashes)
-                        pending, pending_bytes = [], 0
-                        if self.may_commit and time.monotonic() - last_commit > COMMIT_INTERVAL_S:
-                            await self.commit()
-                            last_commit = time.monotonic()
+                    self._gather(chunk, max_bytes)
                     if self.lease.stop_requested or self.lease.lost:
                         raise TakenOver()
-            await self._write(pending, hashes)
+                    is_due = time.monotonic() - self.committed_at > COMMIT_INTERVAL_S
+                    if self.pending_bytes >= WRITE_BLOCK_BYTES or (is_due and self.may_commit):
+                        stall.reschedule(None)
+                        await (self.commit() if is_due and self.may_commit else self.flush())
+                    stall.reschedule(loop.time() + idle)
+            await self.flush()
             if checksum is not None and verifier is not None:
                 if verifier.digest() != checksum.digest:
                     raise ChecksumMismatch(checksum.algorithm)
@@ -483,7 +496,8 @@ class AppendSession:
             await self._discard()
             raise
         except (TakenOver, LockLost, TimeoutError, ShuttingDown) as stop:
-            await self._keep_what_arrived(pending, hashes)
+            _clear_wakeup(body)
+            await self._keep_what_arrived()
             if isinstance(stop, TimeoutError):
                 raise RequestTimeout(
                     f"the body stalled for {idle:g} s; {self.upload.offset} bytes are committed"
@@ -496,23 +510,41 @@ class AppendSession:
                 raise ServiceUnavailable("lost the upload's lock; retry", 1) from None
             raise Interrupted(self.upload.offset) from None
         except Exception:  # the client hung up or sent a broken body: keep what arrived
-            await self._keep_what_arrived(pending, hashes)
-            raise
+            await self._keep_what_arrived()
+            raise BodyIncomplete(
+                f"the request body ended early; {self.upload.offset} bytes are committed"
+            ) from None
 
-    def _check_room(self, total: int, max_bytes: int | None) -> None:
+    def _gather(self, chunk: bytes, max_bytes: int | None) -> None:
+        """Keep `chunk` in memory for the next write, if the upload has room for it."""
         length = self.upload.length
+        total = self.received + len(chunk)
         if length is not None and total > length:
             raise PayloadTooLarge("the body runs past Upload-Length; nothing of it was kept")
         if length is None and max_bytes is not None and total > max_bytes:
             raise PayloadTooLarge(f"the upload would pass the maximum size of {max_bytes} bytes")
+        self.received = total
+        self.pending.append(chunk)
+        self.pending_bytes += len(chunk)
 
-    async def _write(self, chunks: list[bytes], hashes: list[Hash]) -> None:
-        if chunks and self.file is not None:
-            await self.file.write(self.written, chunks, hashes)
-            self.written += sum(len(chunk) for chunk in chunks)
-            chunks.clear()
+    async def flush(self) -> None:
+        """Write the gathered chunks (one vectored write, hashed in the same thread hop)."""
+        async with self._lock:
+            await self._flush()
 
-    async def _keep_what_arrived(self, pending: list[bytes], hashes: list[Hash]) -> None:
+    async def _flush(self) -> None:
+        if not self.pending or self.file is None:
+            return
+        chunks, size = self.pending, self.pending_bytes
+        self.pending, self.pending_bytes = [], 0  # the reader goes on gathering meanwhile
+        try:
+            await self.file.write(self.written, chunks, self.hashes)
+        except BaseException:
+            self.pending, self.pending_bytes = chunks + self.pending, size + self.pending_bytes
+            raise
+        self.written += size
+
+    async def _keep_what_arrived(self) -> None:
         """Commit the bytes that arrived before the stop, including those aiohttp had buffered
         but not handed out, unless they cannot be kept (a checksummed body: unverifiable) or
         the lock is gone."""
@@ -521,23 +553,23 @@ class AppendSession:
             await self._discard()
             return
         if self.lease.body is not None:
-            leftover = _unread_chunks(self.lease.body)
-            arrived = self.written + sum(map(len, pending)) + sum(map(len, leftover))
-            length = self.upload.length
-            if length is None or arrived <= length:
-                pending.extend(leftover)
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self._write(pending, hashes))
+            for chunk in _unread_chunks(self.lease.body):
+                try:
+                    self._gather(chunk, None)
+                except PayloadTooLarge:
+                    break
         with contextlib.suppress(Exception):
             await asyncio.shield(self._commit_and_remember())
 
     async def _discard(self) -> None:
         """Leave the file as it was before this request (while we still hold the lock)."""
-        if self.file is None or self.lease.lost or self.written == self.upload.offset:
-            return
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self.file.truncate(self.upload.offset))
-        self.written = self.upload.offset
+        async with self._lock:
+            self.pending, self.pending_bytes = [], 0
+            if self.file is None or self.lease.lost or self.written == self.upload.offset:
+                return
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.file.truncate(self.upload.offset))
+            self.written = self.upload.offset
 
     async def _commit_and_remember(self, *, release: bool = False) -> Upload:
         upload = await self.commit(release=release)
