@@ -110,14 +110,16 @@ async def post(request: web.Request) -> web.Response:
     concat = protocol.parse_concat(request.headers.get("Upload-Concat"))
     metadata = protocol.parse_metadata(request.headers.get("Upload-Metadata"))
     who.check_metadata(metadata)
-    await request.app[PRE_CREATE].check(who.subject, length, metadata, concat)
+    pre_create = request.app[PRE_CREATE]
     if concat is not None and concat.is_final:
+        await pre_create.check(who.subject, length, metadata, concat)
         return await _post_final(request, concat, metadata)
     if length is None and not is_deferred:
         raise BadRequest("Upload-Length or Upload-Defer-Length: 1 is required")
     if length is not None and is_deferred:
         raise BadRequest("send either Upload-Length or Upload-Defer-Length, not both")
     _check_max_size(request, length)
+    await pre_create.check(who.subject, length, metadata, concat)  # the parent's say: 403/503
     has_body = protocol.has_offset_stream(request.headers.get("Content-Type"))
     checksum = protocol.parse_checksum(request.headers.get("Upload-Checksum")) if has_body else None
     upload = await uploads(request).create(
