@@ -54,7 +54,7 @@ class UploadFile:
 
     async def write(self, offset: int, chunks: list[bytes], hashes: list[Hash]) -> None:
         """Write `chunks` back to back at `offset` and feed them to `hashes`, in one thread
-        hop and without joining them (one vectored write where the OS has it).
+        hop and without joining them.
 
         Raises InsufficientStorage (507) when the disk is full or below --min-free-disk, and
         StorageFailure (500) for other write errors."""
@@ -141,8 +141,11 @@ class Storage:
         path = self.path_of(upload_id)
 
         def open_file() -> tuple[int, int]:
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:  # its folder is gone too (removed by hand)
+                path.parent.mkdir(mode=0o700, exist_ok=True)
+                fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
             size = os.fstat(fd).st_size
             if size > committed_offset:
                 os.ftruncate(fd, committed_offset)
@@ -208,16 +211,18 @@ class Storage:
 
 
 def _write_all(fd: int, chunks: list[bytes], offset: int, size: int) -> None:
-    """pwritev until every byte is written (a short write resumes where it stopped)."""
-    pwritev = getattr(os, "pwritev", None)
-    done = 0
-    if pwritev is not None and len(chunks) <= os.sysconf("SC_IOV_MAX"):
-        done = pwritev(fd, chunks, offset)
-    if done == size:
-        return
-    view = memoryview(b"".join(chunks))
-    while done < size:
-        done += os.pwrite(fd, view[done:], offset + done)
+    """Write the chunks back to back from `offset`, one pwrite each. (Measured on the project's
+    VM: one 4 MiB pwritev cost several times the kernel CPU of the same bytes in the ~512 KiB
+    pieces aiohttp hands out; the thread hop per 4 MiB is what the gathering saves.)"""
+    position = offset
+    for chunk in chunks:
+        view = memoryview(chunk)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], position + done)
+        position += len(view)
+    if position - offset != size:
+        raise StorageFailure("the server lost count of the bytes it wrote")
 
 
 def _copy_range(source_fd: int, target_fd: int, length: int, target_offset: int) -> None:

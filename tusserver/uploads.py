@@ -528,7 +528,7 @@ class AppendSession:
         self.pending_bytes += len(chunk)
 
     async def flush(self) -> None:
-        """Write the gathered chunks (one vectored write, hashed in the same thread hop)."""
+        """Write the gathered chunks (one thread hop, hashed in the same hop)."""
         async with self._lock:
             await self._flush()
 

@@ -1,0 +1,118 @@
+"""The load: the few tus requests the scenarios send, with aiohttp.
+
+Bodies stream from a generator that hands out one reused block of random bytes, so the
+client allocates nothing per MiB and does not limit the server. Every body carries its
+Content-Length (no chunked encoding), as tus clients send it. Each request checks its status
+and raises `LoadError` with the server's answer otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+TUS = {"Tus-Resumable": "1.0.0"}
+OFFSET_STREAM = "application/offset+octet-stream"
+BLOCK = os.urandom(2**20)
+
+
+class LoadError(Exception):
+    """A server answered a request of the load with something unexpected."""
+
+
+@dataclass
+class Progress:
+    """Bytes handed to the client's socket so far, across all requests."""
+
+    sent_bytes: int = 0
+
+
+def session(connections: int = 0) -> aiohttp.ClientSession:
+    """A client session with no connection limit (0) or `connections` at most, and no total
+    timeout: a scenario bounds its own time."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, force_close=False),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300),
+        auto_decompress=False,
+    )
+
+
+async def body(size: int, progress: Progress) -> AsyncIterator[bytes]:
+    """`size` bytes, one reused block at a time."""
+    remaining = size
+    while remaining > 0:
+        block = BLOCK if remaining >= len(BLOCK) else BLOCK[:remaining]
+        remaining -= len(block)
+        progress.sent_bytes += len(block)
+        yield block
+
+
+def _body_headers(size: int) -> dict[str, str]:
+    return {"Content-Type": OFFSET_STREAM, "Content-Length": str(size)}
+
+
+async def _fail(response: aiohttp.ClientResponse, what: str) -> LoadError:
+    text = (await response.text(errors="replace"))[:300]
+    return LoadError(f"{what}: {response.status} {text!r}")
+
+
+async def create(
+    client: aiohttp.ClientSession,
+    endpoint: str,
+    length: int,
+    progress: Progress,
+    with_body: bool = False,
+) -> tuple[str, int]:
+    """POST a new upload of `length` bytes (with all of them as its body when `with_body`:
+    creation-with-upload); its absolute URL and offset."""
+    headers = {**TUS, "Upload-Length": str(length)}
+    data = None
+    if with_body:
+        headers.update(_body_headers(length))
+        data = body(length, progress)
+    async with client.post(endpoint, headers=headers, data=data) as response:
+        if response.status != 201:
+            raise await _fail(response, "POST")
+        location = str(URL(endpoint).join(URL(response.headers["Location"])))
+        return location, int(response.headers.get("Upload-Offset", "0"))
+
+
+async def patch(
+    client: aiohttp.ClientSession, url: str, offset: int, size: int, progress: Progress
+) -> int:
+    """PATCH `size` bytes at `offset`; the new offset (checked to be offset + size)."""
+    headers = {**TUS, "Upload-Offset": str(offset), **_body_headers(size)}
+    async with client.patch(url, headers=headers, data=body(size, progress)) as response:
+        if response.status != 204:
+            raise await _fail(response, "PATCH")
+        new_offset = int(response.headers["Upload-Offset"])
+    if new_offset != offset + size:
+        raise LoadError(f"PATCH: offset {new_offset}, expected {offset + size}")
+    return new_offset
+
+
+async def head(client: aiohttp.ClientSession, url: str) -> int:
+    """The upload's offset, as HEAD answers it."""
+    async with client.head(url, headers=TUS) as response:
+        if response.status != 200:
+            raise await _fail(response, "HEAD")
+        return int(response.headers["Upload-Offset"])
+
+
+async def upload(
+    client: aiohttp.ClientSession,
+    endpoint: str,
+    length: int,
+    progress: Progress,
+    patch_bytes: int | None = None,
+) -> str:
+    """One whole upload: POST, then PATCHes of `patch_bytes` (all in one when None)."""
+    url, offset = await create(client, endpoint, length, progress)
+    step = patch_bytes or length
+    while offset < length:
+        offset = await patch(client, url, offset, min(step, length - offset), progress)
+    return url

@@ -1,0 +1,192 @@
+"""Ratios to the baselines, the issue's targets, and the Markdown table.
+
+Every ratio reads "times as good as the baseline": throughput over the baseline's for
+a-e, the baseline's p99 over ours for f. The raw-write ratio of a row that fsyncs is taken
+against the raw write that fsyncs too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from benchmarks.scenarios import SCENARIOS, Result, Sizes
+from benchmarks.servers import TARGETS
+
+BASELINES = {"tus-node": "x @tus/server", "bare-aiohttp": "x bare aiohttp", "raw": "x raw write"}
+RSS_LIMIT_MIB = 100.0
+RSS_SLOPE_LIMIT_MIB_PER_GIB = 0.5  # "no upward slope": under 5 MiB over 10 GiB
+
+
+def human_size(size: int) -> str:
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor and size % (factor // 4) == 0:
+            return f"{size / factor:g} {unit}"
+    return f"{size} B"
+
+
+def scenario_title(key: str, sizes: Sizes) -> str:
+    return SCENARIOS[key].title.format(
+        patch=human_size(sizes.patch_bytes),
+        n=sizes.concurrent_uploads if key == "c" else sizes.small_count,
+        each=human_size(sizes.concurrent_bytes),
+        small=human_size(sizes.small_bytes),
+        soak=human_size(sizes.soak_bytes),
+    )
+
+
+def add_ratios(results: list[Result]) -> None:
+    for scenario in SCENARIOS.values():
+        rows = {r.target: r for r in results if r.scenario == scenario.name}
+        for row in rows.values():
+            if TARGETS[row.target].kind == "raw":
+                continue
+            value = row.metric(scenario.metric)
+            for baseline in BASELINES:
+                if baseline == "raw" and TARGETS[row.target].is_durable:
+                    base = rows.get("raw-fsync")
+                else:
+                    base = rows.get(baseline)
+                if base is None or base is row:
+                    continue
+                base_value = base.metric(scenario.metric)
+                if not value or not base_value:
+                    continue
+                ratio = base_value / value if scenario.metric == "p99_ms" else value / base_value
+                row.ratios[f"vs_{baseline}"] = round(ratio, 2)
+
+
+@dataclass
+class Check:
+    """One target of the issue: what is needed, what this run measured."""
+
+    name: str
+    needed: str
+    measured: str
+    met: bool | None  # None: not measured in this run
+
+    def as_json(self) -> dict[str, Any]:
+        return {"kind": "target", **asdict(self)}
+
+
+_RATIO_TARGETS = (
+    ("a", "tus-node", 2.0), ("b", "tus-node", 1.5), ("c", "tus-node", 2.0),
+    ("d", "tus-node", 1.5), ("a", "bare-aiohttp", 0.8), ("b", "bare-aiohttp", 0.8),
+    ("c", "bare-aiohttp", 0.8), ("d", "bare-aiohttp", 0.8),
+)  # fmt: skip
+
+
+def checks(results: list[Result]) -> list[Check]:
+    """The issue's targets, judged on the `tusserver --fsync never` rows (like with like)."""
+    found: list[Check] = []
+    for key, baseline, needed in _RATIO_TARGETS:
+        row = _row(results, key, "tusserver")
+        ratio = row.ratios.get(f"vs_{baseline}") if row else None
+        found.append(Check(
+            f"{SCENARIOS[key].name}: tusserver vs {baseline}", f">= {needed}x",
+            "-" if ratio is None else f"{ratio}x", None if ratio is None else ratio >= needed,
+        ))  # fmt: skip
+    for target in ("tusserver", "tusserver-durable"):
+        row = _row(results, "e", target)
+        if row is None:
+            continue
+        peak = row.peak_rss_mib
+        found.append(Check(
+            f"e_soak: {target} peak RSS of each process", f"< {RSS_LIMIT_MIB:g} MiB",
+            "-" if peak is None else f"{peak} MiB", None if peak is None else peak < RSS_LIMIT_MIB,
+        ))  # fmt: skip
+        slope = row.rss_slope_mib_per_gib
+        found.append(Check(
+            f"e_soak: {target} RSS slope (steepest process)",
+            f"<= {RSS_SLOPE_LIMIT_MIB_PER_GIB} MiB/GiB",
+            "-" if slope is None else f"{slope} MiB/GiB",
+            None if slope is None else slope <= RSS_SLOPE_LIMIT_MIB_PER_GIB,
+        ))  # fmt: skip
+    return found
+
+
+def _row(results: list[Result], key: str, target: str) -> Result | None:
+    for result in results:
+        if result.scenario == SCENARIOS[key].name and result.target == target and not result.error:
+            return result
+    return None
+
+
+def _cell(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _percent_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def _range_cell(row: Result) -> str:
+    """`runs: lowest-highest` of the metric the row's median was chosen by."""
+    values = row.run_values or []
+    if len(values) < 2:
+        return str(row.runs)
+    digits = 0 if min(values) >= 100 else 1 if min(values) >= 10 else 2
+    return f"{row.runs}: {min(values):,.{digits}f}-{max(values):,.{digits}f}"
+
+
+def _ratio_cell(row: Result, baseline: str) -> str:
+    ratio = row.ratios.get(f"vs_{baseline}")
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def markdown(results: list[Result], sizes: Sizes, machine: dict[str, Any]) -> str:
+    """The results table, the SHA-256 figure, the write-size sweep and the targets."""
+    sha256_mb_per_s = machine.get("sha256_mb_per_s")
+    lines = [
+        "| scenario | target | MB/s | uploads/s | p50 ms | p99 ms | runs: range | server CPU s "
+        "| CPU pressure | peak RSS MiB (largest / sum) | x @tus/server | x bare aiohttp "
+        "| x raw write |",
+        "| --- | --- " + "| ---: " * 11 + "|",
+    ]
+    for key, scenario in SCENARIOS.items():
+        title = f"{key}: {scenario_title(key, sizes)}"
+        for row in (r for r in results if r.scenario == scenario.name):
+            label = row.label + (f" ({row.workers} workers)" if (row.workers or 1) > 1 else "")
+            if row.error:
+                lines.append(f"| {title} | {label} | error: {row.error.splitlines()[0][:80]} "
+                             "| | | | | | | | | | |")  # fmt: skip
+                continue
+            rss = "-" if row.peak_rss_mib is None or key == "f" else (
+                f"{row.peak_rss_mib:.0f} / {row.peak_rss_sum_mib or 0:.0f}"
+            )  # fmt: skip
+            if row.rss_slope_mib_per_gib is not None:
+                rss += f" (slope {row.rss_slope_mib_per_gib:+.2f}/GiB)"
+            is_f = key == "f"  # the load of c: its throughput, CPU and RSS are in c's row
+            cpu = "" if is_f else _cell(row.cpu_s, 2)
+            lines.append(
+                f"| {title} | {label} | {'' if is_f else _cell(row.mb_per_s)} "
+                f"| {'' if is_f else _cell(row.uploads_per_s)} "
+                f"| {_cell(row.p50_ms, 2)} | {_cell(row.p99_ms, 2)} | {_range_cell(row)} | {cpu} "
+                f"| {_percent_cell(row.cpu_pressure_pct)} "
+                f"| {rss} | {_ratio_cell(row, 'tus-node')} | {_ratio_cell(row, 'bare-aiohttp')} "
+                f"| {_ratio_cell(row, 'raw')} |"
+            )
+    if sha256_mb_per_s is not None:
+        single = _row(results, "a", "tusserver")
+        beside = f"; tusserver's single stream: {single.mb_per_s:,.1f} MB/s" if single else ""
+        lines += ["", f"hashlib SHA-256 on this machine, one core: {sha256_mb_per_s:,.1f} MB/s"
+                  f"{beside} (tusserver hashes every byte it receives)."]  # fmt: skip
+    sweep = machine.get("write_size_sweep")
+    if sweep:
+        shown = ", ".join(f"{size}: {m['mb_per_s']:,.0f} MB/s ({m['cpu_s']:.2f} s CPU)"
+                          for size, m in sweep.items())  # fmt: skip
+        total = human_size(int(machine.get("write_size_sweep_bytes", 0)))
+        lines += ["", f"Page-cache write of {total} by the size of each write(): {shown}."]
+    found = checks(results)
+    if found:
+        lines += [
+            "",
+            "| target of the issue | needed | measured | met |",
+            "| --- | --- | --- | --- |",
+        ]
+        for check in found:
+            met = {True: "yes", False: "**no**", None: "not measured"}[check.met]
+            lines.append(f"| {check.name} | {check.needed} | {check.measured} | {met} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,489 @@
+"""The scenarios, each run against one target at a time.
+
+A server target is started fresh for each scenario with its own data directory, sampled
+from /proc while the load runs, stopped, and its files deleted. The raw target writes the
+same bytes (or files) straight to the same disk from a thread: the physical limit.
+
+    a  one upload in a single PATCH                      (MB/s)
+    b  the same bytes in PATCHes of --patch-bytes        (MB/s, PATCH p50/p99)
+    c  --concurrent-uploads uploads at once, one PATCH each, --workers 2 (MB/s)
+    d  --small-count uploads by creation-with-upload     (uploads/s, POST p50/p99)
+    e  one long upload with RSS sampled throughout       (MB/s, peak RSS, RSS slope)
+    f  HEAD+PATCH pairs of a probe upload during c       (p50/p99)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from benchmarks import client, procstat, servers
+from benchmarks.servers import Target
+
+HASH_BLOCK = client.BLOCK * 4
+RAW_WRITE_BYTES = 64 * 2**10  # the fastest write size on the machine of the README
+SWEEP_WRITE_SIZES = (64 * 2**10, 256 * 2**10, 2**20, 4 * 2**20)
+PROBE_READY_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    single_bytes: int = 2 * 2**30
+    patch_bytes: int = 8 * 2**20
+    concurrent_uploads: int = 32
+    concurrent_bytes: int = 64 * 2**20
+    concurrent_workers: int = 2
+    small_count: int = 2000
+    small_bytes: int = 1024
+    small_concurrency: int = 16
+    soak_bytes: int = 10 * 2**30
+    probe_patch_bytes: int = 4096
+
+
+QUICK_SIZES = Sizes(
+    single_bytes=256 * 2**20,
+    concurrent_uploads=8,
+    concurrent_bytes=16 * 2**20,
+    small_count=200,
+    soak_bytes=1 * 2**30,
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    name: str
+    title: str
+    metric: str  # the figure ratios are taken of: mb_per_s, uploads_per_s or p99_ms
+
+
+SCENARIOS = {
+    s.key: s
+    for s in (
+        Scenario("a", "a_single_patch", "one upload, single PATCH", "mb_per_s"),
+        Scenario("b", "b_chunked_patches", "one upload, PATCHes of {patch}", "mb_per_s"),
+        Scenario("c", "c_concurrent", "{n} concurrent uploads of {each}", "mb_per_s"),
+        Scenario("d", "d_small_uploads", "{n} uploads of {small}, creation-with-upload",
+                 "uploads_per_s"),
+        Scenario("e", "e_soak", "one upload of {soak}, RSS sampled", "mb_per_s"),
+        Scenario("f", "f_latency_under_c", "HEAD+PATCH pair latency during c", "p99_ms"),
+    )
+}  # fmt: skip
+
+
+@dataclass
+class Result:
+    """One target in one scenario: what the client saw and what the server spent."""
+
+    scenario: str
+    target: str
+    label: str
+    bytes: int = 0
+    uploads: int = 0
+    elapsed_s: float = 0.0
+    mb_per_s: float | None = None
+    uploads_per_s: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    samples: int | None = None
+    cpu_s: float | None = None
+    cpu_pressure_pct: float | None = None  # wall time in which some task waited for a CPU
+    peak_rss_mib: float | None = None
+    peak_rss_sum_mib: float | None = None
+    rss_slope_mib_per_gib: float | None = None
+    rss_by_process_mib: dict[str, float] | None = None
+    cpu_by_process_s: dict[str, float] | None = None
+    workers: int | None = None
+    runs: int = 1
+    run_values: list[float] | None = None  # the scenario's metric in each run that succeeded
+    ratios: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"kind": "result", **asdict(self)}
+
+    def metric(self, name: str) -> float | None:
+        value = getattr(self, name)
+        return None if self.error is not None else value
+
+    def add_usage(self, usage: procstat.Usage) -> None:
+        self.cpu_s = usage.cpu_s
+        self.peak_rss_mib = usage.peak_rss_mib
+        self.peak_rss_sum_mib = usage.peak_rss_sum_mib
+        self.rss_by_process_mib = usage.rss_by_process_mib
+        self.cpu_by_process_s = usage.cpu_by_process_s
+        if self.scenario == SCENARIOS["e"].name:
+            self.rss_slope_mib_per_gib = usage.rss_slope_mib_per_gib
+
+
+def combine(runs: list[Result], metric: str) -> Result:
+    """Several runs of one target in one scenario as one row: the run with the median
+    `metric` (the lower middle one of an even count), with the peak RSS and the steepest
+    RSS slope of all runs. A row with `error` only if every run failed."""
+    succeeded = [r for r in runs if r.error is None and r.metric(metric) is not None]
+    if not succeeded:
+        return replace(runs[-1], runs=len(runs))
+    ordered = sorted(succeeded, key=lambda r: r.metric(metric) or 0.0)
+    chosen = replace(ordered[(len(ordered) - 1) // 2], runs=len(runs))
+    chosen.run_values = [r.metric(metric) or 0.0 for r in succeeded]
+    peaks = [r.peak_rss_mib for r in succeeded if r.peak_rss_mib is not None]
+    chosen.peak_rss_mib = max(peaks) if peaks else None
+    sums = [r.peak_rss_sum_mib for r in succeeded if r.peak_rss_sum_mib is not None]
+    chosen.peak_rss_sum_mib = max(sums) if sums else None
+    slopes = [r.rss_slope_mib_per_gib for r in succeeded if r.rss_slope_mib_per_gib is not None]
+    chosen.rss_slope_mib_per_gib = max(slopes) if slopes else None
+    return chosen
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(fraction * len(ordered) + 0.5)))
+    return round(ordered[rank - 1], 3)
+
+
+def _throughput(result: Result, total_bytes: int, uploads: int, elapsed_s: float) -> None:
+    result.bytes, result.uploads, result.elapsed_s = total_bytes, uploads, round(elapsed_s, 3)
+    result.mb_per_s = round(total_bytes / elapsed_s / 1e6, 1)
+    result.uploads_per_s = round(uploads / elapsed_s, 1)
+
+
+def _latencies(result: Result, latencies_ms: list[float]) -> None:
+    result.p50_ms = percentile(latencies_ms, 0.50)
+    result.p99_ms = percentile(latencies_ms, 0.99)
+    result.samples = len(latencies_ms)
+
+
+# -- the loads against a server ------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What a load needs: sizes, the endpoint, the client's byte counter."""
+
+    sizes: Sizes
+    endpoint: str
+    progress: client.Progress
+    repo_root: Path
+
+
+Load = Callable[[Context, Result], Awaitable[list[Result]]]
+
+
+async def load_single(ctx: Context, result: Result) -> list[Result]:
+    size = ctx.sizes.single_bytes
+    async with client.session() as http:
+        started = time.perf_counter()
+        await client.upload(http, ctx.endpoint, size, ctx.progress)
+        _throughput(result, size, 1, time.perf_counter() - started)
+    return [result]
+
+
+async def load_chunked(ctx: Context, result: Result) -> list[Result]:
+    size, step = ctx.sizes.single_bytes, ctx.sizes.patch_bytes
+    latencies: list[float] = []
+    async with client.session() as http:
+        started = time.perf_counter()
+        url, offset = await client.create(http, ctx.endpoint, size, ctx.progress)
+        while offset < size:
+            sent = time.perf_counter()
+            offset = await client.patch(http, url, offset, min(step, size - offset), ctx.progress)
+            latencies.append((time.perf_counter() - sent) * 1000)
+        _throughput(result, size, 1, time.perf_counter() - started)
+    _latencies(result, latencies)
+    return [result]
+
+
+async def load_concurrent(ctx: Context, result: Result) -> list[Result]:
+    """Scenario c, with the latency probe of scenario f running beside it."""
+    count, each = ctx.sizes.concurrent_uploads, ctx.sizes.concurrent_bytes
+    latency = Result(SCENARIOS["f"].name, result.target, result.label, workers=result.workers)
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.probe", ctx.endpoint,
+        "--patch-bytes", str(ctx.sizes.probe_patch_bytes),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, cwd=ctx.repo_root,
+    )  # fmt: skip
+    try:
+        assert probe.stdout is not None
+        ready = await asyncio.wait_for(probe.stdout.readline(), PROBE_READY_TIMEOUT_S)
+        if ready.strip() != b"ready":
+            raise client.LoadError(f"the latency probe did not start: {ready!r}")
+        async with client.session() as http:
+            started = time.perf_counter()
+            await asyncio.gather(
+                *(client.upload(http, ctx.endpoint, each, ctx.progress) for _ in range(count))
+            )
+            _throughput(result, count * each, count, time.perf_counter() - started)
+        probe.send_signal(signal.SIGTERM)
+        output = await asyncio.wait_for(probe.stdout.read(), PROBE_READY_TIMEOUT_S)
+        if await probe.wait() != 0:
+            raise client.LoadError("the latency probe failed")
+        latencies = json.loads(output.decode().strip().splitlines()[-1])["latencies_ms"]
+        _latencies(latency, latencies)
+        latency.elapsed_s = result.elapsed_s
+    finally:
+        if probe.returncode is None:
+            probe.kill()
+            await probe.wait()
+    return [result, latency]
+
+
+async def load_small(ctx: Context, result: Result) -> list[Result]:
+    count, size = ctx.sizes.small_count, ctx.sizes.small_bytes
+    gate = asyncio.Semaphore(ctx.sizes.small_concurrency)
+    latencies: list[float] = []
+
+    async def one(http: aiohttp.ClientSession) -> None:
+        async with gate:
+            sent = time.perf_counter()
+            _url, offset = await client.create(http, ctx.endpoint, size, ctx.progress, True)
+            latencies.append((time.perf_counter() - sent) * 1000)
+        if offset != size:
+            raise client.LoadError(f"creation-with-upload kept {offset} of {size} bytes")
+
+    async with client.session() as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(one(http) for _ in range(count)))
+        _throughput(result, count * size, count, time.perf_counter() - started)
+    _latencies(result, latencies)
+    return [result]
+
+
+async def load_soak(ctx: Context, result: Result) -> list[Result]:
+    size = ctx.sizes.soak_bytes
+    async with client.session() as http:
+        started = time.perf_counter()
+        await client.upload(http, ctx.endpoint, size, ctx.progress)
+        _throughput(result, size, 1, time.perf_counter() - started)
+    return [result]
+
+
+LOADS: dict[str, Load] = {
+    "a": load_single,
+    "b": load_chunked,
+    "c": load_concurrent,
+    "d": load_small,
+    "e": load_soak,
+}
+
+
+@dataclass
+class Run:
+    """Where a run keeps its files, and how long one target may take in one scenario."""
+
+    sizes: Sizes
+    work_dir: Path
+    time_limit_s: float
+    node_dir: Path | None
+    settle_s: float = 3.0  # pause before each load: see `settle`
+    raw_write_bytes: int = RAW_WRITE_BYTES
+    server_env: dict[str, str] = field(default_factory=dict)
+    repo_root: Path = servers.HERE.parent
+    profile_path: Path | None = None  # record the server with py-spy into this file
+
+    def workers_for(self, scenario: Scenario, target: Target) -> int:
+        if scenario.key == "c" and target.kind in ("tusserver", "bare"):
+            return self.sizes.concurrent_workers
+        return 1
+
+
+async def settle(run: Run) -> None:
+    """Wait before a load so that every target starts from the same state of memory.
+
+    On a VM that hands freed memory back to its host (virtio-balloon free page reporting,
+    as on the machine of benchmarks/README.md), the pages of a deleted file return to the
+    host about a second after the delete, and writing into them again costs the writer
+    several times more kernel time than writing into pages still held. A load started right
+    after the previous target's files were deleted would run on warm pages, one started
+    later on cold ones; after this pause every target starts cold."""
+    if run.settle_s > 0:
+        await asyncio.sleep(run.settle_s)
+
+
+async def measure(run: Run, scenario: Scenario, target: Target) -> list[Result]:
+    """Run one scenario against one target; a failure becomes a result with `error`."""
+    result = Result(scenario.name, target.name, target.label)
+    data_dir = run.work_dir / "data" / f"{scenario.key}-{target.name}"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    try:
+        async with asyncio.timeout(run.time_limit_s):
+            if target.kind == "raw":
+                await settle(run)
+                pressure = procstat.PressureWindow()
+                await asyncio.to_thread(_measure_raw, run, scenario, data_dir, result,
+                                        target.is_durable)  # fmt: skip
+                result.cpu_pressure_pct = pressure.percent()
+                return [result]
+            return await _measure_server(run, scenario, target, data_dir, result)
+    except (
+        TimeoutError, OSError, ValueError, aiohttp.ClientError, client.LoadError,
+        servers.ServerError,
+    ) as error:  # fmt: skip
+        result.error = f"{type(error).__name__}: {error}"[:500] or type(error).__name__
+        if scenario.key == "c":
+            failed = Result(SCENARIOS["f"].name, target.name, target.label, error=result.error)
+            return [result, failed]
+        return [result]
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def _measure_server(
+    run: Run, scenario: Scenario, target: Target, data_dir: Path, result: Result
+) -> list[Result]:
+    result.workers = run.workers_for(scenario, target)
+    log_path = run.work_dir / "logs" / f"{scenario.key}-{target.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    server = await asyncio.to_thread(
+        servers.start, target, data_dir / "server", log_path,
+        workers=result.workers, node_dir=run.node_dir, extra_env=run.server_env,
+    )  # fmt: skip
+    ctx = Context(run.sizes, server.endpoint, client.Progress(), run.repo_root)
+    sampler = procstat.Sampler(server.pid, progress=lambda: float(ctx.progress.sent_bytes))
+    profiler = None
+    try:
+        await settle(run)
+        if run.profile_path is not None:
+            profiler = await _start_profiler(server.pid, run.profile_path)
+        sampler.start()
+        pressure = procstat.PressureWindow()
+        try:
+            results = await LOADS[scenario.key](ctx, result)
+        finally:
+            usage = await sampler.stop()
+            if profiler is not None:
+                await _stop_profiler(profiler)
+        for each in results:
+            each.add_usage(usage)
+            each.cpu_pressure_pct = pressure.percent()
+        return results
+    except Exception as error:
+        if server.process.poll() is not None:
+            raise servers.ServerError(f"{target.name} exited:\n{server.log_tail()}") from error
+        raise
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+# -- profiling (py-spy) ----------------------------------------------------------------------
+
+
+async def _start_profiler(pid: int, output: Path) -> asyncio.subprocess.Process:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    profiler = await asyncio.create_subprocess_exec(
+        py_spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "100",
+        "--format", "raw", "--output", str(output),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    await asyncio.sleep(1.0)  # let it attach before the load starts
+    return profiler
+
+
+async def _stop_profiler(profiler: asyncio.subprocess.Process) -> None:
+    if profiler.returncode is None:
+        profiler.send_signal(signal.SIGINT)
+    try:
+        await asyncio.wait_for(profiler.wait(), 60)
+    except TimeoutError:
+        profiler.kill()
+        await profiler.wait()
+
+
+# -- the raw baseline ------------------------------------------------------------------------
+
+
+def _thread_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _measure_raw(
+    run: Run, scenario: Scenario, data_dir: Path, result: Result, durable: bool
+) -> None:
+    """Write the scenario's bytes (one file) or files (scenario d) with plain os.write."""
+    sizes, write_bytes = run.sizes, run.raw_write_bytes
+    data_dir.mkdir(parents=True, exist_ok=True)
+    byte_counts = {
+        "a": sizes.single_bytes,
+        "b": sizes.single_bytes,
+        "c": sizes.concurrent_uploads * sizes.concurrent_bytes,
+        "e": sizes.soak_bytes,
+    }
+    cpu_before = _thread_cpu_s()
+    started = time.perf_counter()
+    if scenario.key == "d":
+        for index in range(sizes.small_count):
+            _write_file(data_dir / f"small-{index}", sizes.small_bytes, durable, write_bytes)
+        _throughput(result, sizes.small_count * sizes.small_bytes, sizes.small_count,
+                    time.perf_counter() - started)  # fmt: skip
+    else:
+        total = byte_counts[scenario.key]
+        _write_file(data_dir / "raw", total, durable, write_bytes)
+        _throughput(result, total, 1, time.perf_counter() - started)
+        (data_dir / "raw").unlink()
+    result.cpu_s = round(_thread_cpu_s() - cpu_before, 2)
+
+
+def _write_file(path: Path, size: int, durable: bool, write_bytes: int) -> None:
+    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    try:
+        view = memoryview(HASH_BLOCK * max(1, -(-write_bytes // len(HASH_BLOCK))))[:write_bytes]
+        remaining = size
+        while remaining > 0:
+            remaining -= os.write(fd, view[: min(len(view), remaining)])
+        if durable:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_mb_per_s(total_bytes: int = 512 * 2**20) -> float:
+    """hashlib's SHA-256 speed on this machine (one core), in MB/s."""
+    blocks = max(1, total_bytes // len(HASH_BLOCK))
+    running = hashlib.sha256()
+    started = time.perf_counter()
+    for _ in range(blocks):
+        running.update(HASH_BLOCK)
+    return round(blocks * len(HASH_BLOCK) / (time.perf_counter() - started) / 1e6, 1)
+
+
+async def write_size_sweep(run: Run, total_bytes: int) -> dict[str, dict[str, float]]:
+    """Page-cache write speed and kernel CPU by the size of each write() call, each after
+    the settle pause: on some kernels and VMs the size of a write changes its cost a lot."""
+    folder = run.work_dir / "data" / "sweep"
+    found: dict[str, dict[str, float]] = {}
+    for write_bytes in SWEEP_WRITE_SIZES:
+        await settle(run)
+        found[f"{write_bytes // 2**10} KiB"] = await asyncio.to_thread(
+            _timed_write, folder, total_bytes, write_bytes
+        )
+    shutil.rmtree(folder, ignore_errors=True)
+    return found
+
+
+def _timed_write(folder: Path, total_bytes: int, write_bytes: int) -> dict[str, float]:
+    folder.mkdir(parents=True, exist_ok=True)
+    cpu_before = _thread_cpu_s()
+    started = time.perf_counter()
+    _write_file(folder / "sweep", total_bytes, False, write_bytes)
+    elapsed = time.perf_counter() - started
+    cpu = _thread_cpu_s() - cpu_before
+    (folder / "sweep").unlink()
+    return {"mb_per_s": round(total_bytes / elapsed / 1e6, 1), "cpu_s": round(cpu, 2)}

@@ -1,0 +1,112 @@
+"""The benchmark harness still runs: every scenario at tiny sizes against tusserver, the bare
+aiohttp baseline and the raw write (the Node baseline is left out: it needs npm packages).
+It checks the harness, not the numbers: no speed is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import scenarios
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ("raw", "tusserver", "bare-aiohttp")
+TINY = (
+    "--single-bytes", "4MiB", "--patch-bytes", "1MiB", "--concurrent-uploads", "3",
+    "--concurrent-bytes", "1MiB", "--concurrent-workers", "2", "--small-count", "20",
+    "--small-concurrency", "4", "--soak-bytes", "6MiB", "--settle", "0",
+    "--repeat", "1",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def harness_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
+    work_dir = tmp_path_factory.mktemp("bench")
+    json_path, markdown_path = work_dir / "results.jsonl", work_dir / "table.md"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *TINY, "--targets", ",".join(TARGETS),
+         "--work-dir", str(work_dir), "--json", str(json_path), "--markdown", str(markdown_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = [json.loads(line) for line in json_path.read_text().splitlines()]
+    assert completed.stdout.startswith(json_path.read_text().splitlines()[0])
+    assert not (work_dir / "data").exists(), "the harness must delete its upload files"
+    return lines, markdown_path.read_text()
+
+
+def test_every_scenario_has_a_result_for_every_target(
+    harness_run: tuple[list[dict[str, Any]], str],
+) -> None:
+    lines, _table = harness_run
+    results = [line for line in lines if line["kind"] == "result"]
+    seen = {(r["scenario"], r["target"]) for r in results}
+    servers = {"tusserver", "bare-aiohttp"}
+    expected = {(s.name, t) for s in scenarios.SCENARIOS.values() for t in TARGETS}
+    expected -= {(scenarios.SCENARIOS["f"].name, "raw")}  # f measures servers only
+    assert seen == expected
+    for result in results:
+        assert result["error"] is None, result
+        if result["scenario"] == scenarios.SCENARIOS["f"].name:
+            assert result["samples"] > 0 and 0 < result["p50_ms"] <= result["p99_ms"]
+        else:
+            assert result["mb_per_s"] > 0 and result["uploads_per_s"] > 0
+        if result["target"] in servers:  # CPU ticks are 10 ms: a tiny scenario may spend 0
+            assert result["cpu_s"] >= 0 and result["peak_rss_mib"] > 0, result
+    for server in servers:
+        assert sum(r["cpu_s"] for r in results if r["target"] == server) > 0
+
+
+def test_tusserver_rows_carry_ratios_to_the_baselines(
+    harness_run: tuple[list[dict[str, Any]], str],
+) -> None:
+    lines, _table = harness_run
+    for result in lines:
+        if result["kind"] == "result" and result["target"] == "tusserver":
+            assert result["ratios"]["vs_bare-aiohttp"] > 0
+            if result["scenario"] != scenarios.SCENARIOS["f"].name:
+                assert result["ratios"]["vs_raw"] > 0
+    concurrent = next(
+        r for r in lines if r.get("scenario") == "c_concurrent" and r["target"] == "tusserver"
+    )
+    assert concurrent["workers"] == 2
+    assert sum(name.startswith("python") for name in concurrent["rss_by_process_mib"]) == 3
+
+
+def test_machine_facts_targets_and_table_are_reported(
+    harness_run: tuple[list[dict[str, Any]], str],
+) -> None:
+    lines, table = harness_run
+    machine = lines[0]
+    assert machine["kind"] == "machine"
+    assert machine["cores"] > 0 and machine["sha256_mb_per_s"] > 0
+    assert machine["command"].startswith("python -m benchmarks.run")
+    targets = [line for line in lines if line["kind"] == "target"]
+    assert {t["name"] for t in targets} >= {
+        "a_single_patch: tusserver vs bare-aiohttp",
+        "e_soak: tusserver peak RSS of each process",
+    }
+    assert lines[-1]["kind"] == "end"
+    assert table.startswith("| scenario | target | MB/s |")
+    assert "tusserver --fsync never" in table and "hashlib SHA-256" in table
+    assert "| target of the issue |" in table
+
+
+def test_repeated_runs_report_the_median_run_and_the_highest_peak_rss() -> None:
+    def run(mb_per_s: float | None, rss: float, error: str | None = None) -> scenarios.Result:
+        return scenarios.Result(
+            "a_single_patch", "tusserver", "t", mb_per_s=mb_per_s, peak_rss_mib=rss, error=error
+        )
+
+    runs = [run(300.0, 50.0), run(100.0, 70.0), run(None, 90.0, "boom"), run(200.0, 60.0)]
+    row = scenarios.combine(runs, "mb_per_s")
+    assert (row.mb_per_s, row.runs, row.error) == (200.0, 4, None)
+    assert row.run_values == [300.0, 100.0, 200.0]
+    assert row.peak_rss_mib == 70.0  # the highest of the runs that succeeded
+    failed = scenarios.combine([run(None, 1.0, "boom")], "mb_per_s")
+    assert failed.error == "boom"
