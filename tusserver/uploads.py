@@ -404,6 +404,7 @@ class AppendSession:
         self.received = upload.offset  # offset plus every byte this request has received
         self.committed_at = time.monotonic()
         self._lock = asyncio.Lock()  # one write or commit at a time (the renew task commits)
+        self.in_flight: asyncio.Task[None] | None = None  # the block being written
 
     @property
     def upload_id(self) -> str:
@@ -483,8 +484,13 @@ class AppendSession:
                     is_due = time.monotonic() - self.committed_at > COMMIT_INTERVAL_S
                     if self.pending_bytes >= WRITE_BLOCK_BYTES or (is_due and self.may_commit):
                         stall.reschedule(None)
-                        await (self.commit() if is_due and self.may_commit else self.flush())
+                        await self._settle_write()  # at most one block in flight
+                        if is_due and self.may_commit:
+                            await self.commit()
+                        else:  # write this block while the next one arrives
+                            self.in_flight = asyncio.create_task(self.flush())
                     stall.reschedule(loop.time() + idle)
+            await self._settle_write()
             await self.flush()
             if checksum is not None and verifier is not None:
                 if verifier.digest() != checksum.digest:
@@ -493,10 +499,12 @@ class AppendSession:
             return await asyncio.shield(self._commit_and_remember(release=True))
         except TusError:
             self.may_commit = False
+            await self._settle_write(quietly=True)
             await self._discard()
             raise
         except (TakenOver, LockLost, TimeoutError, ShuttingDown) as stop:
             _clear_wakeup(body)
+            await self._settle_write(quietly=True)
             await self._keep_what_arrived()
             if isinstance(stop, TimeoutError):
                 raise RequestTimeout(
@@ -510,6 +518,7 @@ class AppendSession:
                 raise ServiceUnavailable("lost the upload's lock; retry", 1) from None
             raise Interrupted(self.upload.offset) from None
         except Exception:  # the client hung up or sent a broken body: keep what arrived
+            await self._settle_write(quietly=True)
             await self._keep_what_arrived()
             raise BodyIncomplete(
                 f"the request body ended early; {self.upload.offset} bytes are committed"
@@ -527,6 +536,17 @@ class AppendSession:
         self.pending.append(chunk)
         self.pending_bytes += len(chunk)
 
+    async def _settle_write(self, *, quietly: bool = False) -> None:
+        """Wait for the block being written; its error is raised unless `quietly` (its
+        chunks are then back in memory, for the caller's commit or discard)."""
+        task, self.in_flight = self.in_flight, None
+        if task is None:
+            return
+        if quietly:
+            await asyncio.gather(asyncio.shield(task), return_exceptions=True)
+        else:
+            await task
+
     async def flush(self) -> None:
         """Write the gathered chunks (one thread hop, hashed in the same hop)."""
         async with self._lock:
@@ -541,6 +561,10 @@ class AppendSession:
             await self.file.write(self.written, chunks, self.hashes)
         except BaseException:
             self.pending, self.pending_bytes = chunks + self.pending, size + self.pending_bytes
+            # the thread may have written and hashed some of them: the file is hashed later
+            if self.running_hash is not None:
+                self.hashes.remove(self.running_hash)
+                self.running_hash = None
             raise
         self.written += size
 
