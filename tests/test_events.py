@@ -33,17 +33,9 @@ from tests.conftest import (
     patch_headers,
     wait_until,
 )
-from tusserver import events
 from tusserver.auth import issue_token
-from tusserver.events import (
-    GROUP,
-    DeliveryPolicy,
-    Outbox,
-    dead_letter_key,
-    events_key,
-    signature_header,
-    verify_signature,
-)
+from tusserver.events import GROUP, DeliveryPolicy, Outbox, dead_letter_key, events_key
+from tusserver.parent import signature_header, signing_secrets_of, verify_signature
 from tusserver.settings import SettingError, Settings, build_settings
 from tusserver.state import SHARD_COUNT, connect, shard_of
 
@@ -650,7 +642,7 @@ def test_webhook_settings_come_from_flags_and_environment_and_hide_the_secret() 
     assert (settings.webhook_timeout_s, settings.webhook_max_tries) == (2.0, 5)
     assert settings.webhook_secret == "hidden-value"
     assert "hidden-value" not in repr(settings)
-    assert events.signing_secrets_of(settings) == ("hidden-value",)
+    assert signing_secrets_of(settings) == ("hidden-value",)
     with pytest.raises(SettingError):
         Settings(webhook_url="parent/hooks")
     with pytest.raises(SettingError):

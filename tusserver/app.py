@@ -19,7 +19,7 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tusserver import auth, demo, events, expiry, handlers, protocol
+from tusserver import auth, demo, events, expiry, handlers, parent, protocol
 from tusserver.errors import ServiceUnavailable, TusError
 from tusserver.keys import GRANT, PRE_CREATE, REDIS, REDIS_URL, SETTINGS, UPLOADS
 from tusserver.settings import Settings
@@ -223,7 +223,7 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
     app.on_shutdown.append(_stop_writers)
     app.cleanup_ctx.append(_redis_context)
     app.cleanup_ctx.append(_sweeper_context)
-    app[PRE_CREATE] = events.PreCreateCheck(settings)
+    app[PRE_CREATE] = parent.PreCreateCheck(settings)
     app.cleanup_ctx.append(events.events_context(settings, redis_url, app[PRE_CREATE]))
     return app
 

@@ -1,4 +1,4 @@
-"""Events for the parent service: webhook delivery from the outbox, and the pre-create check.
+"""Events for the parent service: webhook delivery from the outbox (parent.py signs them).
 
 The outbox is the per-shard stream `tus:{<shard>}:events`, written by the Lua steps of
 `state.py` together with the change they report. With --webhook-url every tusserver process
@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
-import json
 import logging
 import os
 import random
-import re
 import secrets
 import socket
 import time
@@ -33,7 +29,15 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from tusserver import protocol
-from tusserver.errors import Forbidden, ServiceUnavailable, TusError
+from tusserver.errors import TusError
+from tusserver.parent import (
+    PreCreateCheck,
+    json_bytes,
+    metadata_text,
+    post_headers,
+    read_some,
+    signing_secrets_of,
+)
 from tusserver.settings import Settings
 from tusserver.state import SHARD_COUNT, RedisClient, connect
 from tusserver.tasks import cancel_and_wait, was_cancelled
@@ -41,14 +45,11 @@ from tusserver.tasks import cancel_and_wait, was_cancelled
 log = logging.getLogger("tusserver.events")
 
 GROUP = "tusserver-webhook"
-SIGNATURE_HEADER = "Tus-Signature"
 DEAD_LETTER_MAXLEN = 10_000
 MAX_IN_FLIGHT_PER_SHARD = 8
 READ_BLOCK_MS = 1000
 READ_RETRY_S = 1.0
 FORGET_CONSUMER_AFTER_MS = 3600 * 1000
-MAX_REASON_CHARS = 200
-USER_AGENT = "tusserver"
 
 
 def events_key(shard: int) -> str:
@@ -59,82 +60,11 @@ def dead_letter_key(shard: int) -> str:
     return f"tus:{{{shard}}}:dead"
 
 
-# -- signatures ----------------------------------------------------------------------------
-
-
-def signature_header(signing_secrets: Sequence[str], body: bytes, timestamp: int) -> str:
-    """`t=<unix seconds>,v1=<hex>` with one v1 per secret: HMAC-SHA256 of `<t>.<body>`."""
-    signed = f"{timestamp}.".encode() + body
-    parts = [f"t={timestamp}"]
-    for secret in signing_secrets:
-        digest = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
-        parts.append(f"v1={digest}")
-    return ",".join(parts)
-
-
-def verify_signature(
-    header: str,
-    body: bytes,
-    signing_secrets: Sequence[str],
-    *,
-    now: float | None = None,
-    tolerance_s: float = 300.0,
-) -> bool:
-    """True if `header` signs `body` with one of `signing_secrets` and its time is within
-    `tolerance_s` of `now` (what a parent written in Python does with each request)."""
-    fields = [part.strip().partition("=") for part in header.split(",")]
-    stamps = [value for name, _eq, value in fields if name == "t"]
-    given = [value for name, _eq, value in fields if name == "v1"]
-    if len(stamps) != 1 or not (stamps[0].isascii() and stamps[0].isdigit()) or not given:
-        return False
-    now = time.time() if now is None else now
-    if abs(now - int(stamps[0])) > tolerance_s:
-        return False
-    signed = f"{stamps[0]}.".encode() + body
-    for secret in signing_secrets:
-        expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest().encode()
-        if any(hmac.compare_digest(expected, candidate.encode()) for candidate in given):
-            return True
-    return False
-
-
-def signing_secrets_of(settings: Settings) -> tuple[str, ...]:
-    """--webhook-secret if set, else the token secrets; () means unsigned (development)."""
-    return (settings.webhook_secret,) if settings.webhook_secret else settings.secrets
-
-
-def _post_headers(signing_secrets: Sequence[str], body: bytes) -> dict[str, str]:
-    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
-    if signing_secrets:
-        headers[SIGNATURE_HEADER] = signature_header(signing_secrets, body, int(time.time()))
-    return headers
-
-
-def _metadata_text(metadata: Mapping[str, bytes | None]) -> dict[str, str | None]:
-    """Metadata values as text (UTF-8, undecodable bytes replaced) for the JSON bodies."""
-    return {
-        key: None if value is None else value.decode("utf-8", errors="replace")
-        for key, value in metadata.items()
-    }
-
-
 def _stored_metadata_text(raw: str) -> dict[str, str | None]:
     try:
-        return _metadata_text(protocol.parse_metadata(raw))
+        return metadata_text(protocol.parse_metadata(raw))
     except TusError:  # stored metadata was parsed once already; never fail an event on it
         return {}
-
-
-async def _read_some(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """Up to `limit` bytes of the answer's body (a parent's answer is not worth more)."""
-    data = b""
-    while len(data) < limit and (chunk := await response.content.read(limit - len(data))):
-        data += chunk
-    return data
-
-
-def _json_bytes(payload: Mapping[str, object]) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 # -- the outbox in Redis -------------------------------------------------------------------
@@ -161,7 +91,7 @@ class Entry:
         """The JSON the webhook receives; the same bytes at every try."""
         fields = self.fields
         length = fields.get("length", "")
-        return _json_bytes(
+        return json_bytes(
             {
                 "id": self.event_id,
                 "shard": self.shard,
@@ -408,13 +338,13 @@ class WebhookDelivery:
     async def _post(self, entry: Entry, tries: int) -> str | None:
         """One try: None on a 2xx, else what went wrong (never the URL: it may hold secrets)."""
         body = entry.body()
-        headers = _post_headers(self.signing_secrets, body)
+        headers = post_headers(self.signing_secrets, body)
         headers |= {"Tus-Event-Id": entry.event_id, "Tus-Event-Attempt": str(tries)}
         try:
             async with self.session.post(
                 self.url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                await _read_some(response, 4096)
+                await read_some(response, 4096)
                 if 200 <= response.status < 300:
                     return None
                 return f"HTTP {response.status}"
@@ -523,89 +453,6 @@ class _ShardReader:
             log.warning("event %s: Redis failed during delivery: %s", entry.event_id, error)
         except Exception:
             log.exception("event %s: delivery failed unexpectedly", entry.event_id)
-
-
-# -- the pre-create check --------------------------------------------------------------------
-
-
-class PreCreateCheck:
-    """Asks the parent whether to accept an upload before it is created (--pre-create-url).
-
-    Without a URL every upload passes. The parent answers 2xx to accept and 4xx to refuse
-    (the client gets 403 with the parent's reason); 5xx, no answer in time or no connection
-    make the client retry later (503)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.url = settings.pre_create_url
-        self.timeout_s = settings.pre_create_timeout_s
-        self.signing_secrets = signing_secrets_of(settings)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        if self.url is not None and not self.signing_secrets:
-            log.warning("pre-create requests are sent unsigned: set --webhook-secret")
-        if self.url is not None and self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s)
-            )
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def check(
-        self,
-        subject: str,
-        length: int | None,
-        metadata: Mapping[str, bytes | None],
-        concat: protocol.Concat | None,
-    ) -> None:
-        """Return if the parent accepts; Forbidden (403) with its reason if it refuses;
-        ServiceUnavailable (503) if it fails or does not answer in time."""
-        if self.url is None:
-            return
-        if self._session is None:
-            raise ServiceUnavailable("the server is starting or stopping; retry shortly")
-        body = _json_bytes(
-            {
-                "type": "pre-create",
-                "subject": subject,
-                "length": length,
-                "metadata": _metadata_text(metadata),
-                "upload_metadata": protocol.format_metadata(metadata),
-                "concat": None if concat is None else "final" if concat.is_final else "partial",
-            }
-        )
-        headers = _post_headers(self.signing_secrets, body)
-        try:
-            async with self._session.post(
-                self.url, data=body, headers=headers, allow_redirects=False
-            ) as response:
-                status, answer = response.status, await _read_some(response, 4096)
-        except (TimeoutError, aiohttp.ClientError) as error:
-            log.warning("pre-create check got no answer: %s", type(error).__name__)
-            raise ServiceUnavailable("the upload could not be confirmed; retry later") from None
-        if 200 <= status < 300:
-            return
-        if 400 <= status < 500:
-            raise Forbidden(_reason(answer) or "the upload was refused")
-        log.warning("pre-create check answered HTTP %d", status)
-        raise ServiceUnavailable("the upload could not be confirmed; retry later")
-
-
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]+")
-
-
-def _reason(answer: bytes) -> str:
-    """The parent's reason as one short line: a JSON object's `reason`, else the text."""
-    text = answer.decode("utf-8", errors="replace")
-    with contextlib.suppress(ValueError):
-        parsed = json.loads(text)
-        if isinstance(parsed, dict) and isinstance(parsed.get("reason"), str):
-            text = parsed["reason"]
-    text = " ".join(_CONTROL_CHARS.sub(" ", text).split())
-    return text[: MAX_REASON_CHARS - 3] + "..." if len(text) > MAX_REASON_CHARS else text
 
 
 # -- the app's resource --------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from tusserver.auth import Grant
-from tusserver.events import PreCreateCheck
+from tusserver.parent import PreCreateCheck
 from tusserver.settings import Settings
 from tusserver.state import RedisClient
 from tusserver.uploads import Uploads
