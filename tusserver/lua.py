@@ -196,3 +196,49 @@ if tonumber(ARGV[2]) < tonumber(h[1]) then return -4 end
 redis.call('HSET', KEYS[1], 'length', ARGV[2])
 return 1
 """
+
+
+# -- the webhook delivery's steps (events.py) --------------------------------------------
+
+# KEYS: events stream. ARGV: group, consumer, stream id, 1 to count a new try (else 0).
+# Result: the entry's tries so far, with its idle time reset, if this consumer holds it;
+#         0 if it does not (delivered, claimed by another process, or trimmed away).
+WEBHOOK_HOLD = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+if #redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3]) == 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+  return 0
+end
+local tries = p[1][4] + tonumber(ARGV[4])
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'RETRYCOUNT', tries, 'JUSTID')
+return tries
+"""
+
+# KEYS: events stream. ARGV: group, stream id. Result: 1 if the entry was deleted.
+WEBHOOK_ACKNOWLEDGE = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
+"""
+
+# KEYS: events stream, dead-letter stream. ARGV: group, consumer, stream id, dead-letter
+#       maxlen, then the dead-letter entry's fields as pairs.
+# Result: 1 if moved; 0 if this consumer does not hold the entry any more.
+WEBHOOK_BURY = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*', unpack(fields))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: events stream. ARGV: group, consumer.
+# Result: 1 if the consumer held nothing and was removed from the group, else 0.
+WEBHOOK_FORGET = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""

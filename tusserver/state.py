@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
@@ -303,7 +303,7 @@ class UploadState:
         `sha256` is given. Raises LockLost, OffsetMismatch (409), PayloadTooLarge (413)."""
         shard = upload.shard
         done = upload.length is not None and new_offset == upload.length
-        finished = _replace(upload, offset=new_offset, sha256=sha256, status="completed")
+        finished = replace(upload, offset=new_offset, sha256=sha256, status="completed")
         event = finished.as_event("completed", now, path) if done and sha256 else {}
         result = await self._commit(
             keys=[
@@ -335,7 +335,7 @@ class UploadState:
         if code == -4:
             raise PayloadTooLarge("the body runs past Upload-Length")
         status = cast(UploadStatus, result[2].decode())
-        return _replace(
+        return replace(
             upload,
             offset=new_offset,
             status=status,
@@ -349,7 +349,7 @@ class UploadState:
         """Mark a `received` upload `completed` with its SHA-256 and append the `completed`
         event, in one step. False if it was not `received` (done already, or removed)."""
         shard = upload.shard
-        finished = _replace(upload, sha256=sha256, status="completed")
+        finished = replace(upload, sha256=sha256, status="completed")
         result = await self._complete(
             keys=[
                 _key(shard, "upload", upload.upload_id),
@@ -384,7 +384,7 @@ class UploadState:
             raise BadRequest("Upload-Length differs from the length already set")
         if result == -4:
             raise BadRequest("Upload-Length is less than the bytes already received")
-        return _replace(upload, length=length)
+        return replace(upload, length=length)
 
     async def remove(
         self,
@@ -516,15 +516,3 @@ class UploadState:
             await self.redis.ping()
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as error:
             raise ServiceUnavailable("the state store (Redis) is unreachable") from error
-
-
-def _replace(upload: Upload, **changes: Any) -> Upload:
-    return replace(upload, **changes)
-
-
-def event_fields(entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]]) -> list[dict[str, str]]:
-    """Stream entries as plain dicts with their stream id under `id`."""
-    return [
-        {"id": entry_id.decode(), **{k.decode(): v.decode() for k, v in fields.items()}}
-        for entry_id, fields in entries
-    ]
