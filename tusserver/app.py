@@ -22,9 +22,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tusserver import auth, demo, events, expiry, handlers, parent, protocol
 from tusserver.errors import ServiceUnavailable, TusError
 from tusserver.keys import GRANT, PRE_CREATE, REDIS, REDIS_URL, SETTINGS, UPLOADS
+from tusserver.redis_client import connect as connect_redis
 from tusserver.settings import Settings
 from tusserver.state import UploadState
-from tusserver.state import connect as connect_redis
 from tusserver.storage import Storage
 from tusserver.tasks import cancel_and_wait
 from tusserver.uploads import Uploads

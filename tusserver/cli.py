@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from tusserver import auth, uploader
 from tusserver.app import AccessLogger, JsonAccessLogger, build_app
+from tusserver.redis_client import connect as connect_redis
 from tusserver.redis_embedded import EmbeddedRedis, EmbeddedRedisError
 from tusserver.settings import (
     OPTIONS,
@@ -38,7 +39,6 @@ from tusserver.settings import (
     parse_size,
 )
 from tusserver.state import UploadState
-from tusserver.state import connect as connect_redis
 
 log = logging.getLogger("tusserver")
 EXIT_USAGE = 2

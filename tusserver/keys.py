@@ -6,8 +6,8 @@ from aiohttp import web
 
 from tusserver.auth import Grant
 from tusserver.parent import PreCreateCheck
+from tusserver.redis_client import RedisClient
 from tusserver.settings import Settings
-from tusserver.state import RedisClient
 from tusserver.uploads import Uploads
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from tusserver import lua
@@ -30,6 +29,7 @@ from tusserver.errors import (
     UploadGone,
     UploadNotFound,
 )
+from tusserver.redis_client import RedisClient
 
 SHARD_COUNT = 16
 UploadStatus = Literal["uploading", "received", "completed"]
@@ -128,29 +128,6 @@ def _text(value: bytes | str) -> str:
 
 def _flat(mapping: Mapping[str, str]) -> list[str]:
     return [item for pair in mapping.items() for item in pair]
-
-
-RedisClient = aioredis.Redis | RedisCluster
-_CLIENT_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 3, "socket_timeout": 10}
-
-
-async def connect(url: str) -> RedisClient:
-    """A client for the Redis at `url`: a cluster-aware one when that server is a node of a
-    Redis Cluster (every step of ours touches one slot, so the layout works unchanged)."""
-    client = aioredis.Redis.from_url(url, health_check_interval=30, **_CLIENT_OPTIONS)
-    try:
-        info = await client.info("cluster")
-    except aioredis.ResponseError:  # INFO restricted on some hosted Redis: a single node
-        return client
-    except BaseException:
-        await client.aclose()
-        raise
-    if not info.get("cluster_enabled"):
-        return client
-    await client.aclose()
-    cluster = RedisCluster.from_url(url, **_CLIENT_OPTIONS)
-    await cluster.initialize()
-    return cluster
 
 
 class LockLost(Exception):

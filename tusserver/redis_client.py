@@ -1,0 +1,30 @@
+"""Connecting to the Redis that holds upload state: one server, or a Redis Cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+RedisClient = aioredis.Redis | RedisCluster
+_CLIENT_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 3, "socket_timeout": 10}
+
+
+async def connect(url: str) -> RedisClient:
+    """A client for the Redis at `url`: a cluster-aware one when that server is a node of a
+    Redis Cluster (every step of ours touches one slot, so the layout works unchanged)."""
+    client = aioredis.Redis.from_url(url, health_check_interval=30, **_CLIENT_OPTIONS)
+    try:
+        info = await client.info("cluster")
+    except aioredis.ResponseError:  # INFO restricted on some hosted Redis: a single node
+        return client
+    except BaseException:
+        await client.aclose()
+        raise
+    if not info.get("cluster_enabled"):
+        return client
+    await client.aclose()
+    cluster = RedisCluster.from_url(url, **_CLIENT_OPTIONS)
+    await cluster.initialize()
+    return cluster
