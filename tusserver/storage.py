@@ -54,8 +54,9 @@ class UploadFile:
         self._storage = storage
 
     async def write(self, offset: int, chunks: list[bytes], hashes: list[Hash]) -> None:
-        """Write `chunks` back to back at `offset` and feed them to `hashes`, in one thread
-        hop and without joining them.
+        """Write `chunks` back to back at `offset` and feed them to `hashes`, without joining
+        them: the write and the hashing run in two worker threads at once (both release the
+        GIL). If the write fails, the hashes may hold bytes the file does not.
 
         Raises InsufficientStorage (507) when the disk is full or below --min-free-disk, and
         StorageFailure (500) for other write errors."""
@@ -65,11 +66,21 @@ class UploadFile:
         def write() -> None:
             storage.check_free_space(size)
             _write_all(self.fd, chunks, offset, size)
+
+        def digest() -> None:
             for running_hash in hashes:
                 for chunk in chunks:
                     running_hash.update(chunk)
 
-        await _in_thread(write)
+        if not hashes:
+            await _in_thread(write)
+            return
+        written, hashed = await asyncio.gather(
+            _in_thread(write), _in_thread(digest), return_exceptions=True
+        )
+        for outcome in (written, hashed):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def truncate(self, size: int) -> None:
         """Cut the file back to `size` bytes (throwing away bytes that were not committed)."""
