@@ -21,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tusserver import auth, demo, events, expiry, handlers, parent, protocol
 from tusserver.errors import ServiceUnavailable, TusError
-from tusserver.keys import GRANT, PRE_CREATE, REDIS, REDIS_URL, SETTINGS, UPLOADS
+from tusserver.keys import GRANT, PRE_CREATE, REDIS_URL, SETTINGS, UPLOADS
 from tusserver.redis_client import connect as connect_redis
 from tusserver.settings import Settings
 from tusserver.state import UploadState
@@ -172,7 +172,6 @@ async def _redis_context(app: web.Application) -> AsyncIterator[None]:
         settings.data_dir, fsync=settings.fsync, min_free_disk_bytes=settings.min_free_disk_bytes
     )
     storage.prepare()
-    app[REDIS] = client
     app[UPLOADS] = Uploads(state, storage, settings)
     yield
     await app[UPLOADS].close()

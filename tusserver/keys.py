@@ -6,13 +6,11 @@ from aiohttp import web
 
 from tusserver.auth import Grant
 from tusserver.parent import PreCreateCheck
-from tusserver.redis_client import RedisClient
 from tusserver.settings import Settings
 from tusserver.uploads import Uploads
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS_URL = web.AppKey("redis_url", str)
-REDIS = web.AppKey[RedisClient]("redis")
 UPLOADS = web.AppKey("uploads", Uploads)
 PRE_CREATE = web.AppKey("pre_create", PreCreateCheck)
 GRANT = web.RequestKey("grant", Grant)

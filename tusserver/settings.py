@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,7 +98,6 @@ class Settings:
     demo_page: bool | None = None
     tombstone_ttl_s: float = 7 * 24 * 3600.0
     sweep_interval_s: float = 30.0
-    max_metadata_bytes: int = 64 * 1024
     webhook_url: str | None = None
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_timeout_s: float = 10.0
@@ -290,7 +289,3 @@ def build_settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Sett
             flag_value = tuple(o.strip().rstrip("/") for o in str(flag_value).split(",") if o)
         values[name] = flag_value
     return Settings(**values)
-
-
-def setting_names() -> list[str]:
-    return [f.name for f in fields(Settings)]

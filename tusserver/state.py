@@ -212,13 +212,17 @@ class UploadState:
         )
         if after is not None:
             candidates = [c for c in candidates if c > after]
+        ids = [upload_id for _score, upload_id in candidates]
         uploads: list[Upload] = []
-        for _score, upload_id in candidates:
-            raw = await self.redis.hgetall(_key(shard_of(upload_id), "upload", upload_id))
-            if raw:
-                uploads.append(_upload_from_hash(upload_id, raw))
-            if len(uploads) == limit:
-                break
+        while ids and len(uploads) < limit:  # one round trip, unless an upload vanished
+            batch, ids = ids[: limit - len(uploads)], ids[limit - len(uploads) :]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for upload_id in batch:
+                    pipe.hgetall(_key(shard_of(upload_id), "upload", upload_id))
+                rows: list[Mapping[bytes, bytes]] = await pipe.execute()
+            uploads += [
+                _upload_from_hash(i, raw) for i, raw in zip(batch, rows, strict=True) if raw
+            ]
         return uploads
 
     # -- changing --------------------------------------------------------------------------
@@ -456,9 +460,6 @@ class UploadState:
             args=[request, ttl_ms],
         )
         return int(asked) == 1
-
-    async def clear_requests(self, upload_id: str) -> None:
-        await self.redis.delete(_key(shard_of(upload_id), "release", upload_id))
 
     async def holder_answered(self, upload_id: str, nonce: str) -> bool:
         """True once the holder committed for the request `commit:<nonce>`, or let go."""

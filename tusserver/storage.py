@@ -167,12 +167,6 @@ class Storage:
         fd, start = await _in_thread(open_file)
         return UploadFile(fd, self), start
 
-    async def size(self, upload_id: str) -> int:
-        try:
-            return (await aiofiles.os.stat(self.path_of(upload_id))).st_size
-        except FileNotFoundError:
-            return -1
-
     async def delete(self, upload_id: str) -> None:
         """Remove the upload's file; a file already gone is fine."""
         try:
