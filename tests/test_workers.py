@@ -1,5 +1,6 @@
-"""`tusserver --workers 2`: one listening socket shared by two forked workers under a
-supervisor that owns the embedded Valkey; uploads work whichever worker a request lands on;
+"""`tusserver --workers 2`: two forked workers, each with its own listening socket on the
+same port (SO_REUSEPORT, so the kernel spreads connections over them), under a supervisor
+that owns the embedded Valkey; a port already taken is refused; uploads work whichever worker a request lands on;
 SIGTERM stops them all. And --idle-timeout: a stalled body gets 408 and keeps its bytes.
 
 Which worker serves a connection is read from /proc (the worker holding the connection's
@@ -67,20 +68,22 @@ def socket_inodes_of(pid: int) -> set[int]:
     return inodes
 
 
-def tcp_socket_inode(local_port: int, remote_port: int | None) -> int:
-    """The inode of the IPv4 socket on 127.0.0.1:`local_port`: the listening one (remote
+def tcp_socket_inodes(local_port: int, remote_port: int | None) -> set[int]:
+    """The inodes of the IPv4 sockets on 127.0.0.1:`local_port`: the listening ones (remote
     None) or the one connected to 127.0.0.1:`remote_port`."""
+    inodes = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         local, remote, state, inode = fields[1], fields[2], fields[3], int(fields[9])
         if int(local.split(":")[1], 16) != local_port:
             continue
         if remote_port is None and state == TCP_LISTEN:
-            return inode
+            inodes.add(inode)
         if remote_port is not None and state == TCP_ESTABLISHED:
             if int(remote.split(":")[1], 16) == remote_port:
-                return inode
-    raise AssertionError(f"no socket on port {local_port} (peer {remote_port})")
+                inodes.add(inode)
+    assert inodes, f"no socket on port {local_port} (peer {remote_port})"
+    return inodes
 
 
 def port_of(server: ServerProcess) -> int:
@@ -90,13 +93,13 @@ def port_of(server: ServerProcess) -> int:
 def worker_of(server: ServerProcess, request: RawRequest, workers: set[int]) -> int:
     """The pid of the worker holding the server side of `request`'s open connection."""
     client_port = request.writer.get_extra_info("sockname")[1]
-    inode = tcp_socket_inode(port_of(server), client_port)
+    (inode,) = tcp_socket_inodes(port_of(server), client_port)
     owners = [pid for pid in workers if inode in socket_inodes_of(pid)]
     assert len(owners) == 1, owners
     return owners[0]
 
 
-async def test_two_workers_share_one_socket_serve_any_request_and_stop_on_sigterm(
+async def test_two_workers_listen_each_on_its_own_socket_share_connections_and_stop(
     tmp_path_factory: pytest.TempPathFactory,
     processes: StartProcess,
     http: aiohttp.ClientSession,
@@ -115,8 +118,35 @@ async def test_two_workers_share_one_socket_serve_any_request_and_stop_on_sigter
     assert valkey in children  # the supervisor owns the embedded Valkey
     workers = children - {valkey}
     assert len(workers) == 2, children
-    listening = tcp_socket_inode(port_of(server), None)
-    assert all(listening in socket_inodes_of(pid) for pid in workers)  # one socket, shared
+    listening = tcp_socket_inodes(port_of(server), None)
+    assert len(listening) == 2, listening  # one socket per worker, on the same port
+    owned = [listening & socket_inodes_of(pid) for pid in workers]
+    assert all(len(inodes) == 1 for inodes in owned) and owned[0] != owned[1], owned
+
+    # 32 connections opened at once land on both workers (with one shared socket, the worker
+    # that woke first took them all); the kernel hashes each to a socket, so each worker
+    # gets none with a chance of 2**-32
+    async with contextlib.AsyncExitStack() as stack:
+        requests = await asyncio.gather(
+            *(RawRequest.start(server.url, "OPTIONS", TUS) for _ in range(32))
+        )
+        for request in requests:
+            stack.push_async_callback(request.close)
+        answers = await asyncio.gather(*(request.response() for request in requests))
+        assert {answer.status for answer in answers} == {204}, answers
+        spread = collections.Counter(worker_of(server, request, workers) for request in requests)
+    assert set(spread) == workers, spread
+    print(f"32 connections per worker: {dict(spread)}")
+
+    # another server on the same port is refused, never let into the workers' group
+    other = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tusserver", "--port", str(port_of(server)), "--workers", "2",
+        "--data-dir", str(tmp_path_factory.mktemp("other") / "data"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(other.communicate(), 60)
+    assert other.returncode == 1, output
+    assert b"in use" in output, output
 
     # an upload in pieces, each PATCH on a new connection, to whichever worker accepts it
     source = os.urandom(5 * MiB + 7)

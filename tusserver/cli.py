@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from tusserver import auth, uploader
 from tusserver.app import AccessLogger, JsonAccessLogger, build_app
+from tusserver.memory import tune_malloc
 from tusserver.redis_client import connect as connect_redis
 from tusserver.redis_embedded import EmbeddedRedis, EmbeddedRedisError
 from tusserver.settings import (
@@ -156,14 +157,35 @@ def _setup_logging(settings: Settings) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
 
-def _bind(settings: Settings) -> socket.socket:
+def _bind(settings: Settings) -> list[socket.socket]:
+    """The listening sockets: one, or with --workers on Linux one per worker on the same port
+    (SO_REUSEPORT), so the kernel spreads new connections evenly over the workers. (Workers
+    sharing one socket do not share the work: whichever wakes first accepts every connection
+    that is waiting; measured in benchmarks/README.md.)"""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
-    sock.listen(1024)
-    sock.set_inheritable(True)
-    return sock
+    one_each = settings.workers > 1 and sys.platform == "linux"
+    port = settings.port
+    if one_each:  # a plain bind first: fail if the port is taken, never join another group
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, port))
+            port = probe.getsockname()[1]
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(settings.workers if one_each else 1):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if one_each:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((settings.host, port))
+            sock.listen(1024)
+            sock.set_inheritable(True)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def serve(settings: Settings) -> int:
@@ -177,7 +199,7 @@ def serve(settings: Settings) -> int:
             appendfsync = "always" if settings.fsync == "always" else "everysec"
             embedded = EmbeddedRedis(settings.data_dir, appendfsync=appendfsync)
             redis_url = embedded.start()
-        sock = _bind(settings)
+        sockets = _bind(settings)
     except (EmbeddedRedisError, OSError) as error:
         print(f"tusserver: {error}", file=sys.stderr)
         if embedded is not None:
@@ -186,11 +208,12 @@ def serve(settings: Settings) -> int:
     failure = asyncio.run(_check_redis(settings, redis_url))
     if failure is not None:
         print(f"tusserver: {failure}", file=sys.stderr)
-        sock.close()
+        for sock in sockets:
+            sock.close()
         if embedded is not None:
             embedded.stop()
         return 1
-    host, port = sock.getsockname()[:2]
+    host, port = sockets[0].getsockname()[:2]
     if not settings.is_secured:
         log.warning(
             "development mode: no secret is set, so requests need no token and uploads "
@@ -200,10 +223,11 @@ def serve(settings: Settings) -> int:
     print(f"tusserver listening on http://{shown_host}:{port}{settings.base_path}", flush=True)
     try:
         if settings.workers == 1:
-            return asyncio.run(_serve_worker(settings, redis_url, sock, embedded))
-        return _supervise_workers(settings, redis_url, sock, embedded)
+            return asyncio.run(_serve_worker(settings, redis_url, sockets[0], embedded))
+        return _supervise_workers(settings, redis_url, sockets, embedded)
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         if embedded is not None:
             embedded.stop()
 
@@ -232,6 +256,7 @@ async def _serve_worker(
     settings: Settings, redis_url: str, sock: socket.socket, embedded: EmbeddedRedis | None
 ) -> int:
     """Serve on `sock` until told to stop; 1 if the embedded Redis died meanwhile."""
+    tune_malloc()
     app = build_app(settings, redis_url)
     runner = web.AppRunner(
         app,
@@ -261,15 +286,21 @@ async def _serve_worker(
 
 
 def _supervise_workers(
-    settings: Settings, redis_url: str, sock: socket.socket, embedded: EmbeddedRedis | None
+    settings: Settings, redis_url: str, sockets: list[socket.socket], embedded: EmbeddedRedis | None
 ) -> int:
+    """Fork the workers (worker i serves socket i, or all share the one socket), then wait;
+    when one exits unasked, stop the others and return 1."""
     children: list[int] = []
-    for _ in range(settings.workers):
+    for index in range(settings.workers):
         pid = os.fork()
         if pid == 0:  # a worker: serve, never start a Redis
             code = 1
             try:
-                code = asyncio.run(_serve_worker(settings, redis_url, sock, None))
+                own = sockets[index % len(sockets)]
+                for sock in sockets:
+                    if sock is not own:
+                        sock.close()
+                code = asyncio.run(_serve_worker(settings, redis_url, own, None))
             finally:
                 os._exit(code)
         children.append(pid)
