@@ -175,6 +175,7 @@ async def _redis_context(app: web.Application) -> AsyncIterator[None]:
     app[UPLOADS] = Uploads(state, storage, settings)
     yield
     await app[UPLOADS].close()
+    storage.close()
     await client.aclose()
 
 

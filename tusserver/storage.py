@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,6 +29,8 @@ else:
 T = TypeVar("T")
 HASH_BLOCK_BYTES = 4 * 2**20
 WRITE_PIECE_BYTES = 256 * 2**10
+HASH_BESIDE_BYTES = 2**20  # blocks this large are hashed in a second thread while written
+BULK_THREADS = max(2, os.cpu_count() or 1)  # one block written and hashed per core at once
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -39,9 +42,10 @@ def _storage_error(error: OSError) -> InsufficientStorage | StorageFailure:
     )
 
 
-async def _in_thread(function: Callable[[], T]) -> T:
+async def _in_thread(function: Callable[[], T], pool: Executor | None = None) -> T:
+    """Run `function` in a worker thread: of `pool`, or of the loop's default executor."""
     try:
-        return await asyncio.get_running_loop().run_in_executor(None, function)
+        return await asyncio.get_running_loop().run_in_executor(pool, function)
     except OSError as error:
         raise _storage_error(error) from error
 
@@ -55,8 +59,9 @@ class UploadFile:
 
     async def write(self, offset: int, chunks: list[bytes], hashes: list[Hash]) -> None:
         """Write `chunks` back to back at `offset` and feed them to `hashes`, without joining
-        them: the write and the hashing run in two worker threads at once (both release the
-        GIL). If the write fails, the hashes may hold bytes the file does not.
+        them: for blocks of HASH_BESIDE_BYTES or more the write and the hashing run in two
+        worker threads at once (both release the GIL), smaller ones in one thread hop. If the
+        write fails, the hashes may hold bytes the file does not.
 
         Raises InsufficientStorage (507) when the disk is full or below --min-free-disk, and
         StorageFailure (500) for other write errors."""
@@ -72,12 +77,18 @@ class UploadFile:
                 for chunk in chunks:
                     running_hash.update(chunk)
 
-        if not hashes:
-            await _in_thread(write)
+        if size < HASH_BESIDE_BYTES or not hashes:  # a second thread costs more than it saves
+
+            def write_and_digest() -> None:
+                write()
+                digest()
+
+            await _in_thread(write_and_digest, storage.pool_for(size))
             return
         written, hashed = await asyncio.gather(
-            _in_thread(write), _in_thread(digest), return_exceptions=True
-        )
+            _in_thread(write, storage.bulk), _in_thread(digest, storage.bulk),
+            return_exceptions=True,
+        )  # fmt: skip
         for outcome in (written, hashed):
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -102,6 +113,17 @@ class Storage:
         self.root = self.data_dir / "uploads"
         self.fsync = fsync
         self.min_free_disk_bytes = min_free_disk_bytes
+        # Bulk work (blocks of a MiB or more, whole-file hashes and copies) has threads of its
+        # own, so opening, closing and small writes never queue behind it.
+        self.bulk = ThreadPoolExecutor(BULK_THREADS, thread_name_prefix="tus-bulk")
+
+    def pool_for(self, size: int) -> Executor | None:
+        """The thread pool for work on `size` bytes: bulk, or the loop's default."""
+        return self.bulk if size >= HASH_BESIDE_BYTES else None
+
+    def close(self) -> None:
+        """Let the bulk threads end once their work is done."""
+        self.bulk.shutdown(wait=False)
 
     def prepare(self) -> None:
         """Create the data folders (0700). Called once at start."""
@@ -131,15 +153,18 @@ class Storage:
 
         def create() -> None:
             self.check_free_space(0)
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+            folders = [path.parent]
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileNotFoundError:  # the first upload of its fan-out folder
+                path.parent.mkdir(mode=0o700, exist_ok=True)
+                folders.append(self.root)
+                fd = os.open(path, flags, 0o600)
             os.close(fd)
             if durable:
-                folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(folder)
-                finally:
-                    os.close(folder)
+                for folder in folders:
+                    _fsync_folder(folder)
 
         await _in_thread(create)
 
@@ -194,7 +219,7 @@ class Storage:
                 if durable:
                     os.fsync(target.fileno())
 
-        await _in_thread(copy)
+        await _in_thread(copy, self.bulk)
 
     async def sha256(self, upload_id: str, length: int) -> str:
         """The hex SHA-256 of the file's first `length` bytes, read in bounded blocks off the
@@ -213,7 +238,16 @@ class Storage:
                     remaining -= len(block)
             return running.hexdigest()
 
-        return await _in_thread(digest)
+        return await _in_thread(digest, self.bulk)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the entries of `folder` (a new file or folder in it) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, chunks: list[bytes], offset: int, size: int) -> None:
