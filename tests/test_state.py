@@ -61,6 +61,21 @@ async def test_create_then_get_returns_the_same_upload(state: UploadState) -> No
     assert await events_of(state, upload) == ["created"]
 
 
+async def test_create_can_take_the_lock_in_the_same_step(state: UploadState) -> None:
+    upload = new_upload()
+    token = state.new_lock_token()
+    await state.create(upload, path="p", lock_token=token, ttl_ms=LOCK_MS)
+    assert await state.try_lock(upload.upload_id, LOCK_MS) is None  # held from the start
+    assert await state.acquire(upload.upload_id, "alice", LOCK_MS) is None
+    committed = await state.commit(upload, token, 3, now=time.time(), expires_at=None)
+    assert committed.offset == 3
+    await state.release(upload.upload_id, token)
+    assert await state.try_lock(upload.upload_id, LOCK_MS) is not None
+    unlocked = new_upload()
+    await state.create(unlocked, path="p")  # without a token: free to lock
+    assert await state.try_lock(unlocked.upload_id, LOCK_MS) is not None
+
+
 async def test_other_owner_and_unknown_ids_are_not_found(state: UploadState) -> None:
     upload = new_upload()
     await state.create(upload, path="p")

@@ -122,15 +122,16 @@ class AppendSession:
         Completing the upload stores its SHA-256 and event when this process hashed every
         byte."""
         async with self._lock:
-            if self.may_commit:
-                await self._flush()
             upload = self.upload
-            new_offset = self.written if self.may_commit else upload.offset
+            new_offset = self.written + self.pending_bytes if self.may_commit else upload.offset
             is_last = upload.length is not None and new_offset == upload.length
             fsync = self.uploads.settings.fsync
             needs_sync = fsync == "always" or (is_last and fsync != "never")
-            if new_offset > self.synced and needs_sync and self.file is not None:
+            needs_sync = needs_sync and new_offset > self.synced and self.file is not None
+            synced = self.may_commit and await self._flush(sync=needs_sync)
+            if needs_sync and not synced and self.file is not None:
                 await self.file.sync()
+            if needs_sync:
                 self.synced = new_offset
             sha256 = ""
             if is_last and self.running_hash is not None:
@@ -255,13 +256,15 @@ class AppendSession:
         async with self._lock:
             await self._flush()
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, sync: bool = False) -> bool:
+        """Write the gathered chunks (and with `sync`, make the file durable in the same
+        thread hop); False if there was nothing to write."""
         if not self.pending or self.file is None:
-            return
+            return False
         chunks, size = self.pending, self.pending_bytes
         self.pending, self.pending_bytes = [], 0  # the reader goes on gathering meanwhile
         try:
-            await self.file.write(self.written, chunks, self.hashes)
+            await self.file.write(self.written, chunks, self.hashes, sync=sync)
         except BaseException:
             self.pending, self.pending_bytes = chunks + self.pending, size + self.pending_bytes
             # the thread may have written and hashed some of them: the file is hashed later
@@ -270,6 +273,7 @@ class AppendSession:
                 self.running_hash = None
             raise
         self.written += size
+        return True
 
     async def _keep_what_arrived(self) -> None:
         """Commit the bytes that arrived before the stop, including those aiohttp had buffered

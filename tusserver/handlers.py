@@ -25,7 +25,7 @@ from tusserver.errors import (
 )
 from tusserver.keys import GRANT, PRE_CREATE, SETTINGS, UPLOADS
 from tusserver.state import Upload
-from tusserver.uploads import Uploads
+from tusserver.uploads import NewUpload, Uploads
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -122,7 +122,7 @@ async def post(request: web.Request) -> web.Response:
     await pre_create.check(who.subject, length, metadata, concat)  # the parent's say: 403/503
     has_body = protocol.has_offset_stream(request.headers.get("Content-Type"))
     checksum = protocol.parse_checksum(request.headers.get("Upload-Checksum")) if has_body else None
-    upload = await uploads(request).create(
+    new = NewUpload(
         owner=who.subject,
         length=length,
         metadata=protocol.format_metadata(metadata),
@@ -130,8 +130,9 @@ async def post(request: web.Request) -> web.Response:
         url_of=location_of(request),
     )
     if has_body and request.body_exists:
-        try:
-            async with uploads(request).writing(upload.upload_id, who.subject) as session:
+        async with uploads(request).creating(new) as session:
+            upload = session.upload
+            try:
                 await continue_body(request)
                 upload = await session.append(
                     request.content,
@@ -139,9 +140,11 @@ async def post(request: web.Request) -> web.Response:
                     checksum=checksum,
                     max_bytes=_max_bytes(request),
                 )
-        except TusError as error:  # the upload exists: the client may resume it
-            error.headers["Location"] = upload.url
-            raise
+            except TusError as error:  # the upload exists: the client may resume it
+                error.headers["Location"] = upload.url
+                raise
+    else:
+        upload = await uploads(request).create(new)
     return web.Response(
         status=201,
         headers=tus_headers(

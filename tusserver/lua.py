@@ -8,21 +8,23 @@ from __future__ import annotations
 
 EVENTS_MAXLEN = 100_000  # entries kept per shard's event stream (approximate trimming)
 
-# KEYS: upload hash, owner index, expiry zset, events stream
-# ARGV: upload id, created (score), expires (score or ""), event count n, n*2 event fields,
-#       then the upload hash's fields as pairs. A created upload whose status is `completed`
-#       (Upload-Length: 0) also gets its `completed` event.
+# KEYS: upload hash, owner index, expiry zset, events stream, lock
+# ARGV: upload id, created (score), expires (score or ""), lock token or "" (a creation with
+#       upload takes the lock in the same step), lock ttl (ms), event count n, n*2 event
+#       fields, then the upload hash's fields as pairs. A created upload whose status is
+#       `completed` (Upload-Length: 0) also gets its `completed` event.
 # Result: 1 if created, 0 if the id was taken.
 CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local n = tonumber(ARGV[4])
+local n = tonumber(ARGV[6])
 local event = {}
-for i = 5, 4 + n * 2 do event[#event + 1] = ARGV[i] end
+for i = 7, 6 + n * 2 do event[#event + 1] = ARGV[i] end
 local fields = {}
-for i = 5 + n * 2, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 7 + n * 2, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5]) end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', 'created', unpack(event))
 if redis.call('HGET', KEYS[1], 'status') == 'completed' then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', 'completed', unpack(event))

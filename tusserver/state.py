@@ -227,9 +227,15 @@ class UploadState:
 
     # -- changing --------------------------------------------------------------------------
 
-    async def create(self, upload: Upload, *, path: str) -> None:
+    def new_lock_token(self) -> str:
+        """A token naming this process, for one lock."""
+        return f"{self.holder}:{secrets.token_hex(8)}"
+
+    async def create(
+        self, upload: Upload, *, path: str, lock_token: str = "", ttl_ms: int = 0
+    ) -> None:
         """Store a new upload, index it, and append its `created` event (and `completed`, for
-        an empty upload) in one step."""
+        an empty upload) in one step; with `lock_token`, lock it for `ttl_ms` in that step."""
         shard = upload.shard
         fields = {
             "owner": upload.owner,
@@ -252,11 +258,14 @@ class UploadState:
                 _key(shard, "owner", upload.owner),
                 _key(shard, "expiry"),
                 _key(shard, "events"),
+                _key(shard, "lock", upload.upload_id),
             ],
             args=[
                 upload.upload_id,
                 f"{upload.created_at:.6f}",
                 fields["expires"],
+                lock_token,
+                ttl_ms,
                 len(event),
                 *_flat(event),
                 *_flat(fields),
@@ -425,7 +434,7 @@ class UploadState:
         if not is_upload_id(upload_id):
             raise UploadNotFound()
         shard = shard_of(upload_id)
-        token = f"{self.holder}:{secrets.token_hex(8)}"
+        token = self.new_lock_token()
         result = await self._acquire(
             keys=[
                 _key(shard, "upload", upload_id),
@@ -447,7 +456,7 @@ class UploadState:
 
     async def try_lock(self, upload_id: str, ttl_ms: int) -> str | None:
         """Take the upload's lock if it is free; the token to renew and release it, or None."""
-        token = f"{self.holder}:{secrets.token_hex(8)}"
+        token = self.new_lock_token()
         shard = shard_of(upload_id)
         taken = await self.redis.set(_key(shard, "lock", upload_id), token, nx=True, px=ttl_ms)
         return token if taken else None

@@ -57,11 +57,14 @@ class UploadFile:
         self.fd = fd
         self._storage = storage
 
-    async def write(self, offset: int, chunks: list[bytes], hashes: list[Hash]) -> None:
+    async def write(
+        self, offset: int, chunks: list[bytes], hashes: list[Hash], *, sync: bool = False
+    ) -> None:
         """Write `chunks` back to back at `offset` and feed them to `hashes`, without joining
         them: for blocks of HASH_BESIDE_BYTES or more the write and the hashing run in two
         worker threads at once (both release the GIL), smaller ones in one thread hop. If the
-        write fails, the hashes may hold bytes the file does not.
+        write fails, the hashes may hold bytes the file does not. With `sync`, the file is
+        made durable (fdatasync) after the write, in the same thread.
 
         Raises InsufficientStorage (507) when the disk is full or below --min-free-disk, and
         StorageFailure (500) for other write errors."""
@@ -71,6 +74,8 @@ class UploadFile:
         def write() -> None:
             storage.check_free_space(size)
             _write_all(self.fd, chunks, offset, size)
+            if sync:
+                _sync(self.fd)
 
         def digest() -> None:
             for running_hash in hashes:
@@ -99,7 +104,7 @@ class UploadFile:
 
     async def sync(self) -> None:
         """Make the written bytes durable (fdatasync where the OS has it)."""
-        await _in_thread(lambda: getattr(os, "fdatasync", os.fsync)(self.fd))
+        await _in_thread(lambda: _sync(self.fd))
 
     async def close(self) -> None:
         await _in_thread(lambda: os.close(self.fd))
@@ -148,25 +153,31 @@ class Storage:
 
     async def create(self, upload_id: str) -> None:
         """Create the upload's empty file (0600) and make its directory entry durable."""
-        path = self.path_of(upload_id)
-        durable = self.fsync != "never"
+        await _in_thread(lambda: os.close(self._create(upload_id)))
 
-        def create() -> None:
-            self.check_free_space(0)
-            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
-            folders = [path.parent]
-            try:
-                fd = os.open(path, flags, 0o600)
-            except FileNotFoundError:  # the first upload of its fan-out folder
-                path.parent.mkdir(mode=0o700, exist_ok=True)
-                folders.append(self.root)
-                fd = os.open(path, flags, 0o600)
-            os.close(fd)
-            if durable:
+    async def create_for_append(self, upload_id: str) -> UploadFile:
+        """`create`, and keep the new file open for writing from offset 0 (one thread hop)."""
+        return UploadFile(await _in_thread(lambda: self._create(upload_id)), self)
+
+    def _create(self, upload_id: str) -> int:
+        path = self.path_of(upload_id)
+        self.check_free_space(0)
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+        folders = [path.parent]
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:  # the first upload of its fan-out folder
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            folders.append(self.root)
+            fd = os.open(path, flags, 0o600)
+        try:
+            if self.fsync != "never":
                 for folder in folders:
                     _fsync_folder(folder)
-
-        await _in_thread(create)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     async def open_for_append(
         self, upload_id: str, committed_offset: int
@@ -239,6 +250,11 @@ class Storage:
             return running.hexdigest()
 
         return await _in_thread(digest, self.bulk)
+
+
+def _sync(fd: int) -> None:
+    """Make the file's written bytes durable (fdatasync where the OS has it)."""
+    getattr(os, "fdatasync", os.fsync)(fd)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -14,6 +14,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,17 @@ class RunningHashes:
             self._hashes.popitem(last=False)
 
 
+@dataclass(frozen=True)
+class NewUpload:
+    """What a creation request asks for (checked by the handler)."""
+
+    owner: str
+    length: int | None  # None: deferred
+    metadata: str  # the Upload-Metadata header as stored
+    concat: str  # "partial" or ""
+    url_of: str  # the upload URL with "{id}" for its id
+
+
 class Uploads:
     """The upload service of one process."""
 
@@ -88,29 +100,50 @@ class Uploads:
 
     # -- create, read, remove --------------------------------------------------------------
 
-    async def create(
-        self, *, owner: str, length: int | None, metadata: str, concat: str, url_of: str
-    ) -> Upload:
+    async def create(self, new: NewUpload) -> Upload:
         """Create the upload's file and state; an empty upload is complete at once."""
+        upload = self._new_upload(new)
+        await self.storage.create(upload.upload_id)
+        await self.state.create(upload, path=self.storage.relative_path(upload.upload_id))
+        return upload
+
+    @contextlib.asynccontextmanager
+    async def creating(self, new: NewUpload) -> AsyncIterator[AppendSession]:
+        """`create` for a creation with upload: the file is created open and the state is
+        stored locked by this request in the same steps, so the body goes straight on."""
+        if self.is_stopping:
+            raise ServiceUnavailable("the server is restarting; retry shortly", 2)
+        upload = self._new_upload(new)
+        file = await self.storage.create_for_append(upload.upload_id)
+        try:
+            token = self.state.new_lock_token()
+            path = self.storage.relative_path(upload.upload_id)
+            await self.state.create(upload, path=path, lock_token=token, ttl_ms=LOCK_TTL_MS)
+            async with self._leased(upload.upload_id, token) as lease:
+                is_open = upload.status == "uploading"
+                session = AppendSession(self, upload, lease, file if is_open else None)
+                lease.session = session
+                yield session
+        finally:
+            await file.close()
+
+    def _new_upload(self, new: NewUpload) -> Upload:
         upload_id = new_upload_id()
         now = time.time()
-        empty = length == 0
-        upload = Upload(
+        empty = new.length == 0
+        return Upload(
             upload_id=upload_id,
-            owner=owner,
+            owner=new.owner,
             offset=0,
-            length=length,
-            metadata=metadata,
+            length=new.length,
+            metadata=new.metadata,
             status="completed" if empty else "uploading",
             created_at=now,
             expires_at=self.expiry_for("completed" if empty else "uploading", now),
-            url=url_of.replace("{id}", upload_id),
-            concat=concat,
+            url=new.url_of.replace("{id}", upload_id),
+            concat=new.concat,
             sha256=hashlib.sha256().hexdigest() if empty else "",
         )
-        await self.storage.create(upload_id)
-        await self.state.create(upload, path=self.storage.relative_path(upload_id))
-        return upload
 
     async def current(self, upload_id: str, owner: str) -> Upload:
         """The upload as committed now: a running PATCH is asked to commit what it has first
@@ -169,11 +202,17 @@ class Uploads:
             await asyncio.sleep(_POLL_S)
             acquired = await self.state.acquire(upload_id, owner, LOCK_TTL_MS)
         upload, token = acquired
+        async with self._leased(upload_id, token) as lease:
+            yield upload, lease
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, upload_id: str, token: str) -> AsyncIterator[Lease]:
+        """Keep the lock held with `token` renewed until the block ends, then release it."""
         lease = Lease(upload_id, token)
         self._leases.add(lease)
         renewer = asyncio.create_task(self._renew(lease))
         try:
-            yield upload, lease
+            yield lease
         finally:
             self._leases.discard(lease)
             await cancel_and_wait(renewer)
