@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tools that the end-to-end tests need and pip cannot install: Debian's Chromium and
-# ChromeDriver (tests/test_browser.py), Node.js, and the Node packages locked in
-# tests/js/package-lock.json (tus-js-client, playwright-core). Idempotent: apt-get runs only
+# ChromeDriver (tests/test_browser.py), strace (tests/test_durability.py), Node.js, and the
+# Node packages locked in tests/js/package-lock.json (tus-js-client, playwright-core). Idempotent: apt-get runs only
 # for what is missing; `npm ci` puts exactly the locked versions into tests/js/node_modules.
 # playwright-core drives /usr/bin/chromium: it never downloads a browser of its own.
 set -euo pipefail
@@ -15,6 +15,7 @@ fi
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+command -v strace >/dev/null 2>&1 || missing+=(strace)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -1,0 +1,142 @@
+"""--fsync, seen from the system calls: with `always` the bytes of a PATCH reach the disk
+(fdatasync of the upload's file, after its last write) before the commit that announces them
+is sent to Redis, and the embedded Valkey fsyncs that commit to its AOF before the client
+gets its 204; with `never` the upload's file is never synced.
+
+The server runs under strace (-f: every thread; -y: each fd's path), so this is what the
+kernel was asked to do, in order; no hook inside tusserver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import TUS, has_tool, patch_headers, require_tool
+from tusserver import lua
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="strace is Linux only")
+
+TRACED = "pwrite64,pwritev,fdatasync,fsync,write,sendto,sendmsg"
+
+
+@dataclass
+class Traced:
+    strace: subprocess.Popen[bytes]
+    url: str
+    trace_path: Path
+
+    def stop(self) -> list[str]:
+        """Stop the server (SIGTERM to strace's child), wait for strace; the trace's lines."""
+        if self.strace.poll() is None:
+            tasks = Path(f"/proc/{self.strace.pid}/task/{self.strace.pid}/children")
+            for pid in tasks.read_text().split():
+                os.kill(int(pid), signal.SIGTERM)
+            self.strace.wait(30)
+        return self.trace_path.read_text(errors="replace").splitlines()
+
+
+@pytest.fixture
+def traced_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Traced]:
+    require_tool(has_tool("strace"), "strace is not installed (.ci/install-tools.sh installs it)")
+    fsync = request.param
+    data_dir, log_path, trace_path = tmp_path / "data", tmp_path / "log", tmp_path / "trace"
+    with open(log_path, "wb") as log:
+        strace = subprocess.Popen(
+            ["strace", "-f", "-qq", "-y", "-s", "400", "-e", f"trace={TRACED}",
+             "-o", str(trace_path), sys.executable, "-m", "tusserver", "--host", "127.0.0.1",
+             "--port", "0", "--data-dir", str(data_dir), "--fsync", fsync],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    traced: Traced | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while traced is None and time.monotonic() < deadline and strace.poll() is None:
+            found = re.search(r"listening on (http://\S+)", log_path.read_text(errors="replace"))
+            if found:
+                traced = Traced(strace, found.group(1), trace_path)
+            time.sleep(0.05)
+        assert traced is not None, log_path.read_text(errors="replace")
+        yield traced
+    finally:
+        try:
+            if traced is not None:
+                traced.stop()
+        finally:
+            if strace.poll() is None:
+                strace.kill()
+                strace.wait()
+
+
+def _finished_at(lines: list[str], start: int) -> int:
+    """The line on which the call begun on `lines[start]` returned."""
+    if "<unfinished ...>" not in lines[start]:
+        return start
+    pid = lines[start].split()[0]
+    for index in range(start + 1, len(lines)):
+        if lines[index].startswith(pid + " ") and "resumed>" in lines[index]:
+            return index
+    raise AssertionError(f"no return for: {lines[start]}")
+
+
+async def _upload_in_two_patches(traced: Traced) -> str:
+    """Create an upload of 10 bytes and send it in two PATCHes; its id."""
+    async with aiohttp.ClientSession() as http:
+        headers = {**TUS, "Upload-Length": "10"}
+        async with http.post(traced.url, headers=headers) as response:
+            assert response.status == 201, await response.text()
+            url = response.headers["Location"]
+        for offset, body in ((0, b"first"), (5, b"again")):
+            async with http.patch(url, data=body, headers=patch_headers(offset)) as response:
+                assert response.status == 204, await response.text()
+    return url.rstrip("/").rsplit("/", 1)[1]
+
+
+@pytest.mark.parametrize("traced_server", ["always"], indirect=True)
+async def test_fsync_always_syncs_each_patch_before_its_commit(traced_server: Traced) -> None:
+    upload_id = await _upload_in_two_patches(traced_server)
+    lines = await asyncio.to_thread(traced_server.stop)
+    commit_sha = hashlib.sha1(lua.COMMIT.encode(), usedforsecurity=False).hexdigest()  # its name
+
+    def where(call: str) -> list[int]:
+        return [i for i, line in enumerate(lines) if f" {call}(" in line and upload_id in line]
+
+    writes = sorted(where("pwrite64") + where("pwritev"))
+    syncs = [_finished_at(lines, i) for i in where("fdatasync") + where("fsync")]
+    # (redis-py resends a script Valkey has not cached yet: a commit may appear twice)
+    commits = [i for i, line in enumerate(lines) if commit_sha in line and upload_id in line]
+    aof_syncs = [
+        _finished_at(lines, i)
+        for i, line in enumerate(lines)
+        if " fdatasync(" in line and "appendonly" in line
+    ]
+    answers = [i for i, line in enumerate(lines) if "HTTP/1.1 204" in line]
+    assert len(writes) == 2 and len(answers) == 2, (writes, answers)
+    for write, answer in zip(writes, answers, strict=True):
+        commit = min(i for i in commits if i > write)
+        assert commit < answer
+        # the bytes are on disk before the commit is sent ...
+        assert any(write < sync < commit for sync in syncs), (write, syncs, commit)
+        # ... and the commit is in Valkey's fsynced AOF before the client hears 204
+        assert any(commit < sync < answer for sync in aof_syncs), (commit, aof_syncs, answer)
+
+
+@pytest.mark.parametrize("traced_server", ["never"], indirect=True)
+async def test_fsync_never_does_not_sync_the_upload(traced_server: Traced) -> None:
+    upload_id = await _upload_in_two_patches(traced_server)
+    lines = await asyncio.to_thread(traced_server.stop)
+    writes = [line for line in lines if " pwrite64(" in line and upload_id in line]
+    syncs = [line for line in lines if "sync(" in line and upload_id in line]
+    assert len(writes) == 2 and syncs == [], (writes, syncs)
