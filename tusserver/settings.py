@@ -189,7 +189,7 @@ OPTIONS: tuple[Option, ...] = (
         "SECRET",
     ),
     ("production", parse_bool, "refuse to start without a secret", None),
-    ("workers", parse_int, "worker processes sharing the listening socket", "N"),
+    ("workers", parse_int, "worker processes serving the port", "N"),
     ("idle-timeout", parse_duration, "end a PATCH whose body stalls this long", "DURATION"),
     (
         "fsync",
