@@ -181,6 +181,31 @@ async def test_holder_hears_stop_and_commit_requests(state: UploadState) -> None
         await state.renew(upload.upload_id, token, LOCK_MS)
 
 
+async def test_read_asks_a_writing_holder_to_commit_in_the_same_step(
+    state: UploadState,
+) -> None:
+    upload = new_upload()
+    await state.create(upload, path="p")
+    read, asked = await state.read(upload.upload_id, "alice", ask="commit:n1", ttl_ms=LOCK_MS)
+    assert (read.offset, asked) == (0, False)  # nobody holds it: nothing to ask
+    token = await state.try_lock(upload.upload_id, LOCK_MS)
+    assert token is not None
+    _read, asked = await state.read(upload.upload_id, "alice")  # no request: just a read
+    assert not asked and await state.renew(upload.upload_id, token, LOCK_MS) == ""
+    _read, asked = await state.read(upload.upload_id, "alice", ask="commit:n2", ttl_ms=LOCK_MS)
+    assert asked and await state.renew(upload.upload_id, token, LOCK_MS) == "commit:n2"
+    assert await state.ask_holder(upload.upload_id, "stop", LOCK_MS)
+    _read, asked = await state.read(upload.upload_id, "alice", ask="commit:n3", ttl_ms=LOCK_MS)
+    assert asked and await state.renew(upload.upload_id, token, LOCK_MS) == "stop"  # kept
+    with pytest.raises(UploadNotFound):
+        await state.read(upload.upload_id, "mallory", ask="commit:n4", ttl_ms=LOCK_MS)
+    assert await state.renew(upload.upload_id, token, LOCK_MS) == "stop"  # mallory asked nobody
+    done = await state.commit(upload, token, 10, now=time.time(), expires_at=None, sha256="0" * 64)
+    assert done.status == "completed"
+    _read, asked = await state.read(upload.upload_id, "alice", ask="commit:n5", ttl_ms=LOCK_MS)
+    assert not asked  # held, but complete: nothing to commit
+
+
 async def test_deferred_length_is_declared_once(state: UploadState) -> None:
     upload = new_upload(length=None)
     await state.create(upload, path="p")

@@ -124,14 +124,12 @@ redis.call('XADD', KEYS[5], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(event))
 return 1
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
-# KEYS: upload hash, lock, release-request key, tombstone. ARGV: owner, lock token, ttl (ms).
-# Result: {1, fields...} locked (an old request to the previous holder is cleared) with the
-#         upload's hash; {2} another request holds it; {0} no upload of this owner;
-#         {3, reason} the owner's upload was terminated or expired (tombstone).
-ACQUIRE = """
+# The start of ACQUIRE and READ: returns {0} unless the upload exists and is ARGV[1]'s, or
+# {3, reason} for its owner once it was terminated or expired (the tombstone at KEYS[TOMB]).
+_OWNED = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then
-  local tomb = redis.call('GET', KEYS[4])
+  local tomb = redis.call('GET', KEYS[TOMB])
   if tomb then
     local t = cjson.decode(tomb)
     if t[1] == ARGV[1] then return {3, t[3]} end
@@ -139,10 +137,38 @@ if not owner then
   return {0}
 end
 if owner ~= ARGV[1] then return {0} end
+"""
+
+# KEYS: upload hash, lock, release-request key, tombstone. ARGV: owner, lock token, ttl (ms).
+# Result: {1, fields...} locked (an old request to the previous holder is cleared) with the
+#         upload's hash; {2} another request holds it; {0} no upload of this owner;
+#         {3, reason} the owner's upload was terminated or expired (tombstone).
+ACQUIRE = (
+    _OWNED.replace("TOMB", "4")
+    + """
 if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return {2} end
 redis.call('DEL', KEYS[3])
 return {1, redis.call('HGETALL', KEYS[1])}
 """
+)
+
+# KEYS: upload hash, tombstone, lock, release-request key.
+# ARGV: owner, request to a holder ("commit:<nonce>") or "" for none, its ttl (ms).
+# Result: {1, fields..., asked} with asked 1 when the upload is uploading and locked, and its
+#         holder was asked (unless it already has a request pending); {0}; {3, reason} as
+#         ACQUIRE.
+READ = (
+    _OWNED.replace("TOMB", "2")
+    + """
+local asked = 0
+if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[3]) == 1
+    and redis.call('HGET', KEYS[1], 'status') == 'uploading' then
+  redis.call('SET', KEYS[4], ARGV[2], 'NX', 'PX', ARGV[3])
+  asked = 1
+end
+return {1, redis.call('HGETALL', KEYS[1]), asked}
+"""
+)
 
 # KEYS: lock, release-request key. ARGV: lock token, ttl (ms).
 # Result: -1 if the lock is not ours any more; else the pending release request

@@ -9,7 +9,6 @@ the shard's stream in the same step.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import socket
@@ -150,6 +149,7 @@ class UploadState:
         self._ask_holder: AsyncScript = client.register_script(lua.ASK_HOLDER)
         self._declare_length: AsyncScript = client.register_script(lua.DECLARE_LENGTH)
         self._acquire: AsyncScript = client.register_script(lua.ACQUIRE)
+        self._read: AsyncScript = client.register_script(lua.READ)
         self._answered: AsyncScript = client.register_script(lua.ANSWERED)
 
     async def check_layout(self) -> None:
@@ -179,21 +179,35 @@ class UploadState:
     async def get(self, upload_id: str, owner: str) -> Upload:
         """The upload, if `owner` owns it. 404 for unknown ids and for other owners; 410 for
         the owner of a terminated or expired upload while its tombstone lasts."""
+        upload, _asked = await self.read(upload_id, owner)
+        return upload
+
+    async def read(
+        self, upload_id: str, owner: str, *, ask: str = "", ttl_ms: int = 0
+    ) -> tuple[Upload, bool]:
+        """`get`, and in the same step, if the upload is being written by a request holding
+        its lock, ask that holder `ask` (a `commit:<nonce>`): the upload and whether it was
+        asked. One round trip."""
         if not is_upload_id(upload_id):
             raise UploadNotFound()
         shard = shard_of(upload_id)
-        raw = await self.redis.hgetall(_key(shard, "upload", upload_id))
-        if raw:
-            upload = _upload_from_hash(upload_id, raw)
-            if upload.owner == owner:
-                return upload
+        result = await self._read(
+            keys=[
+                _key(shard, "upload", upload_id),
+                _key(shard, "tomb", upload_id),
+                _key(shard, "lock", upload_id),
+                _key(shard, "release", upload_id),
+            ],
+            args=[owner, ask, ttl_ms],
+        )
+        code = int(result[0])
+        if code == 3:
+            raise UploadGone(f"this upload was {_text(result[1])}")
+        if code != 1:
             raise UploadNotFound()
-        tombstone = await self.redis.get(_key(shard, "tomb", upload_id))
-        if tombstone is not None:
-            tomb_owner, _at, reason = json.loads(tombstone)
-            if tomb_owner == owner:
-                raise UploadGone(f"this upload was {reason}")
-        raise UploadNotFound()
+        flat = result[1]
+        upload = _upload_from_hash(upload_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        return upload, int(result[2]) == 1
 
     async def list_owned(
         self, owner: str, *, after: tuple[float, str] | None, limit: int

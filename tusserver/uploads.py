@@ -148,11 +148,11 @@ class Uploads:
     async def current(self, upload_id: str, owner: str) -> Upload:
         """The upload as committed now: a running PATCH is asked to commit what it has first
         (waiting at most about a second). 404/410 inside."""
-        upload = await self.state.get(upload_id, owner)
-        if upload.status != "uploading":
-            return upload
         nonce = secrets.token_hex(6)
-        if not await self.state.ask_holder(upload_id, f"commit:{nonce}", LOCK_TTL_MS):
+        upload, asked = await self.state.read(
+            upload_id, owner, ask=f"commit:{nonce}", ttl_ms=LOCK_TTL_MS
+        )
+        if not asked:
             return upload
         deadline = time.monotonic() + TAKEOVER_WAIT_S
         while time.monotonic() < deadline:
