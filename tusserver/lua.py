@@ -124,12 +124,13 @@ redis.call('XADD', KEYS[5], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(event))
 return 1
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
-# The start of ACQUIRE and READ: returns {0} unless the upload exists and is ARGV[1]'s, or
-# {3, reason} for its owner once it was terminated or expired (the tombstone at KEYS[TOMB]).
+# The start of ACQUIRE and READ, whose KEYS are: upload hash, tombstone, lock, release-request
+# key, and ARGV[1] the owner. Returns {0} unless the upload exists and is the owner's, or
+# {3, reason} for its owner once it was terminated or expired (while its tombstone lasts).
 _OWNED = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then
-  local tomb = redis.call('GET', KEYS[TOMB])
+  local tomb = redis.call('GET', KEYS[2])
   if tomb then
     local t = cjson.decode(tomb)
     if t[1] == ARGV[1] then return {3, t[3]} end
@@ -139,26 +140,25 @@ end
 if owner ~= ARGV[1] then return {0} end
 """
 
-# KEYS: upload hash, lock, release-request key, tombstone. ARGV: owner, lock token, ttl (ms).
+# KEYS as _OWNED. ARGV: owner, lock token, ttl (ms).
 # Result: {1, fields...} locked (an old request to the previous holder is cleared) with the
-#         upload's hash; {2} another request holds it; {0} no upload of this owner;
-#         {3, reason} the owner's upload was terminated or expired (tombstone).
+#         upload's hash; {2} another request holds it; {0} and {3, reason} as _OWNED.
 ACQUIRE = (
-    _OWNED.replace("TOMB", "4")
+    _OWNED
     + """
-if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return {2} end
-redis.call('DEL', KEYS[3])
+if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then return {2} end
+redis.call('DEL', KEYS[4])
 return {1, redis.call('HGETALL', KEYS[1])}
 """
 )
 
-# KEYS: upload hash, tombstone, lock, release-request key.
-# ARGV: owner, request to a holder ("commit:<nonce>") or "" for none, its ttl (ms).
+# KEYS as _OWNED. ARGV: owner, request to a holder ("commit:<nonce>") or "" for none, its
+#       ttl (ms).
 # Result: {1, fields..., asked} with asked 1 when the upload is uploading and locked, and its
-#         holder was asked (unless it already has a request pending); {0}; {3, reason} as
-#         ACQUIRE.
+#         holder was asked (unless it already has a request pending); {0} and {3, reason} as
+#         _OWNED.
 READ = (
-    _OWNED.replace("TOMB", "2")
+    _OWNED
     + """
 local asked = 0
 if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[3]) == 1

@@ -104,6 +104,11 @@ class Upload:
         }
 
 
+def _upload_of(upload_id: str, flat: list[Any]) -> Upload:
+    """The upload from a script's HGETALL reply (field, value, field, value, ...)."""
+    return _upload_from_hash(upload_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+
 def _upload_from_hash(upload_id: str, raw: Mapping[Any, Any]) -> Upload:
     fields = {_text(k): _text(v) for k, v in raw.items()}
     return Upload(
@@ -188,26 +193,32 @@ class UploadState:
         """`get`, and in the same step, if the upload is being written by a request holding
         its lock, ask that holder `ask` (a `commit:<nonce>`): the upload and whether it was
         asked. One round trip."""
+        result = await self._owned(self._read, upload_id, owner, ask, ttl_ms)
+        return _upload_of(upload_id, result[1]), int(result[2]) == 1
+
+    async def _owned(
+        self, script: AsyncScript, upload_id: str, owner: str, *args: str | int
+    ) -> list[Any]:
+        """Run ACQUIRE or READ on the upload (their KEYS are the same); their result, after
+        404 (no upload of `owner`) or 410 (its tombstone) are raised."""
         if not is_upload_id(upload_id):
             raise UploadNotFound()
         shard = shard_of(upload_id)
-        result = await self._read(
+        result: list[Any] = await script(
             keys=[
                 _key(shard, "upload", upload_id),
                 _key(shard, "tomb", upload_id),
                 _key(shard, "lock", upload_id),
                 _key(shard, "release", upload_id),
             ],
-            args=[owner, ask, ttl_ms],
+            args=[owner, *args],
         )
         code = int(result[0])
         if code == 3:
             raise UploadGone(f"this upload was {_text(result[1])}")
-        if code != 1:
+        if code == 0:
             raise UploadNotFound()
-        flat = result[1]
-        upload = _upload_from_hash(upload_id, dict(zip(flat[::2], flat[1::2], strict=True)))
-        return upload, int(result[2]) == 1
+        return result
 
     async def list_owned(
         self, owner: str, *, after: tuple[float, str] | None, limit: int
@@ -445,28 +456,11 @@ class UploadState:
     async def acquire(self, upload_id: str, owner: str, ttl_ms: int) -> tuple[Upload, str] | None:
         """Lock an upload of `owner` and read it, in one step: the upload and the lock's
         token, or None while another request holds it. 404/410 as `get`."""
-        if not is_upload_id(upload_id):
-            raise UploadNotFound()
-        shard = shard_of(upload_id)
         token = self.new_lock_token()
-        result = await self._acquire(
-            keys=[
-                _key(shard, "upload", upload_id),
-                _key(shard, "lock", upload_id),
-                _key(shard, "release", upload_id),
-                _key(shard, "tomb", upload_id),
-            ],
-            args=[owner, token, ttl_ms],
-        )
-        code = int(result[0])
-        if code == 0:
-            raise UploadNotFound()
-        if code == 3:
-            raise UploadGone(f"this upload was {_text(result[1])}")
-        if code == 2:
+        result = await self._owned(self._acquire, upload_id, owner, token, ttl_ms)
+        if int(result[0]) == 2:
             return None
-        flat = result[1]
-        return _upload_from_hash(upload_id, dict(zip(flat[::2], flat[1::2], strict=True))), token
+        return _upload_of(upload_id, result[1]), token
 
     async def try_lock(self, upload_id: str, ttl_ms: int) -> str | None:
         """Take the upload's lock if it is free; the token to renew and release it, or None."""
