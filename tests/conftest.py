@@ -177,16 +177,23 @@ def start_process(data_dir: Path, *args: str, env: dict[str, str] | None = None)
         env={**os.environ, **(env or {})},
     )  # fmt: skip
     log_file.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    try:
+        return ServerProcess(process, listening_url(process, log_path), data_dir, log_path)
+    except AssertionError:
+        process.kill()
+        process.wait()
+        raise
+
+
+def listening_url(process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 30) -> str:
+    """The URL a starting tusserver announces in its log; AssertionError (with the log) if
+    the process exits or the deadline passes first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
         match = re.search(r"listening on (http://\S+)", log_path.read_text(errors="replace"))
         if match:
-            return ServerProcess(process, match.group(1), data_dir, log_path)
-        if process.poll() is not None:
-            break
+            return match.group(1)
         time.sleep(0.05)
-    process.kill()
-    process.wait()
     raise AssertionError(f"tusserver did not start:\n{log_path.read_text(errors='replace')}")
 
 

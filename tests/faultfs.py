@@ -9,7 +9,6 @@ live outside the tmpfs (pass --redis-url).
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, listening_url
 
 # $1: tmpfs size, $2: mount point, then the command to run inside the new namespaces
 _MOUNT_THEN_EXEC = 'mount -t tmpfs -o size="$1",mode=0700 tmpfs "$2" && shift 2 && exec "$@"'
@@ -56,18 +55,8 @@ def server_on_small_disk(data_dir: Path, size: str, *args: str) -> Iterator[Serv
     ]  # fmt: skip
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-    server: ServerProcess | None = None
     try:
-        deadline = time.monotonic() + 30
-        while server is None and time.monotonic() < deadline and process.poll() is None:
-            match = re.search(r"listening on (http://\S+)", log_path.read_text(errors="replace"))
-            if match:
-                server = ServerProcess(process, match.group(1), data_dir, log_path)
-            else:
-                time.sleep(0.05)
-        if server is None:
-            raise AssertionError(f"tusserver did not start:\n{log_path.read_text()}")
-        yield server
+        yield ServerProcess(process, listening_url(process, log_path), data_dir, log_path)
     finally:
         # unshare and sh exec'd into tusserver: this pid is the server itself
         if process.poll() is None:

@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import TUS, has_tool, patch_headers, require_tool
+from tests.conftest import TUS, has_tool, listening_url, patch_headers, require_tool
 from tusserver import lua
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="strace is Linux only")
@@ -62,13 +60,7 @@ def traced_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tr
         )  # fmt: skip
     traced: Traced | None = None
     try:
-        deadline = time.monotonic() + 60
-        while traced is None and time.monotonic() < deadline and strace.poll() is None:
-            found = re.search(r"listening on (http://\S+)", log_path.read_text(errors="replace"))
-            if found:
-                traced = Traced(strace, found.group(1), trace_path)
-            time.sleep(0.05)
-        assert traced is not None, log_path.read_text(errors="replace")
+        traced = Traced(strace, listening_url(strace, log_path, 60), trace_path)
         yield traced
     finally:
         try:

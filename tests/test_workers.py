@@ -1,7 +1,8 @@
 """`tusserver --workers 2`: two forked workers, each with its own listening socket on the
 same port (SO_REUSEPORT, so the kernel spreads connections over them), under a supervisor
-that owns the embedded Valkey; a port already taken is refused; uploads work whichever worker a request lands on;
-SIGTERM stops them all. And --idle-timeout: a stalled body gets 408 and keeps its bytes.
+that owns the embedded Valkey; a port already taken is refused; uploads work whichever worker
+a request lands on; SIGTERM stops them all. And --idle-timeout: a stalled body gets 408 and
+keeps its bytes.
 
 Which worker serves a connection is read from /proc (the worker holding the connection's
 socket), so this file runs on Linux only.
