@@ -86,6 +86,30 @@ def _clear_wakeup(body: StreamReader) -> None:
         body._exception = None  # aiohttp offers no public way to clear it
 
 
+async def read_small_body(
+    body: StreamReader, size: int, idle_s: float
+) -> tuple[bytes, BaseException | None]:
+    """The first `size` bytes of `body` (a small body, held whole in memory) and, if it
+    stopped before them, why: TimeoutError after `idle_s` without its end, or the stream's
+    error (the client hung up). Bytes aiohttp buffered before a hang-up count as arrived."""
+    chunks: list[bytes] = []
+    received = 0
+    stop: BaseException | None = None
+    try:
+        async with asyncio.timeout(idle_s):
+            while received < size and (chunk := await body.readany()):
+                chunks.append(chunk)
+                received += len(chunk)
+    except TimeoutError as error:
+        stop = error
+    except Exception as error:  # the client hung up or sent a broken body
+        stop = error
+        chunks += _unread_chunks(body)
+    if stop is None and received < size:
+        stop = BodyIncomplete("the request body ended early")
+    return b"".join(chunks)[:size], stop
+
+
 class AppendSession:
     """One PATCH's (or creation-with-upload's) bytes going onto one upload."""
 

@@ -129,7 +129,17 @@ async def post(request: web.Request) -> web.Response:
         concat="partial" if concat is not None else "",
         url_of=location_of(request),
     )
-    if has_body and request.body_exists:
+    content_length = request.content_length
+    if has_body and uploads(request).fits_in_one_step(length, content_length, _max_bytes(request)):
+        assert content_length is not None
+        await continue_body(request)
+        upload, refusal = await uploads(request).create_with_body(
+            new, request.content, content_length, checksum
+        )
+        if refusal is not None:  # the upload exists: the client may resume it
+            refusal.headers["Location"] = upload.url
+            raise refusal
+    elif has_body and request.body_exists:
         async with uploads(request).creating(new) as session:
             upload = session.upload
             try:

@@ -159,6 +159,26 @@ class Storage:
         """`create`, and keep the new file open for writing from offset 0 (one thread hop)."""
         return UploadFile(await _in_thread(lambda: self._create(upload_id)), self)
 
+    async def create_holding(self, upload_id: str, data: bytes, *, sync: bool) -> None:
+        """Create the upload's file holding `data` (and with `sync`, make the bytes durable)
+        in one thread hop. A failed write leaves no file behind. Raises InsufficientStorage
+        (507) and StorageFailure (500) as `UploadFile.write` does."""
+
+        def create() -> None:
+            self.check_free_space(len(data))
+            fd = self._create(upload_id)
+            try:
+                _write_all(fd, [data], 0, len(data))
+                if sync:
+                    _sync(fd)
+            except BaseException:
+                os.close(fd)
+                self.path_of(upload_id).unlink(missing_ok=True)
+                raise
+            os.close(fd)
+
+        await _in_thread(create)
+
     def _create(self, upload_id: str) -> int:
         path = self.path_of(upload_id)
         self.check_free_space(0)

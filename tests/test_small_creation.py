@@ -1,0 +1,210 @@
+"""Creation with a small upload body: read whole, then stored with the new upload in one step.
+
+Bodies up to `SMALL_BODY_BYTES` skip the streaming path (uploads.Uploads.create_with_body).
+These tests hold that path to the same promises as the streaming one: the exact bytes, the
+SHA-256, the events, and what is kept when the body stops early or is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from tests.conftest import OFFSET_STREAM, TUS, Server, ServerFactory, patch_headers, wait_until
+from tests.test_faults import RawRequest
+from tusserver import protocol
+from tusserver.state import shard_of
+from tusserver.uploads import SMALL_BODY_BYTES
+
+
+def creation_headers(length: int | None, body_bytes: int, **extra: str) -> dict[str, str]:
+    sized = {"Upload-Length": str(length)} if length is not None else {"Upload-Defer-Length": "1"}
+    return {**TUS, **sized, "Content-Type": OFFSET_STREAM, "Content-Length": str(body_bytes),
+            **extra}  # fmt: skip
+
+
+def digest_of(data: bytes) -> str:
+    return protocol.format_repr_digest(hashlib.sha256(data).digest())
+
+
+async def listed(http: aiohttp.ClientSession, server: Server) -> list[dict[str, Any]]:
+    async with http.get(server.url) as response:
+        assert response.status == 200
+        uploads: list[dict[str, Any]] = (await response.json())["uploads"]
+        return uploads
+
+
+async def events_of(redis_url: str, upload_id: str) -> list[str]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        stream = f"tus:{{{shard_of(upload_id)}}}:events"
+        entries = await client.xrange(stream)
+    finally:
+        await client.aclose()
+    return [
+        fields[b"type"].decode()
+        for _id, fields in entries
+        if fields[b"upload_id"].decode() == upload_id
+    ]
+
+
+async def test_a_whole_small_upload_is_completed_with_its_digest_and_both_events(
+    server: Server, http: aiohttp.ClientSession, flushed_redis: str
+) -> None:
+    source = os.urandom(SMALL_BODY_BYTES)
+    headers = creation_headers(len(source), len(source))
+    async with http.post(server.url, data=source, headers=headers) as response:
+        assert response.status == 201
+        assert response.headers["Upload-Offset"] == str(len(source))
+        url = response.headers["Location"]
+    assert server.file_of(url).read_bytes() == source
+    assert server.file_of(url).stat().st_mode & 0o777 == 0o600
+    async with http.head(url, headers=TUS) as response:
+        assert response.headers["Repr-Digest"] == digest_of(source)
+        assert "Upload-Expires" not in response.headers  # complete: no longer expires
+    upload_id = url.rsplit("/", 1)[1]
+    assert await events_of(flushed_redis, upload_id) == ["created", "completed"]
+    async with http.get(url) as response:
+        assert await response.read() == source
+
+
+async def test_a_small_first_part_then_patches_give_the_digest_of_every_byte(
+    server: Server, http: aiohttp.ClientSession, flushed_redis: str
+) -> None:
+    source = os.urandom(3000)
+    headers = creation_headers(None, 1000)  # deferred length: the last PATCH declares it
+    async with http.post(server.url, data=source[:1000], headers=headers) as response:
+        assert response.status == 201
+        assert response.headers["Upload-Offset"] == "1000"
+        url = response.headers["Location"]
+    upload_id = url.rsplit("/", 1)[1]
+    assert await events_of(flushed_redis, upload_id) == ["created"]
+    declared = patch_headers(1000, **{"Upload-Length": str(len(source))})
+    async with http.patch(url, data=source[1000:], headers=declared) as response:
+        assert response.status == 204
+        assert response.headers["Upload-Offset"] == str(len(source))
+    async with http.head(url, headers=TUS) as response:
+        assert response.headers["Repr-Digest"] == digest_of(source)
+    assert server.file_of(url).read_bytes() == source
+    assert await events_of(flushed_redis, upload_id) == ["created", "completed"]
+
+
+async def test_a_small_body_with_the_right_checksum_is_kept(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    body = b"small and checked"
+    checksum = "sha1 " + base64.b64encode(hashlib.sha1(body).digest()).decode()  # noqa: S324
+    headers = creation_headers(100, len(body), **{"Upload-Checksum": checksum})
+    async with http.post(server.url, data=body, headers=headers) as response:
+        assert response.status == 201
+        assert response.headers["Upload-Offset"] == str(len(body))
+        url = response.headers["Location"]
+    assert server.file_of(url).read_bytes() == body
+
+
+async def test_a_small_body_with_a_wrong_checksum_is_460_and_keeps_nothing(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    body = b"small and damaged"
+    checksum = "sha256 " + base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+    headers = creation_headers(len(body), len(body), **{"Upload-Checksum": checksum})
+    async with http.post(server.url, data=body, headers=headers) as response:
+        assert response.status == 460
+        assert "checksum" in (await response.text()).lower()
+        url = response.headers["Location"]  # the upload exists: the client may resume it
+    async with http.head(url, headers=TUS) as response:
+        assert response.headers["Upload-Offset"] == "0"
+        assert "Repr-Digest" not in response.headers
+    assert server.file_of(url).read_bytes() == b""
+
+
+async def test_a_hang_up_mid_body_keeps_the_bytes_that_arrived(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    source = os.urandom(10_000)
+    request = await RawRequest.start(server.url, "POST", creation_headers(len(source), 10_000))
+    await request.send(source[:4000])
+    await request.close()
+
+    async def one_upload_listed() -> bool:
+        return len(await listed(http, server)) == 1
+
+    await wait_until(one_upload_listed)
+    (upload,) = await listed(http, server)
+    assert upload["offset"] == 4000
+    assert upload["state"] == "uploading"
+    url = upload["url"]
+    assert server.file_of(url).read_bytes() == source[:4000]
+    async with http.patch(url, data=source[4000:], headers=patch_headers(4000)) as response:
+        assert response.status == 204
+    async with http.head(url, headers=TUS) as response:
+        assert response.headers["Repr-Digest"] == digest_of(source)
+
+
+async def test_a_checksummed_body_that_ends_early_keeps_nothing(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    source = os.urandom(5000)
+    checksum = "md5 " + base64.b64encode(hashlib.md5(source).digest()).decode()  # noqa: S324
+    headers = creation_headers(len(source), len(source), **{"Upload-Checksum": checksum})
+    request = await RawRequest.start(server.url, "POST", headers)
+    await request.send(source[:2000])
+    await request.close()
+
+    async def one_upload_listed() -> bool:
+        return len(await listed(http, server)) == 1
+
+    await wait_until(one_upload_listed)
+    (upload,) = await listed(http, server)
+    assert upload["offset"] == 0
+    assert server.file_of(upload["url"]).read_bytes() == b""
+
+
+async def test_a_stalled_small_body_is_408_with_its_location_and_keeps_what_arrived(
+    make_server: ServerFactory,
+) -> None:
+    server = await make_server(idle_timeout_s=0.3)
+    source = os.urandom(2000)
+    request = await RawRequest.start(server.url, "POST", creation_headers(len(source), 2000))
+    try:
+        await request.send(source[:700])
+        answer = await request.response()
+    finally:
+        await request.close()
+    assert answer.status == 408
+    assert b"700 bytes are committed" in answer.body
+    assert server.file_of(answer.headers["location"]).read_bytes() == source[:700]
+
+
+async def test_a_small_body_on_a_disk_below_the_minimum_is_507_and_leaves_nothing(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(min_free_disk_bytes=2**60)
+    headers = creation_headers(5, 5)
+    async with http.post(server.url, data=b"hello", headers=headers) as response:
+        assert response.status == 507
+        assert "Location" not in response.headers
+    assert await listed(http, server) == []
+    uploads_dir = server.settings.data_dir / "uploads"
+    assert [path for path in uploads_dir.rglob("*") if path.is_file()] == []
+
+
+async def test_a_body_just_over_the_small_size_streams_to_the_same_result(
+    server: Server, http: aiohttp.ClientSession, flushed_redis: str
+) -> None:
+    source = os.urandom(SMALL_BODY_BYTES + 1)
+    headers = creation_headers(len(source), len(source))
+    async with http.post(server.url, data=source, headers=headers) as response:
+        assert response.status == 201
+        url = response.headers["Location"]
+    async with http.head(url, headers=TUS) as response:
+        assert response.headers["Upload-Offset"] == str(len(source))
+        assert response.headers["Repr-Digest"] == digest_of(source)
+    assert server.file_of(url).read_bytes() == source
+    upload_id = url.rsplit("/", 1)[1]
+    assert await events_of(flushed_redis, upload_id) == ["created", "completed"]
