@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -43,7 +43,7 @@ async def events_of(redis_url: str, upload_id: str) -> list[str]:
     client = aioredis.Redis.from_url(redis_url)
     try:
         stream = f"tus:{{{shard_of(upload_id)}}}:events"
-        entries = await client.xrange(stream)
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(stream))
     finally:
         await client.aclose()
     return [
