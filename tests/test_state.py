@@ -235,3 +235,19 @@ async def test_list_owned_pages_through_every_shard(state: UploadState) -> None:
         cursor = (page[-1].created_at, page[-1].upload_id)
     assert sorted(seen) == sorted(created)
     assert len(seen) == len(set(seen))
+
+
+async def test_renew_extends_the_lock_only_once_it_has_run_down(state: UploadState) -> None:
+    upload = new_upload()
+    await state.create(upload, path="p")
+    token = await state.try_lock(upload.upload_id, LOCK_MS)
+    assert token is not None
+    lock_key = f"tus:{{{shard_of(upload.upload_id)}}}:lock:{upload.upload_id}"
+    await state.redis.pexpire(lock_key, 2000)
+    assert await state.renew(upload.upload_id, token, LOCK_MS, extend_below_ms=1500) == ""
+    assert await state.redis.pttl(lock_key) <= 2000  # enough left: only read, not written
+    assert await state.renew(upload.upload_id, token, LOCK_MS, extend_below_ms=2500) == ""
+    assert await state.redis.pttl(lock_key) > 2000  # ran down past the threshold: extended
+    await state.redis.pexpire(lock_key, 2000)
+    assert await state.renew(upload.upload_id, token, LOCK_MS) == ""
+    assert await state.redis.pttl(lock_key) > 2000  # by default, every renewal extends it

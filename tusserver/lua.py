@@ -170,12 +170,17 @@ return {1, redis.call('HGETALL', KEYS[1]), asked}
 """
 )
 
-# KEYS: lock, release-request key. ARGV: lock token, ttl (ms).
+# KEYS: lock, release-request key. ARGV: lock token, ttl (ms), time left (ms) below which
+#       the lock is extended back to its ttl.
 # Result: -1 if the lock is not ours any more; else the pending release request
-#         ("stop" or "commit:<nonce>") or "" for none, and the lock is extended.
+#         ("stop" or "commit:<nonce>") or "" for none. Most renewals only read: a write goes
+#         to the AOF, which `appendfsync always` fsyncs, and every reply of that turn of
+#         Valkey's loop waits for that fsync.
 RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 local request = redis.call('GET', KEYS[2])
 if not request then return '' end
 return request

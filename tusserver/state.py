@@ -487,13 +487,18 @@ class UploadState:
         )
         return int(answered) == 1
 
-    async def renew(self, upload_id: str, token: str, ttl_ms: int) -> str:
-        """Extend our lock; the pending request to us ("stop", "commit:<n>" or ""). Raises
-        LockLost if the lock is not ours any more."""
+    async def renew(
+        self, upload_id: str, token: str, ttl_ms: int, *, extend_below_ms: int | None = None
+    ) -> str:
+        """Keep our lock: when less than `extend_below_ms` of it is left (default: always)
+        it is extended back to `ttl_ms`, so it has at least that much left after a renewal;
+        the pending request to us ("stop", "commit:<n>" or ""). Raises LockLost if the lock
+        is not ours any more."""
         shard = shard_of(upload_id)
+        extend_below_ms = ttl_ms + 1 if extend_below_ms is None else extend_below_ms
         result = await self._renew(
             keys=[_key(shard, "lock", upload_id), _key(shard, "release", upload_id)],
-            args=[token, ttl_ms],
+            args=[token, ttl_ms, extend_below_ms],
         )
         if result == -1:
             raise LockLost()
