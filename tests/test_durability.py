@@ -10,12 +10,14 @@ kernel was asked to do, in order; no hook inside tusserver.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +55,7 @@ def traced_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tr
     data_dir, log_path, trace_path = tmp_path / "data", tmp_path / "log", tmp_path / "trace"
     with open(log_path, "wb") as log:
         strace = subprocess.Popen(
-            ["strace", "-f", "-qq", "-y", "-s", "400", "-e", f"trace={TRACED}",
+            ["strace", "-f", "-qq", "-y", "-s", "1000", "-e", f"trace={TRACED}",
              "-o", str(trace_path), sys.executable, "-m", "tusserver", "--host", "127.0.0.1",
              "--port", "0", "--data-dir", str(data_dir), "--fsync", fsync],
             stdout=log, stderr=subprocess.STDOUT,
@@ -132,3 +134,64 @@ async def test_fsync_never_does_not_sync_the_upload(traced_server: Traced) -> No
     writes = [line for line in lines if " pwrite64(" in line and upload_id in line]
     syncs = [line for line in lines if "sync(" in line and upload_id in line]
     assert len(writes) == 2 and syncs == [], (writes, syncs)
+
+
+def _resp_strings(line: str) -> list[bytes]:
+    """The bulk strings of the Redis command that a traced write/sendto line carries (as far
+    as strace printed it)."""
+    quoted = line.split('"', 1)[1].rsplit('"', 1)[0]
+    raw: bytes = codecs.escape_decode(quoted.encode())[0]
+    parts = raw.split(b"\r\n")
+    return [parts[i + 1] for i, part in enumerate(parts[:-1]) if part.startswith(b"$")]
+
+
+PWRITE = re.compile(r" pwrite64\(\d+<[^>]*>, .*, (\d+), (\d+)\)")
+
+
+@pytest.mark.parametrize("traced_server", ["always"], indirect=True)
+async def test_fsync_always_syncs_every_commit_of_a_long_patch_before_it_is_sent(
+    traced_server: Traced,
+) -> None:
+    """A PATCH that lasts seconds is committed about once a second while it runs; each of
+    those commits announces only bytes that an fdatasync, begun after they were written,
+    made durable before the commit went to Redis."""
+    block, blocks = 2**20, 30
+
+    async def paced_body() -> AsyncIterator[bytes]:  # a slow client: 1 MiB every 0.1 s
+        for index in range(blocks):
+            yield bytes([index]) * block
+            await asyncio.sleep(0.1)
+
+    async with aiohttp.ClientSession() as http:
+        headers = {**TUS, "Upload-Length": str(block * blocks)}
+        async with http.post(traced_server.url, headers=headers) as response:
+            url = response.headers["Location"]
+        patch = {**patch_headers(0), "Content-Length": str(block * blocks)}
+        async with http.patch(url, data=paced_body(), headers=patch) as response:
+            assert response.status == 204, await response.text()
+    upload_id = url.rstrip("/").rsplit("/", 1)[1]
+    lines = await asyncio.to_thread(traced_server.stop)
+    commit_sha = hashlib.sha1(lua.COMMIT.encode(), usedforsecurity=False).hexdigest()
+
+    written: list[tuple[int, int]] = []  # (line on which the write returned, its offset)
+    syncs: list[tuple[int, int]] = []  # (line it began on, line it returned on)
+    commits: dict[int, int] = {}  # new offset -> line of the first commit sending it
+    for index, line in enumerate(lines):
+        if upload_id not in line:
+            continue
+        if match := PWRITE.search(line):
+            count, offset = int(match.group(1)), int(match.group(2))
+            assert count > 0
+            written.append((_finished_at(lines, index), offset))
+        elif " fdatasync(" in line or " fsync(" in line:
+            syncs.append((index, _finished_at(lines, index)))
+        elif commit_sha in line:
+            args = _resp_strings(line)[8:]  # EVALSHA, sha, 5, five keys; then ARGV
+            commits.setdefault(int(args[2]), index)  # ARGV: token, expected, new offset
+    assert max(commits) == block * blocks
+    assert len(commits) >= 3, f"expected commits while the PATCH ran, got {sorted(commits)}"
+    for new_offset, commit_line in commits.items():
+        last_write = max(done for done, offset in written if offset < new_offset)
+        assert any(last_write < began and done < commit_line for began, done in syncs), (
+            f"commit of {new_offset} bytes sent before they were synced"
+        )
