@@ -39,6 +39,23 @@ async def listed(http: aiohttp.ClientSession, server: Server) -> list[dict[str, 
         return uploads
 
 
+async def created_by_hang_up(
+    http: aiohttp.ClientSession, server: Server, headers: dict[str, str], sent: bytes
+) -> dict[str, Any]:
+    """POST `headers` and the `sent` part of the body, then hang up; the one upload the
+    server then lists (it is stored in one step, at the offset it keeps)."""
+    request = await RawRequest.start(server.url, "POST", headers)
+    await request.send(sent)
+    await request.close()
+
+    async def one_upload_listed() -> bool:
+        return len(await listed(http, server)) == 1
+
+    await wait_until(one_upload_listed)
+    (upload,) = await listed(http, server)
+    return upload
+
+
 async def events_of(redis_url: str, upload_id: str) -> list[str]:
     client = aioredis.Redis.from_url(redis_url)
     try:
@@ -127,15 +144,8 @@ async def test_a_hang_up_mid_body_keeps_the_bytes_that_arrived(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     source = os.urandom(10_000)
-    request = await RawRequest.start(server.url, "POST", creation_headers(len(source), 10_000))
-    await request.send(source[:4000])
-    await request.close()
-
-    async def one_upload_listed() -> bool:
-        return len(await listed(http, server)) == 1
-
-    await wait_until(one_upload_listed)
-    (upload,) = await listed(http, server)
+    headers = creation_headers(len(source), 10_000)
+    upload = await created_by_hang_up(http, server, headers, source[:4000])
     assert upload["offset"] == 4000
     assert upload["state"] == "uploading"
     url = upload["url"]
@@ -152,15 +162,7 @@ async def test_a_checksummed_body_that_ends_early_keeps_nothing(
     source = os.urandom(5000)
     checksum = "md5 " + base64.b64encode(hashlib.md5(source).digest()).decode()  # noqa: S324
     headers = creation_headers(len(source), len(source), **{"Upload-Checksum": checksum})
-    request = await RawRequest.start(server.url, "POST", headers)
-    await request.send(source[:2000])
-    await request.close()
-
-    async def one_upload_listed() -> bool:
-        return len(await listed(http, server)) == 1
-
-    await wait_until(one_upload_listed)
-    (upload,) = await listed(http, server)
+    upload = await created_by_hang_up(http, server, headers, source[:2000])
     assert upload["offset"] == 0
     assert server.file_of(upload["url"]).read_bytes() == b""
 
