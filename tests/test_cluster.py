@@ -17,9 +17,9 @@ from aiohttp import web
 
 from tests.conftest import TUS, patch_headers
 from tusserver.app import build_app
+from tusserver.records import SHARD_COUNT
 from tusserver.redis_embedded import find_server_binary
 from tusserver.settings import Settings
-from tusserver.state import SHARD_COUNT
 
 SLOTS = 16384
 

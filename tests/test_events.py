@@ -36,9 +36,9 @@ from tests.conftest import (
 from tusserver.auth import issue_token
 from tusserver.events import GROUP, DeliveryPolicy, Outbox, dead_letter_key, events_key
 from tusserver.parent import signature_header, signing_secrets_of, verify_signature
+from tusserver.records import SHARD_COUNT, shard_of
 from tusserver.redis_client import connect
 from tusserver.settings import SettingError, Settings, build_settings
-from tusserver.state import SHARD_COUNT, shard_of
 
 SECRET = "parent-webhook-secret"
 FAST = {"webhook_backoff_s": 0.02, "webhook_backoff_max_s": 0.1}

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from tests.conftest import OFFSET_STREAM, TUS, Server, ServerFactory, patch_headers, wait_until
 from tests.test_faults import RawRequest
 from tusserver import protocol
-from tusserver.state import shard_of
+from tusserver.records import shard_of
 from tusserver.uploads import SMALL_BODY_BYTES
 
 

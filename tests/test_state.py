@@ -11,7 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from tusserver.errors import OffsetMismatch, PayloadTooLarge, UploadGone, UploadNotFound
-from tusserver.state import LockLost, Upload, UploadState, new_upload_id, shard_of
+from tusserver.records import Upload, new_upload_id, shard_of
+from tusserver.state import LockLost, UploadState
 
 LOCK_MS = 3000
 

@@ -27,7 +27,8 @@ from tusserver.errors import (
     TusError,
 )
 from tusserver.protocol import Checksum
-from tusserver.state import LockLost, Upload
+from tusserver.records import Upload
+from tusserver.state import LockLost
 from tusserver.storage import UploadFile
 
 if TYPE_CHECKING:

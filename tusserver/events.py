@@ -38,9 +38,9 @@ from tusserver.parent import (
     read_some,
     signing_secrets_of,
 )
+from tusserver.records import SHARD_COUNT
 from tusserver.redis_client import RedisClient, connect
 from tusserver.settings import Settings
-from tusserver.state import SHARD_COUNT
 from tusserver.tasks import cancel_and_wait, was_cancelled
 
 log = logging.getLogger("tusserver.events")

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 
-from tusserver.state import SHARD_COUNT
+from tusserver.records import SHARD_COUNT
 from tusserver.tasks import was_cancelled
 from tusserver.uploads import LOCK_TTL_MS, RECEIVED_GRACE_S, Uploads
 

@@ -24,7 +24,7 @@ from tusserver.errors import (
     TusError,
 )
 from tusserver.keys import GRANT, PRE_CREATE, SETTINGS, UPLOADS
-from tusserver.state import Upload
+from tusserver.records import Upload
 from tusserver.uploads import NewUpload, Uploads
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -13,7 +13,7 @@ import os
 import secrets
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
@@ -28,110 +28,19 @@ from tusserver.errors import (
     UploadGone,
     UploadNotFound,
 )
+from tusserver.records import (
+    SHARD_COUNT,
+    Upload,
+    UploadStatus,
+    as_text,
+    flat_pairs,
+    is_upload_id,
+    redis_key,
+    shard_of,
+    upload_from_hash,
+    upload_of,
+)
 from tusserver.redis_client import RedisClient
-
-SHARD_COUNT = 16
-UploadStatus = Literal["uploading", "received", "completed"]
-EventType = Literal["created", "completed", "terminated", "expired"]
-Tombstone = tuple[str, float]
-
-# Ids are 32 lowercase hex characters: URL-safe, and safe as a file name by construction.
-ID_ALPHABET = frozenset("0123456789abcdef")
-ID_LENGTH = 32
-
-
-def new_upload_id() -> str:
-    return secrets.token_hex(ID_LENGTH // 2)
-
-
-def is_upload_id(value: str) -> bool:
-    return len(value) == ID_LENGTH and set(value) <= ID_ALPHABET
-
-
-def shard_of(upload_id: str) -> int:
-    return int(upload_id[:2], 16) % SHARD_COUNT
-
-
-def _key(shard: int, kind: str, name: str = "") -> str:
-    return f"tus:{{{shard}}}:{kind}" + (f":{name}" if name else "")
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One upload as Redis holds it."""
-
-    upload_id: str
-    owner: str
-    offset: int
-    length: int | None  # None while deferred
-    metadata: str  # the Upload-Metadata header as the client sent it (normalised)
-    status: UploadStatus
-    created_at: float
-    expires_at: float | None
-    url: str
-    concat: str = ""  # "", "partial" or "final;<id> <id> ..."
-    sha256: str = ""  # hex, once completed
-
-    @property
-    def is_complete(self) -> bool:
-        return self.length is not None and self.offset == self.length
-
-    @property
-    def is_partial(self) -> bool:
-        return self.concat == "partial"
-
-    @property
-    def is_final(self) -> bool:
-        return self.concat.startswith("final")
-
-    @property
-    def shard(self) -> int:
-        return shard_of(self.upload_id)
-
-    def as_event(self, event: EventType, at: float, path: str) -> dict[str, str]:
-        """The fields of this upload's event, flat strings as a Redis stream holds them."""
-        return {
-            "type": event,
-            "upload_id": self.upload_id,
-            "owner": self.owner,
-            "length": "" if self.length is None else str(self.length),
-            "offset": str(self.offset),
-            "metadata": self.metadata,
-            "sha256": self.sha256,
-            "path": path,
-            "url": self.url,
-            "time": f"{at:.3f}",
-        }
-
-
-def _upload_of(upload_id: str, flat: list[Any]) -> Upload:
-    """The upload from a script's HGETALL reply (field, value, field, value, ...)."""
-    return _upload_from_hash(upload_id, dict(zip(flat[::2], flat[1::2], strict=True)))
-
-
-def _upload_from_hash(upload_id: str, raw: Mapping[Any, Any]) -> Upload:
-    fields = {_text(k): _text(v) for k, v in raw.items()}
-    return Upload(
-        upload_id=upload_id,
-        owner=fields["owner"],
-        offset=int(fields["offset"]),
-        length=int(fields["length"]) if fields["length"] != "" else None,
-        metadata=fields.get("metadata", ""),
-        status=cast(UploadStatus, fields["status"]),
-        created_at=float(fields["created"]),
-        expires_at=float(fields["expires"]) if fields.get("expires") else None,
-        url=fields.get("url", ""),
-        concat=fields.get("concat", ""),
-        sha256=fields.get("sha256", ""),
-    )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _flat(mapping: Mapping[str, str]) -> list[str]:
-    return [item for pair in mapping.items() for item in pair]
 
 
 class LockLost(Exception):
@@ -194,7 +103,7 @@ class UploadState:
         its lock, ask that holder `ask` (a `commit:<nonce>`): the upload and whether it was
         asked. One round trip."""
         result = await self._owned(self._read, upload_id, owner, ask, ttl_ms)
-        return _upload_of(upload_id, result[1]), int(result[2]) == 1
+        return upload_of(upload_id, result[1]), int(result[2]) == 1
 
     async def _owned(
         self, script: AsyncScript, upload_id: str, owner: str, *args: str | int
@@ -206,16 +115,16 @@ class UploadState:
         shard = shard_of(upload_id)
         result: list[Any] = await script(
             keys=[
-                _key(shard, "upload", upload_id),
-                _key(shard, "tomb", upload_id),
-                _key(shard, "lock", upload_id),
-                _key(shard, "release", upload_id),
+                redis_key(shard, "upload", upload_id),
+                redis_key(shard, "tomb", upload_id),
+                redis_key(shard, "lock", upload_id),
+                redis_key(shard, "release", upload_id),
             ],
             args=[owner, *args],
         )
         code = int(result[0])
         if code == 3:
-            raise UploadGone(f"this upload was {_text(result[1])}")
+            raise UploadGone(f"this upload was {as_text(result[1])}")
         if code == 0:
             raise UploadNotFound()
         return result
@@ -228,7 +137,7 @@ class UploadState:
             for shard in range(SHARD_COUNT):
                 low: str | float = "-inf" if after is None else after[0]
                 pipe.zrangebyscore(
-                    _key(shard, "owner", owner), low, "+inf", start=0, num=limit + 1,
+                    redis_key(shard, "owner", owner), low, "+inf", start=0, num=limit + 1,
                     withscores=True,
                 )  # fmt: skip
             per_shard: list[list[tuple[bytes, float]]] = await pipe.execute()
@@ -243,11 +152,9 @@ class UploadState:
             batch, ids = ids[: limit - len(uploads)], ids[limit - len(uploads) :]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for upload_id in batch:
-                    pipe.hgetall(_key(shard_of(upload_id), "upload", upload_id))
+                    pipe.hgetall(redis_key(shard_of(upload_id), "upload", upload_id))
                 rows: list[Mapping[bytes, bytes]] = await pipe.execute()
-            uploads += [
-                _upload_from_hash(i, raw) for i, raw in zip(batch, rows, strict=True) if raw
-            ]
+            uploads += [upload_from_hash(i, raw) for i, raw in zip(batch, rows, strict=True) if raw]
         return uploads
 
     # -- changing --------------------------------------------------------------------------
@@ -279,11 +186,11 @@ class UploadState:
         del event["type"]
         created = await self._create(
             keys=[
-                _key(shard, "upload", upload.upload_id),
-                _key(shard, "owner", upload.owner),
-                _key(shard, "expiry"),
-                _key(shard, "events"),
-                _key(shard, "lock", upload.upload_id),
+                redis_key(shard, "upload", upload.upload_id),
+                redis_key(shard, "owner", upload.owner),
+                redis_key(shard, "expiry"),
+                redis_key(shard, "events"),
+                redis_key(shard, "lock", upload.upload_id),
             ],
             args=[
                 upload.upload_id,
@@ -292,8 +199,8 @@ class UploadState:
                 lock_token,
                 ttl_ms,
                 len(event),
-                *_flat(event),
-                *_flat(fields),
+                *flat_pairs(event),
+                *flat_pairs(fields),
             ],
         )
         if created != 1:
@@ -322,11 +229,11 @@ class UploadState:
         event = finished.as_event("completed", now, path) if done and sha256 else {}
         result = await self._commit(
             keys=[
-                _key(shard, "upload", upload.upload_id),
-                _key(shard, "lock", upload.upload_id),
-                _key(shard, "expiry"),
-                _key(shard, "events"),
-                _key(shard, "release", upload.upload_id),
+                redis_key(shard, "upload", upload.upload_id),
+                redis_key(shard, "lock", upload.upload_id),
+                redis_key(shard, "expiry"),
+                redis_key(shard, "events"),
+                redis_key(shard, "release", upload.upload_id),
             ],
             args=[
                 lock_token,
@@ -337,7 +244,7 @@ class UploadState:
                 sha256,
                 ack,
                 "1" if release else "",
-                *_flat(event),
+                *flat_pairs(event),
             ],
         )
         code = int(result[0])
@@ -367,15 +274,15 @@ class UploadState:
         finished = replace(upload, sha256=sha256, status="completed")
         result = await self._complete(
             keys=[
-                _key(shard, "upload", upload.upload_id),
-                _key(shard, "expiry"),
-                _key(shard, "events"),
+                redis_key(shard, "upload", upload.upload_id),
+                redis_key(shard, "expiry"),
+                redis_key(shard, "events"),
             ],
             args=[
                 sha256,
                 f"{now:.6f}",
                 "" if expires_at is None else f"{expires_at:.3f}",
-                *_flat(finished.as_event("completed", now, path)),
+                *flat_pairs(finished.as_event("completed", now, path)),
             ],
         )
         return int(result) == 1
@@ -385,8 +292,8 @@ class UploadState:
         result = int(
             await self._declare_length(
                 keys=[
-                    _key(upload.shard, "upload", upload.upload_id),
-                    _key(upload.shard, "lock", upload.upload_id),
+                    redis_key(upload.shard, "upload", upload.upload_id),
+                    redis_key(upload.shard, "lock", upload.upload_id),
                 ],
                 args=[lock_token, length],
             )
@@ -418,12 +325,12 @@ class UploadState:
         shard = upload.shard
         result = await self._remove(
             keys=[
-                _key(shard, "upload", upload.upload_id),
-                _key(shard, "lock", upload.upload_id),
-                _key(shard, "owner", upload.owner),
-                _key(shard, "expiry"),
-                _key(shard, "events"),
-                _key(shard, "tomb", upload.upload_id),
+                redis_key(shard, "upload", upload.upload_id),
+                redis_key(shard, "lock", upload.upload_id),
+                redis_key(shard, "owner", upload.owner),
+                redis_key(shard, "expiry"),
+                redis_key(shard, "events"),
+                redis_key(shard, "tomb", upload.upload_id),
             ],
             args=[
                 lock_token,
@@ -431,7 +338,7 @@ class UploadState:
                 self.tombstone_ttl_ms,
                 reason,
                 "" if expired_before is None else f"{expired_before:.3f}",
-                *_flat(upload.as_event(reason, now, path)),
+                *flat_pairs(upload.as_event(reason, now, path)),
             ],
         )
         if int(result) == -1:
@@ -440,16 +347,16 @@ class UploadState:
 
     async def due(self, shard: int, now: float, limit: int = 100) -> list[str]:
         """Ids in `shard` whose expiry time has come (to expire, finish or delete)."""
-        rows = await self.redis.zrangebyscore(_key(shard, "expiry"), "-inf", now, 0, limit)
-        return [_text(cast(bytes, row)) for row in rows]
+        rows = await self.redis.zrangebyscore(redis_key(shard, "expiry"), "-inf", now, 0, limit)
+        return [as_text(cast(bytes, row)) for row in rows]
 
     async def get_any(self, upload_id: str) -> Upload | None:
         """The upload whoever owns it (for background work), or None."""
-        raw = await self.redis.hgetall(_key(shard_of(upload_id), "upload", upload_id))
-        return _upload_from_hash(upload_id, raw) if raw else None
+        raw = await self.redis.hgetall(redis_key(shard_of(upload_id), "upload", upload_id))
+        return upload_from_hash(upload_id, raw) if raw else None
 
     async def postpone(self, upload_id: str, until: float) -> None:
-        await self.redis.zadd(_key(shard_of(upload_id), "expiry"), {upload_id: until}, xx=True)
+        await self.redis.zadd(redis_key(shard_of(upload_id), "expiry"), {upload_id: until}, xx=True)
 
     # -- locks -----------------------------------------------------------------------------
 
@@ -460,20 +367,20 @@ class UploadState:
         result = await self._owned(self._acquire, upload_id, owner, token, ttl_ms)
         if int(result[0]) == 2:
             return None
-        return _upload_of(upload_id, result[1]), token
+        return upload_of(upload_id, result[1]), token
 
     async def try_lock(self, upload_id: str, ttl_ms: int) -> str | None:
         """Take the upload's lock if it is free; the token to renew and release it, or None."""
         token = self.new_lock_token()
         shard = shard_of(upload_id)
-        taken = await self.redis.set(_key(shard, "lock", upload_id), token, nx=True, px=ttl_ms)
+        taken = await self.redis.set(redis_key(shard, "lock", upload_id), token, nx=True, px=ttl_ms)
         return token if taken else None
 
     async def ask_holder(self, upload_id: str, request: str, ttl_ms: int) -> bool:
         """Ask the lock's holder to `stop` or to `commit:<nonce>`; False if nobody holds it."""
         shard = shard_of(upload_id)
         asked = await self._ask_holder(
-            keys=[_key(shard, "lock", upload_id), _key(shard, "release", upload_id)],
+            keys=[redis_key(shard, "lock", upload_id), redis_key(shard, "release", upload_id)],
             args=[request, ttl_ms],
         )
         return int(asked) == 1
@@ -482,7 +389,7 @@ class UploadState:
         """True once the holder committed for the request `commit:<nonce>`, or let go."""
         shard = shard_of(upload_id)
         answered = await self._answered(
-            keys=[_key(shard, "upload", upload_id), _key(shard, "lock", upload_id)],
+            keys=[redis_key(shard, "upload", upload_id), redis_key(shard, "lock", upload_id)],
             args=[nonce],
         )
         return int(answered) == 1
@@ -497,7 +404,7 @@ class UploadState:
         shard = shard_of(upload_id)
         extend_below_ms = ttl_ms + 1 if extend_below_ms is None else extend_below_ms
         result = await self._renew(
-            keys=[_key(shard, "lock", upload_id), _key(shard, "release", upload_id)],
+            keys=[redis_key(shard, "lock", upload_id), redis_key(shard, "release", upload_id)],
             args=[token, ttl_ms, extend_below_ms],
         )
         if result == -1:
@@ -507,7 +414,7 @@ class UploadState:
     async def release(self, upload_id: str, token: str) -> None:
         shard = shard_of(upload_id)
         await self._release(
-            keys=[_key(shard, "lock", upload_id), _key(shard, "release", upload_id)],
+            keys=[redis_key(shard, "lock", upload_id), redis_key(shard, "release", upload_id)],
             args=[token],
         )
 

@@ -34,8 +34,9 @@ from tusserver.errors import (
     UploadNotFound,
 )
 from tusserver.protocol import Checksum
+from tusserver.records import Upload, new_upload_id
 from tusserver.settings import Settings
-from tusserver.state import LockLost, Upload, UploadState, new_upload_id
+from tusserver.state import LockLost, UploadState
 from tusserver.storage import Storage
 from tusserver.tasks import cancel_and_wait, was_cancelled
 

@@ -1,0 +1,118 @@
+"""An upload as Redis holds it: ids, shards, key names, and the `Upload` record.
+
+No Redis calls here (those are in `state.py`): only how an upload is named, where its keys
+live, and how its hash reads back.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+SHARD_COUNT = 16
+UploadStatus = Literal["uploading", "received", "completed"]
+EventType = Literal["created", "completed", "terminated", "expired"]
+
+# Ids are 32 lowercase hex characters: URL-safe, and safe as a file name by construction.
+ID_ALPHABET = frozenset("0123456789abcdef")
+ID_LENGTH = 32
+
+
+def new_upload_id() -> str:
+    return secrets.token_hex(ID_LENGTH // 2)
+
+
+def is_upload_id(value: str) -> bool:
+    return len(value) == ID_LENGTH and set(value) <= ID_ALPHABET
+
+
+def shard_of(upload_id: str) -> int:
+    return int(upload_id[:2], 16) % SHARD_COUNT
+
+
+def redis_key(shard: int, kind: str, name: str = "") -> str:
+    """`tus:{<shard>}:<kind>[:<name>]`: the shard is the Redis Cluster hash tag."""
+    return f"tus:{{{shard}}}:{kind}" + (f":{name}" if name else "")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One upload as Redis holds it."""
+
+    upload_id: str
+    owner: str
+    offset: int
+    length: int | None  # None while deferred
+    metadata: str  # the Upload-Metadata header as the client sent it (normalised)
+    status: UploadStatus
+    created_at: float
+    expires_at: float | None
+    url: str
+    concat: str = ""  # "", "partial" or "final;<id> <id> ..."
+    sha256: str = ""  # hex, once completed
+
+    @property
+    def is_complete(self) -> bool:
+        return self.length is not None and self.offset == self.length
+
+    @property
+    def is_partial(self) -> bool:
+        return self.concat == "partial"
+
+    @property
+    def is_final(self) -> bool:
+        return self.concat.startswith("final")
+
+    @property
+    def shard(self) -> int:
+        return shard_of(self.upload_id)
+
+    def as_event(self, event: EventType, at: float, path: str) -> dict[str, str]:
+        """The fields of this upload's event, flat strings as a Redis stream holds them."""
+        return {
+            "type": event,
+            "upload_id": self.upload_id,
+            "owner": self.owner,
+            "length": "" if self.length is None else str(self.length),
+            "offset": str(self.offset),
+            "metadata": self.metadata,
+            "sha256": self.sha256,
+            "path": path,
+            "url": self.url,
+            "time": f"{at:.3f}",
+        }
+
+
+def upload_of(upload_id: str, flat: list[Any]) -> Upload:
+    """The upload from a script's HGETALL reply (field, value, field, value, ...)."""
+    return upload_from_hash(upload_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+
+def upload_from_hash(upload_id: str, raw: Mapping[Any, Any]) -> Upload:
+    """The upload from its Redis hash (HGETALL as a mapping)."""
+    fields = {as_text(k): as_text(v) for k, v in raw.items()}
+    return Upload(
+        upload_id=upload_id,
+        owner=fields["owner"],
+        offset=int(fields["offset"]),
+        length=int(fields["length"]) if fields["length"] != "" else None,
+        metadata=fields.get("metadata", ""),
+        status=cast(UploadStatus, fields["status"]),
+        created_at=float(fields["created"]),
+        expires_at=float(fields["expires"]) if fields.get("expires") else None,
+        url=fields.get("url", ""),
+        concat=fields.get("concat", ""),
+        sha256=fields.get("sha256", ""),
+    )
+
+
+def as_text(value: bytes | str) -> str:
+    """A Redis reply value as text."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def flat_pairs(mapping: Mapping[str, str]) -> list[str]:
+    """`mapping` as [key, value, key, value, ...], as HSET and XADD take it."""
+    return [item for pair in mapping.items() for item in pair]
