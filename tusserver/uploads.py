@@ -188,15 +188,12 @@ class Uploads:
         await self.state.create(upload, path=self.storage.relative_path(upload.upload_id))
         if data and not is_whole:
             self.hashes.keep(upload.upload_id, upload.offset, running)
-        if mismatch is not None:
+        if mismatch is not None or stop is None:
             return upload, mismatch
+        committed = f"{upload.offset} bytes are committed"
         if isinstance(stop, TimeoutError):
-            committed = f"{upload.offset} bytes are committed"
             return upload, RequestTimeout(f"the body stalled for {idle:g} s; {committed}")
-        if stop is not None:
-            committed = f"{upload.offset} bytes are committed"
-            return upload, BodyIncomplete(f"the request body ended early; {committed}")
-        return upload, None
+        return upload, BodyIncomplete(f"the request body ended early; {committed}")
 
     def _new_upload(self, new: NewUpload) -> Upload:
         upload_id = new_upload_id()
