@@ -4,15 +4,19 @@ It checks the harness, not the numbers: no speed is asserted."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from benchmarks import scenarios
+from tests.conftest import TUS, ServerProcess, patch_headers, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("raw", "tusserver", "bare-aiohttp")
@@ -110,3 +114,32 @@ def test_repeated_runs_report_the_median_run_and_the_highest_peak_rss() -> None:
     assert row.peak_rss_mib == 70.0  # the highest of the runs that succeeded
     failed = scenarios.combine([run(None, 1.0, "boom")], "mb_per_s")
     assert failed.error == "boom"
+
+
+async def test_call_timing_reports_each_server_process_s_redis_steps_and_writes(
+    tmp_path: Path, processes: Callable[..., ServerProcess]
+) -> None:
+    timing_dir = tmp_path / "timing"
+    env = {
+        "PYTHONPATH": str(REPO_ROOT / "benchmarks" / "call_timing"),
+        "BENCH_CALL_TIMING_DIR": str(timing_dir),
+    }
+    server = await asyncio.to_thread(processes, tmp_path / "data", env=env)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(server.url, headers={**TUS, "Upload-Length": "3"}) as response:
+            url = response.headers["Location"]
+        async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
+            assert response.status == 204
+
+    def reported() -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for path in timing_dir.glob("*.json"):
+            merged |= json.loads(path.read_text())
+        return merged
+
+    async def has_patch_steps() -> bool:
+        return {"UploadState.acquire", "UploadState.commit", "UploadFile.write"} <= set(reported())
+
+    await wait_until(has_patch_steps)
+    acquire = reported()["UploadState.acquire"]
+    assert acquire["n"] == 1 and 0 < acquire["p50_ms"] <= acquire["max_ms"]
