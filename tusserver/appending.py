@@ -150,8 +150,7 @@ class AppendSession:
             upload = self.upload
             new_offset = self.written + self.pending_bytes if self.may_commit else upload.offset
             is_last = upload.length is not None and new_offset == upload.length
-            fsync = self.uploads.settings.fsync
-            needs_sync = fsync == "always" or (is_last and fsync != "never")
+            needs_sync = self.uploads.storage.must_sync(completes=is_last)
             needs_sync = needs_sync and new_offset > self.synced and self.file is not None
             synced = self.may_commit and await self._flush(sync=needs_sync)
             if needs_sync and not synced and self.file is not None:

@@ -122,6 +122,11 @@ class Storage:
         # own, so opening, closing and small writes never queue behind it.
         self.bulk = ThreadPoolExecutor(BULK_THREADS, thread_name_prefix="tus-bulk")
 
+    def must_sync(self, *, completes: bool) -> bool:
+        """Whether written bytes are fsynced before they are committed, per --fsync: always,
+        or only for the commit that completes the upload (`complete`), or never."""
+        return self.fsync == "always" or (completes and self.fsync != "never")
+
     def pool_for(self, size: int) -> Executor | None:
         """The thread pool for work on `size` bytes: bulk, or the loop's default."""
         return self.bulk if size >= HASH_BESIDE_BYTES else None

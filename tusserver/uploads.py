@@ -182,8 +182,7 @@ class Uploads:
             sha256=running.hexdigest() if is_whole else "",
             expires_at=self.expiry_for(status, upload.created_at),
         )  # fmt: skip
-        fsync = self.settings.fsync
-        sync = bool(data) and (fsync == "always" or (is_whole and fsync != "never"))
+        sync = bool(data) and self.storage.must_sync(completes=is_whole)
         await self.storage.create_holding(upload.upload_id, data, sync=sync)
         await self.state.create(upload, path=self.storage.relative_path(upload.upload_id))
         if data and not is_whole:
