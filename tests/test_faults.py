@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 
 from tests import faultfs
 from tests.conftest import TUS, ServerFactory, ServerProcess, patch_headers, require_tool
-from tusserver.records import shard_of
+from tusserver.records import redis_key, shard_of
 from tusserver.redis_embedded import EmbeddedRedis
 
 MiB = 2**20
@@ -252,7 +252,7 @@ def upload_id_of(url: str) -> str:
 async def wait_lock_free(redis_url: str, url: str, timeout_s: float = 10) -> None:
     """Wait until no request holds the upload's lock (a killed holder's lock expires)."""
     upload_id = upload_id_of(url)
-    key = f"tus:{{{shard_of(upload_id)}}}:lock:{upload_id}"
+    key = redis_key(shard_of(upload_id), "lock", upload_id)
     client = aioredis.Redis.from_url(redis_url)
     try:
         deadline = time.monotonic() + timeout_s
@@ -431,7 +431,7 @@ async def test_a_hang_up_keeps_the_bytes_that_reached_the_server(
 
 async def wait_lock_held(redis_url: str, url: str, timeout_s: float = 10) -> None:
     upload_id = upload_id_of(url)
-    key = f"tus:{{{shard_of(upload_id)}}}:lock:{upload_id}"
+    key = redis_key(shard_of(upload_id), "lock", upload_id)
     client = aioredis.Redis.from_url(redis_url)
     try:
         deadline = time.monotonic() + timeout_s

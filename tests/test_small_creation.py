@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from tests.conftest import OFFSET_STREAM, TUS, Server, ServerFactory, patch_headers, wait_until
 from tests.test_faults import RawRequest
 from tusserver import protocol
-from tusserver.records import shard_of
+from tusserver.records import redis_key, shard_of
 from tusserver.uploads import SMALL_BODY_BYTES
 
 
@@ -59,7 +59,7 @@ async def created_by_hang_up(
 async def events_of(redis_url: str, upload_id: str) -> list[str]:
     client = aioredis.Redis.from_url(redis_url)
     try:
-        stream = f"tus:{{{shard_of(upload_id)}}}:events"
+        stream = redis_key(shard_of(upload_id), "events")
         entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(stream))
     finally:
         await client.aclose()

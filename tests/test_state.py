@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tusserver.errors import OffsetMismatch, PayloadTooLarge, UploadGone, UploadNotFound
-from tusserver.records import Upload, new_upload_id, shard_of
+from tusserver.records import Upload, new_upload_id, redis_key
 from tusserver.state import LockLost, UploadState
 
 LOCK_MS = 3000
@@ -40,7 +40,7 @@ def new_upload(length: int | None = 10, owner: str = "alice") -> Upload:
 
 
 async def events_of(state: UploadState, upload: Upload) -> list[str]:
-    key = f"tus:{{{shard_of(upload.upload_id)}}}:events"
+    key = redis_key(upload.shard, "events")
     entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await state.redis.xrange(key))
     return [
         fields[b"type"].decode()
@@ -243,7 +243,7 @@ async def test_renew_extends_the_lock_only_once_it_has_run_down(state: UploadSta
     await state.create(upload, path="p")
     token = await state.try_lock(upload.upload_id, LOCK_MS)
     assert token is not None
-    lock_key = f"tus:{{{shard_of(upload.upload_id)}}}:lock:{upload.upload_id}"
+    lock_key = redis_key(upload.shard, "lock", upload.upload_id)
     await state.redis.pexpire(lock_key, 2000)
     assert await state.renew(upload.upload_id, token, LOCK_MS, extend_below_ms=1500) == ""
     assert await state.redis.pttl(lock_key) <= 2000  # enough left: only read, not written
