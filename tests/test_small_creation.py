@@ -7,16 +7,19 @@ SHA-256, the events, and what is kept when the body stops early or is refused.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
+import signal
 from typing import Any, cast
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import OFFSET_STREAM, TUS, Server, ServerFactory, patch_headers, wait_until
-from tests.test_faults import RawRequest
+from tests.test_faults import RawRequest, StartProcess, file_of, on, start_server
 from tusserver import protocol
 from tusserver.records import redis_key, shard_of
 from tusserver.uploads import SMALL_BODY_BYTES
@@ -181,6 +184,45 @@ async def test_a_stalled_small_body_is_408_with_its_location_and_keeps_what_arri
     assert answer.status == 408
     assert b"700 bytes are committed" in answer.body
     assert server.file_of(answer.headers["location"]).read_bytes() == source[:700]
+
+
+async def test_sigterm_during_a_small_body_answers_503_with_its_location_and_keeps_it(
+    tmp_path_factory: pytest.TempPathFactory,
+    processes: StartProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A graceful stop wakes a small creation waiting for the rest of its body, as it wakes
+    a streaming PATCH: what arrived is kept and the client learns where to resume, instead
+    of the stop waiting out its timeout and cancelling the request with nothing kept."""
+    data_dir = tmp_path_factory.mktemp("small-term") / "data"
+    server = await start_server(processes, data_dir)
+    source = os.urandom(10_000)
+    headers = creation_headers(len(source), len(source), Expect="100-continue")
+    request = await RawRequest.start(server.url, "POST", headers)
+    try:
+        interim = await request.response()
+        assert interim.status == 100  # the handler is now reading the body
+        await request.send(source[:3000])
+        server.process.send_signal(signal.SIGTERM)
+        answer = await request.response(timeout_s=30)
+    finally:
+        await request.close()
+    assert answer.status == 503, answer
+    assert int(answer.headers["retry-after"]) > 0
+    kept = int(answer.body.split(b"; ")[1].split()[0])  # "...; N bytes are committed"
+    assert 0 <= kept <= 3000
+    assert await asyncio.to_thread(server.process.wait, 20) == 0, server.log()
+
+    server = await start_server(processes, data_dir)
+    url = on(server, answer.headers["location"])
+    assert file_of(data_dir, url).read_bytes() == source[:kept]
+    async with http.head(url, headers=TUS) as response:
+        assert int(response.headers["Upload-Offset"]) == kept
+    async with http.patch(url, data=source[kept:], headers=patch_headers(kept)) as response:
+        assert response.status == 204
+    async with http.head(url, headers=TUS) as response:
+        assert response.headers["Repr-Digest"] == digest_of(source)
+    print(f"kept {kept} of the 3000 bytes sent before SIGTERM")
 
 
 async def test_a_small_body_on_a_disk_below_the_minimum_is_507_and_leaves_nothing(

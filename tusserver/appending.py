@@ -91,8 +91,9 @@ async def read_small_body(
     body: StreamReader, size: int, idle_s: float
 ) -> tuple[bytes, BaseException | None]:
     """The first `size` bytes of `body` (a small body, held whole in memory) and, if it
-    stopped before them, why: TimeoutError after `idle_s` without its end, or the stream's
-    error (the client hung up). Bytes aiohttp buffered before a hang-up count as arrived."""
+    stopped before all of them arrived, why: TimeoutError after `idle_s` without its end, or
+    the stream's error (the client hung up, or ShuttingDown set by `Uploads.stop_writers`).
+    Bytes aiohttp buffered before the stop count as arrived."""
     chunks: list[bytes] = []
     received = 0
     stop: BaseException | None = None
@@ -103,12 +104,14 @@ async def read_small_body(
                 received += len(chunk)
     except TimeoutError as error:
         stop = error
-    except Exception as error:  # the client hung up or sent a broken body
+    except Exception as error:  # the client hung up, sent a broken body, or the server stops
         stop = error
         chunks += _unread_chunks(body)
-    if stop is None and received < size:
-        stop = BodyIncomplete("the request body ended early")
-    return b"".join(chunks)[:size], stop
+    _clear_wakeup(body)  # a stop signal that came as the body ended is ours to forget
+    data = b"".join(chunks)[:size]
+    if len(data) == size:  # every byte arrived: whatever stopped the stream came after
+        return data, None
+    return data, stop or BodyIncomplete("the request body ended early")
 
 
 class AppendSession:

@@ -101,6 +101,7 @@ class Uploads:
         self.hashes = RunningHashes()
         self._background: set[asyncio.Task[None]] = set()
         self._leases: set[Lease] = set()
+        self._small_bodies: set[StreamReader] = set()  # small creations reading their body
         self.is_stopping = False
 
     # -- expiry times ----------------------------------------------------------------------
@@ -161,12 +162,17 @@ class Uploads:
         Redis step; a body that is the whole upload is `completed` at once, with its SHA-256
         and events. Returns the upload and, if not all of the body could be kept, the
         refusal to answer with (the upload exists; the client may resume it): 400 for a
-        hang-up, 408 for a stall (both keep what arrived, unless checksummed), 460 for a
-        checksum mismatch (keeps nothing). Raises 507/500 (no upload is created) and 503."""
+        hang-up, 408 for a stall, 503 when the server stops meanwhile (all three keep what
+        arrived, unless checksummed), 460 for a checksum mismatch (keeps nothing). Raises
+        507/500 (no upload is created) and 503 (the server is stopping: none)."""
         if self.is_stopping:
             raise ServiceUnavailable("the server is restarting; retry shortly", 2)
         idle = self.settings.idle_timeout_s
-        data, stop = await read_small_body(body, size, idle)
+        self._small_bodies.add(body)
+        try:
+            data, stop = await read_small_body(body, size, idle)
+        finally:
+            self._small_bodies.discard(body)
         mismatch = None
         if checksum is not None and stop is None:
             if hashlib.new(checksum.algorithm, data).digest() != checksum.digest:
@@ -192,6 +198,8 @@ class Uploads:
         committed = f"{upload.offset} bytes are committed"
         if isinstance(stop, TimeoutError):
             return upload, RequestTimeout(f"the body stalled for {idle:g} s; {committed}")
+        if isinstance(stop, ShuttingDown):
+            return upload, ServiceUnavailable(f"the server is restarting; {committed}", 2)
         return upload, BodyIncomplete(f"the request body ended early; {committed}")
 
     def _new_upload(self, new: NewUpload) -> Upload:
@@ -415,10 +423,14 @@ class Uploads:
         )  # fmt: skip
 
     def stop_writers(self) -> None:
-        """Graceful shutdown: every running PATCH commits what it has and answers 503."""
+        """Graceful shutdown: every running PATCH, and every small creation still reading its
+        body, keeps what arrived and answers 503."""
         self.is_stopping = True
         for lease in list(self._leases):
             lease.wake_reader(ShuttingDown())
+        for body in list(self._small_bodies):
+            if body.exception() is None:
+                body.set_exception(ShuttingDown())
 
     async def close(self) -> None:
         for task in list(self._background):
