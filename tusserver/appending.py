@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,33 @@ if TYPE_CHECKING:
     from tusserver.uploads import Uploads
 
 WRITE_BLOCK_BYTES = 4 * 2**20
+MIN_BLOCK_BYTES = 256 * 2**10
 COMMIT_INTERVAL_S = 1.0
+
+
+class BodyMemory:
+    """One process's budget for request bodies held in memory (--body-memory). Each body
+    that streams holds up to two blocks, one gathering and one being written, so a block is
+    the budget over twice the bodies streaming: 4 MiB while few stream, less as more do, and
+    never under 256 KiB (more thread hops per MiB, but the memory no longer grows 8 MiB per
+    upload). A body that arrives slower than that is written once a second anyway."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.streaming = 0
+
+    def block_bytes(self) -> int:
+        share = self.budget_bytes // (2 * max(1, self.streaming))
+        return max(MIN_BLOCK_BYTES, min(WRITE_BLOCK_BYTES, share))
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Count one more body streaming while the block is open."""
+        self.streaming += 1
+        try:
+            yield
+        finally:
+            self.streaming -= 1
 
 
 class TakenOver(Exception):
@@ -203,8 +230,19 @@ class AppendSession:
         self.may_commit = checksum is None and content_length is not None
         self.lease.body = body
         self.received = self.written
+        with uploads.body_memory.holding():
+            return await self._stream(body, checksum, verifier, max_bytes)
+
+    async def _stream(
+        self,
+        body: StreamReader,
+        checksum: Checksum | None,
+        verifier: Hash | None,
+        max_bytes: int | None,
+    ) -> Upload:
         loop = asyncio.get_running_loop()
-        idle = uploads.settings.idle_timeout_s
+        idle = self.uploads.settings.idle_timeout_s
+        memory = self.uploads.body_memory
         try:
             # The stall deadline covers waiting for the client only, never our own writes.
             async with asyncio.timeout(loop.time() + idle) as stall:
@@ -213,7 +251,8 @@ class AppendSession:
                     if self.lease.stop_requested or self.lease.lost:
                         raise TakenOver()
                     is_due = time.monotonic() - self.committed_at > COMMIT_INTERVAL_S
-                    if self.pending_bytes >= WRITE_BLOCK_BYTES or (is_due and self.may_commit):
+                    is_full = self.pending_bytes >= memory.block_bytes()
+                    if is_full or (is_due and self.may_commit):
                         stall.reschedule(None)
                         await self._settle_write()  # at most one block in flight
                         if is_due and self.may_commit:

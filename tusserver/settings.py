@@ -94,6 +94,7 @@ class Settings:
     idle_timeout_s: float = 60.0
     fsync: FsyncPolicy = "always"
     min_free_disk_bytes: int = 0
+    body_memory_bytes: int = 64 * 2**20
     cors_origins: tuple[str, ...] = ()
     demo_page: bool | None = None
     tombstone_ttl_s: float = 7 * 24 * 3600.0
@@ -132,6 +133,8 @@ class Settings:
             raise SettingError("--expire-after must be positive")
         if self.idle_timeout_s <= 0:
             raise SettingError("--idle-timeout must be positive")
+        if self.body_memory_bytes < 2**20:
+            raise SettingError("--body-memory must be at least 1MiB")
         if self.fsync not in ("always", "complete", "never"):
             raise SettingError(f"--fsync must be always, complete or never, got {self.fsync!r}")
         if self.public_url is not None and not re.match(r"^https?://[^/]+", self.public_url):
@@ -200,6 +203,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     ("min-free-disk", parse_size, "refuse writes with 507 when less is free", "SIZE"),
     (
+        "body-memory",
+        parse_size,
+        "request bodies a worker gathers in memory at once, shared by its uploads",
+        "SIZE",
+    ),
+    (
         "cors-origins",
         str,
         "origins allowed by CORS, comma-separated (default: any in "
@@ -234,6 +243,7 @@ _FIELD_OF_OPTION = {
     "retention": "retention_s",
     "idle-timeout": "idle_timeout_s",
     "min-free-disk": "min_free_disk_bytes",
+    "body-memory": "body_memory_bytes",
     "secret": "secrets",
     "webhook-timeout": "webhook_timeout_s",
     "webhook-max-age": "webhook_max_age_s",
@@ -255,7 +265,8 @@ def default_text(option: str) -> str:
     shown = {
         "max-size": "none", "retention": "keep until deleted", "redis-url": "embedded Valkey",
         "public-url": "from the request", "expire-after": "24h", "idle-timeout": "60s",
-        "min-free-disk": "0", "secret": "none (development mode)", "cors-origins": "see above",
+        "min-free-disk": "0", "body-memory": "64MiB", "secret": "none (development mode)",
+        "cors-origins": "see above",
         "demo-page": "on without a secret",
         "webhook-url": "none", "webhook-secret": "each --secret", "webhook-timeout": "10s",
         "webhook-max-age": "24h", "pre-create-url": "none (off)", "pre-create-timeout": "3s",

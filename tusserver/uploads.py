@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Literal
 
 from aiohttp import StreamReader
 
-from tusserver.appending import AppendSession, Lease, ShuttingDown, TakenOver, read_small_body
+from tusserver.appending import (
+    AppendSession,
+    BodyMemory,
+    Lease,
+    ShuttingDown,
+    TakenOver,
+    read_small_body,
+)
 from tusserver.errors import (
     BadRequest,
     BodyIncomplete,
@@ -99,6 +106,7 @@ class Uploads:
         self.storage = storage
         self.settings = settings
         self.hashes = RunningHashes()
+        self.body_memory = BodyMemory(settings.body_memory_bytes)
         self._background: set[asyncio.Task[None]] = set()
         self._leases: set[Lease] = set()
         self._small_bodies: set[StreamReader] = set()  # small creations reading their body
