@@ -138,8 +138,11 @@ async def test_call_timing_reports_each_server_process_s_redis_steps_and_writes(
         return merged
 
     async def has_patch_steps() -> bool:
-        return {"UploadState.acquire", "UploadState.commit", "UploadFile.write"} <= set(reported())
+        steps = {"UploadState.acquire", "UploadState.commit", "Storage.append_holding"}
+        return steps <= set(reported())  # a small PATCH: one thread hop, two Redis steps
 
     await wait_until(has_patch_steps)
     acquire = reported()["UploadState.acquire"]
     assert acquire["n"] == 1 and 0 < acquire["p50_ms"] <= acquire["max_ms"]
+    assert "Storage.open_for_append" not in reported()  # the small PATCH's one hop opened it
+    assert "UploadFile.close" not in reported()

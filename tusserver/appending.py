@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from tusserver.errors import (
     BodyIncomplete,
     ChecksumMismatch,
     Interrupted,
+    OffsetMismatch,
     PayloadTooLarge,
     RequestTimeout,
     ServiceUnavailable,
@@ -30,12 +32,14 @@ from tusserver.errors import (
 from tusserver.protocol import Checksum
 from tusserver.records import Upload
 from tusserver.state import LockLost
-from tusserver.storage import UploadFile
+from tusserver.storage import FileShorter, UploadFile
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
 
     from tusserver.uploads import Uploads
+
+log = logging.getLogger("tusserver.uploads")
 
 WRITE_BLOCK_BYTES = 4 * 2**20
 MIN_BLOCK_BYTES = 256 * 2**10
@@ -139,6 +143,20 @@ async def read_small_body(
     if len(data) == size:  # every byte arrived: whatever stopped the stream came after
         return data, None
     return data, stop or BodyIncomplete("the request body ended early")
+
+
+def refusal_for(stop: BaseException, committed: int, idle_s: float) -> TusError:
+    """The answer to a body that stopped early, once what could be kept of it is committed
+    (`committed`: the upload's offset now)."""
+    if isinstance(stop, TimeoutError):
+        return RequestTimeout(f"the body stalled for {idle_s:g} s; {committed} bytes are committed")
+    if isinstance(stop, ShuttingDown):
+        return ServiceUnavailable(f"the server is restarting; {committed} bytes are committed", 2)
+    if isinstance(stop, LockLost):
+        return ServiceUnavailable("lost the upload's lock; retry", 1)
+    if isinstance(stop, TakenOver):
+        return Interrupted(committed)
+    return BodyIncomplete(f"the request body ended early; {committed} bytes are committed")
 
 
 class AppendSession:
@@ -276,23 +294,75 @@ class AppendSession:
             _clear_wakeup(body)
             await self._settle_write(quietly=True)
             await self._keep_what_arrived()
-            if isinstance(stop, TimeoutError):
-                raise RequestTimeout(
-                    f"the body stalled for {idle:g} s; {self.upload.offset} bytes are committed"
-                ) from None
-            if isinstance(stop, ShuttingDown):
-                raise ServiceUnavailable(
-                    f"the server is restarting; {self.upload.offset} bytes are committed", 2
-                ) from None
-            if isinstance(stop, LockLost):
-                raise ServiceUnavailable("lost the upload's lock; retry", 1) from None
-            raise Interrupted(self.upload.offset) from None
-        except Exception:  # the client hung up or sent a broken body: keep what arrived
+            raise refusal_for(stop, self.upload.offset, idle) from None
+        except Exception as stop:  # the client hung up or sent a broken body: keep what arrived
             await self._settle_write(quietly=True)
             await self._keep_what_arrived()
-            raise BodyIncomplete(
-                f"the request body ended early; {self.upload.offset} bytes are committed"
-            ) from None
+            raise refusal_for(stop, self.upload.offset, idle) from None
+
+    async def append_small(
+        self, body: StreamReader, size: int, checksum: Checksum | None, max_bytes: int | None
+    ) -> Upload:
+        """`append` for a body of at most SMALL_BODY_BYTES with a known size: read whole
+        while the lock is held, then written, hashed and made durable (per --fsync) in one
+        thread hop that also opens and closes the file (`Storage.append_holding`), and
+        committed with the lock's release in one Redis step. The same answers as `append`; a
+        file shorter than the committed offset moves the offset back and answers 409."""
+        upload = self.upload
+        if upload.status != "uploading":
+            raise PayloadTooLarge("this upload is already complete")
+        if upload.length is None and max_bytes is not None and upload.offset + size > max_bytes:
+            raise PayloadTooLarge(f"the upload would pass the maximum size of {max_bytes} bytes")
+        idle = self.uploads.settings.idle_timeout_s
+        self.lease.body = body  # a takeover, a lost lock or a stop wakes the read
+        data, stop = await read_small_body(body, size, idle)
+        if checksum is not None and stop is not None:
+            data = b""  # a checksummed body is kept whole and verified, or not at all
+        elif checksum is not None:
+            if hashlib.new(checksum.algorithm, data).digest() != checksum.digest:
+                raise ChecksumMismatch(checksum.algorithm)
+        if self.lease.lost:
+            raise refusal_for(LockLost(), upload.offset, idle)
+        if data:
+            await self._write_small(data)
+        try:
+            upload = await self._commit_and_remember(release=True)
+        except LockLost:
+            raise refusal_for(LockLost(), upload.offset, idle) from None
+        if stop is not None:
+            raise refusal_for(stop, upload.offset, idle)
+        return upload
+
+    async def _write_small(self, data: bytes) -> None:
+        """Write `data` at the committed offset in one thread hop (see `append_small`)."""
+        uploads, upload = self.uploads, self.upload
+        running = uploads.hashes.take(self.upload_id, upload.offset)
+        new_offset = upload.offset + len(data)
+        sync = uploads.storage.must_sync(completes=new_offset == upload.length)
+        hashes = [running] if running is not None else []
+        try:
+            await uploads.storage.append_holding(
+                self.upload_id, upload.offset, data, hashes, sync=sync
+            )
+        except FileShorter as short:
+            log.warning("upload %s: file shorter than its offset, rewinding", self.upload_id)
+            await self.commit_offset(short.size)
+            raise OffsetMismatch(expected=short.size, got=upload.offset) from None
+        except BaseException:
+            if running is not None:  # the file was cut back: the hash still fits the offset
+                uploads.hashes.keep(self.upload_id, upload.offset, running)
+            raise
+        self.running_hash = running
+        self.written = self.synced = new_offset
+
+    async def commit_offset(self, offset: int) -> None:
+        """Move the committed offset back to `offset` (the bytes past it are gone)."""
+        now = time.time()
+        self.upload = await self.uploads.state.commit(
+            self.upload, self.lease.token, offset, now=now,
+            expires_at=self.uploads.expiry_for("uploading", now),
+        )  # fmt: skip
+        self.written = self.synced = offset
 
     def _gather(self, chunk: bytes, max_bytes: int | None) -> None:
         """Keep `chunk` in memory for the next write, if the upload has room for it."""

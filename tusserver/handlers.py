@@ -232,7 +232,9 @@ async def patch(request: web.Request) -> web.Response:
     declared_length = protocol.parse_upload_length(request.headers.get("Upload-Length"))
     checksum = protocol.parse_checksum(request.headers.get("Upload-Checksum"))
     content_length = request.content_length
-    async with uploads(request).writing(upload_id, grant(request).subject) as session:
+    is_small = uploads(request).is_small_body(content_length)
+    subject = grant(request).subject
+    async with uploads(request).writing(upload_id, subject, small_body=is_small) as session:
         upload = session.upload
         if upload.is_final:
             raise Forbidden("a final upload cannot be patched")
@@ -245,12 +247,18 @@ async def patch(request: web.Request) -> web.Response:
         if upload.length is not None and offset + (content_length or 0) > upload.length:
             raise PayloadTooLarge("the body would run past Upload-Length")
         await continue_body(request)
-        upload = await session.append(
-            request.content,
-            content_length=content_length,
-            checksum=checksum,
-            max_bytes=_max_bytes(request),
-        )
+        if is_small:
+            assert content_length is not None
+            upload = await session.append_small(
+                request.content, content_length, checksum, _max_bytes(request)
+            )
+        else:
+            upload = await session.append(
+                request.content,
+                content_length=content_length,
+                checksum=checksum,
+                max_bytes=_max_bytes(request),
+            )
     return web.Response(
         status=204,
         headers=tus_headers(upload_offset=upload.offset, upload_expires=expires_header(upload)),

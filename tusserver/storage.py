@@ -8,6 +8,7 @@ thread hop serves a 1-4 MiB block. Nothing here knows about Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
@@ -48,6 +49,15 @@ async def _in_thread(function: Callable[[], T], pool: Executor | None = None) ->
         return await asyncio.get_running_loop().run_in_executor(pool, function)
     except OSError as error:
         raise _storage_error(error) from error
+
+
+class FileShorter(Exception):
+    """The file holds fewer bytes than the committed offset (lost with the page cache after
+    a crash under --fsync never or complete): the offset must move back to `size`."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"the file holds {size} bytes, fewer than its committed offset")
+        self.size = size
 
 
 class UploadFile:
@@ -211,22 +221,57 @@ class Storage:
         crash or an uncommitted request). Returns the file and the offset writing starts at:
         the file's size if it is shorter than the committed offset (bytes lost with the page
         cache), so the caller moves the offset back instead of leaving a hole."""
-        path = self.path_of(upload_id)
+        fd, start = await _in_thread(lambda: self._open_at(upload_id, committed_offset))
+        return UploadFile(fd, self), start
 
-        def open_file() -> tuple[int, int]:
+    async def append_holding(
+        self, upload_id: str, committed_offset: int, data: bytes, hashes: list[Hash],
+        *, sync: bool,
+    ) -> None:  # fmt: skip
+        """`open_for_append`, write `data` at the committed offset, feed it to `hashes`, make
+        it durable with `sync` and close the file, all in one thread hop (for a small body).
+        Raises FileShorter, writing nothing, if the file is shorter than the offset; on a
+        failed write (InsufficientStorage, StorageFailure, as `UploadFile.write`) the file is
+        cut back to the offset."""
+
+        def append() -> None:
+            self.check_free_space(len(data))
+            fd, size = self._open_at(upload_id, committed_offset)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-            except FileNotFoundError:  # its folder is gone too (removed by hand)
-                path.parent.mkdir(mode=0o700, exist_ok=True)
-                fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+                if size < committed_offset:
+                    raise FileShorter(size)
+                try:
+                    _write_all(fd, [data], committed_offset, len(data))
+                    if sync:
+                        _sync(fd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, committed_offset)
+                    raise
+                for running_hash in hashes:
+                    running_hash.update(data)
+            finally:
+                os.close(fd)
+
+        await _in_thread(append)
+
+    def _open_at(self, upload_id: str, committed_offset: int) -> tuple[int, int]:
+        """Open the file for writing, cut off bytes past `committed_offset`; fd and size."""
+        path = self.path_of(upload_id)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:  # its folder is gone too (removed by hand)
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        try:
             size = os.fstat(fd).st_size
             if size > committed_offset:
                 os.ftruncate(fd, committed_offset)
                 size = committed_offset
-            return fd, size
-
-        fd, start = await _in_thread(open_file)
-        return UploadFile(fd, self), start
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, size
 
     async def delete(self, upload_id: str) -> None:
         """Remove the upload's file; a file already gone is fine."""

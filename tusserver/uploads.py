@@ -27,13 +27,12 @@ from tusserver.appending import (
     ShuttingDown,
     TakenOver,
     read_small_body,
+    refusal_for,
 )
 from tusserver.errors import (
     BadRequest,
-    BodyIncomplete,
     ChecksumMismatch,
     PayloadTooLarge,
-    RequestTimeout,
     ServiceUnavailable,
     TusError,
     UploadGone,
@@ -151,15 +150,22 @@ class Uploads:
         finally:
             await file.close()
 
+    @staticmethod
+    def is_small_body(content_length: int | None) -> bool:
+        """A body of known size, at most SMALL_BODY_BYTES: read whole, then written in one
+        thread hop (`create_with_body`, `AppendSession.append_small`)."""
+        return content_length is not None and 0 < content_length <= SMALL_BODY_BYTES
+
     def fits_in_one_step(
         self, length: int | None, content_length: int | None, max_bytes: int | None
     ) -> bool:
-        """Whether a creation-with-upload body is small enough for `create_with_body`: its
-        size is known, at most SMALL_BODY_BYTES, and within the upload's length (or, with
-        the length deferred, within `max_bytes`). Other bodies stream through `creating`."""
+        """Whether a creation-with-upload body is small enough for `create_with_body`: a
+        small body within the upload's length (or, with the length deferred, within
+        `max_bytes`). Other bodies stream through `creating`."""
         limit = length if length is not None else max_bytes
-        if content_length is None or not 0 < content_length <= SMALL_BODY_BYTES:
+        if not self.is_small_body(content_length):
             return False
+        assert content_length is not None
         return limit is None or content_length <= limit
 
     async def create_with_body(
@@ -203,12 +209,7 @@ class Uploads:
             self.hashes.keep(upload.upload_id, upload.offset, running)
         if mismatch is not None or stop is None:
             return upload, mismatch
-        committed = f"{upload.offset} bytes are committed"
-        if isinstance(stop, TimeoutError):
-            return upload, RequestTimeout(f"the body stalled for {idle:g} s; {committed}")
-        if isinstance(stop, ShuttingDown):
-            return upload, ServiceUnavailable(f"the server is restarting; {committed}", 2)
-        return upload, BodyIncomplete(f"the request body ended early; {committed}")
+        return upload, refusal_for(stop, upload.offset, idle)
 
     def _new_upload(self, new: NewUpload) -> Upload:
         upload_id = new_upload_id()
@@ -341,22 +342,23 @@ class Uploads:
     # -- writing ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def writing(self, upload_id: str, owner: str) -> AsyncIterator[AppendSession]:
+    async def writing(
+        self, upload_id: str, owner: str, *, small_body: bool = False
+    ) -> AsyncIterator[AppendSession]:
         """Lock the upload and open its file for appending at the committed offset. If the
-        file is shorter than that offset, the offset goes back to the file's size first."""
+        file is shorter than that offset, the offset goes back to the file's size first.
+        With `small_body` the file is not opened here: `AppendSession.append_small` opens,
+        writes and closes it in one thread hop."""
         async with self.locked(upload_id, owner) as (upload, lease):
-            if upload.status != "uploading":  # nothing to open: any byte is past the length
+            if upload.status != "uploading" or small_body:
                 yield AppendSession(self, upload, lease, None)
                 return
             file, start = await self.storage.open_for_append(upload_id, upload.offset)
             try:
+                session = AppendSession(self, upload, lease, file)
                 if start < upload.offset:
                     log.warning("upload %s: file shorter than its offset, rewinding", upload_id)
-                    upload = await self.state.commit(
-                        upload, lease.token, start, now=time.time(),
-                        expires_at=self.expiry_for("uploading", time.time()),
-                    )  # fmt: skip
-                session = AppendSession(self, upload, lease, file)
+                    await session.commit_offset(start)
                 lease.session = session
                 yield session
             finally:

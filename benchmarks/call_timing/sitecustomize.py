@@ -28,7 +28,9 @@ TIMED = {
     "tusserver.state:UploadState": (
         "acquire", "read", "commit", "renew", "create", "release", "declare_length",
     ),
-    "tusserver.storage:Storage": ("open_for_append", "create_for_append", "create_holding"),
+    "tusserver.storage:Storage": (
+        "open_for_append", "create_for_append", "create_holding", "append_holding",
+    ),
     "tusserver.storage:UploadFile": ("write", "close", "sync", "truncate"),
 }  # fmt: skip
 DUMP_INTERVAL_S = 1.0
