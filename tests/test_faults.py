@@ -632,6 +632,28 @@ async def test_sigterm_commits_what_arrived_answers_503_and_stops_its_valkey(
     assert await completed_digest(http, url) == repr_digest_of(source)
 
 
+async def sigterm_mid_small_body(
+    server: ServerProcess, url: str, method: str, headers: Mapping[str, str], sent: bytes
+) -> tuple[RawResponse, int]:
+    """Start a small-body request with `Expect: 100-continue`, send `sent` once the handler
+    reads the body, SIGTERM the server; its answer (a 503, checked) and the bytes it says it
+    committed. The server has stopped cleanly when this returns."""
+    request = await RawRequest.start(url, method, {**headers, "Expect": "100-continue"})
+    try:
+        assert (await request.response()).status == 100  # the handler is reading the body
+        await request.send(sent)
+        server.process.send_signal(signal.SIGTERM)
+        answer = await request.response(timeout_s=30)
+    finally:
+        await request.close()
+    assert answer.status == 503, answer
+    assert int(answer.headers["retry-after"]) > 0
+    kept = int(answer.body.split(b"; ")[1].split()[0])  # "...; N bytes are committed"
+    assert 0 <= kept <= len(sent)
+    assert await asyncio.to_thread(server.process.wait, 20) == 0, server.log()
+    return answer, kept
+
+
 # -- an idle timeout that fires in the middle of a block write ---------------------------
 
 

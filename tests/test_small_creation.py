@@ -7,11 +7,9 @@ SHA-256, the events, and what is kept when the body stops early or is refused.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import os
-import signal
 from typing import Any, cast
 
 import aiohttp
@@ -19,7 +17,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import OFFSET_STREAM, TUS, Server, ServerFactory, patch_headers, wait_until
-from tests.test_faults import RawRequest, StartProcess, file_of, on, start_server
+from tests.test_faults import (
+    RawRequest,
+    StartProcess,
+    file_of,
+    on,
+    sigterm_mid_small_body,
+    start_server,
+)
 from tusserver import protocol
 from tusserver.records import redis_key, shard_of
 from tusserver.uploads import SMALL_BODY_BYTES
@@ -197,21 +202,8 @@ async def test_sigterm_during_a_small_body_answers_503_with_its_location_and_kee
     data_dir = tmp_path_factory.mktemp("small-term") / "data"
     server = await start_server(processes, data_dir)
     source = os.urandom(10_000)
-    headers = creation_headers(len(source), len(source), Expect="100-continue")
-    request = await RawRequest.start(server.url, "POST", headers)
-    try:
-        interim = await request.response()
-        assert interim.status == 100  # the handler is now reading the body
-        await request.send(source[:3000])
-        server.process.send_signal(signal.SIGTERM)
-        answer = await request.response(timeout_s=30)
-    finally:
-        await request.close()
-    assert answer.status == 503, answer
-    assert int(answer.headers["retry-after"]) > 0
-    kept = int(answer.body.split(b"; ")[1].split()[0])  # "...; N bytes are committed"
-    assert 0 <= kept <= 3000
-    assert await asyncio.to_thread(server.process.wait, 20) == 0, server.log()
+    headers = creation_headers(len(source), len(source))
+    answer, kept = await sigterm_mid_small_body(server, server.url, "POST", headers, source[:3000])
 
     server = await start_server(processes, data_dir)
     url = on(server, answer.headers["location"])

@@ -6,11 +6,9 @@ exact bytes and SHA-256, what a stop keeps, and a file that disagrees with its o
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import os
-import signal
 
 import aiohttp
 import pytest
@@ -25,6 +23,7 @@ from tests.test_faults import (
     offset_of,
     on,
     repr_digest_of,
+    sigterm_mid_small_body,
     start_server,
 )
 from tusserver.uploads import SMALL_BODY_BYTES
@@ -218,19 +217,8 @@ async def test_sigterm_during_a_small_patch_answers_503_and_keeps_what_arrived(
     server = await start_server(processes, data_dir)
     source = os.urandom(10_000)
     url = await create(http, server.url, len(source))
-    headers = {**patch_headers(0), "Content-Length": "10000", "Expect": "100-continue"}
-    request = await RawRequest.start(url, "PATCH", headers)
-    try:
-        assert (await request.response()).status == 100  # the lock is held, the body awaited
-        await request.send(source[:3000])
-        server.process.send_signal(signal.SIGTERM)
-        answer = await request.response(timeout_s=30)
-    finally:
-        await request.close()
-    assert answer.status == 503, answer
-    kept = int(answer.body.split(b"; ")[1].split()[0])  # "...; N bytes are committed"
-    assert 0 <= kept <= 3000
-    assert await asyncio.to_thread(server.process.wait, 20) == 0, server.log()
+    headers = {**patch_headers(0), "Content-Length": "10000"}
+    _answer, kept = await sigterm_mid_small_body(server, url, "PATCH", headers, source[:3000])
 
     server = await start_server(processes, data_dir)
     url = on(server, url)

@@ -145,6 +145,21 @@ async def read_small_body(
     return data, stop or BodyIncomplete("the request body ended early")
 
 
+def verified_small_body(
+    data: bytes, stop: BaseException | None, checksum: Checksum | None
+) -> tuple[bytes, ChecksumMismatch | None]:
+    """What of a small body (`read_small_body`) may be kept: all that arrived, or with an
+    `Upload-Checksum`, the whole body if it matches and nothing otherwise (with the mismatch
+    to answer when the whole body arrived)."""
+    if checksum is None:
+        return data, None
+    if stop is not None:
+        return b"", None
+    if hashlib.new(checksum.algorithm, data).digest() != checksum.digest:
+        return b"", ChecksumMismatch(checksum.algorithm)
+    return data, None
+
+
 def refusal_for(stop: BaseException, committed: int, idle_s: float) -> TusError:
     """The answer to a body that stopped early, once what could be kept of it is committed
     (`committed`: the upload's offset now)."""
@@ -316,11 +331,9 @@ class AppendSession:
         idle = self.uploads.settings.idle_timeout_s
         self.lease.body = body  # a takeover, a lost lock or a stop wakes the read
         data, stop = await read_small_body(body, size, idle)
-        if checksum is not None and stop is not None:
-            data = b""  # a checksummed body is kept whole and verified, or not at all
-        elif checksum is not None:
-            if hashlib.new(checksum.algorithm, data).digest() != checksum.digest:
-                raise ChecksumMismatch(checksum.algorithm)
+        data, mismatch = verified_small_body(data, stop, checksum)
+        if mismatch is not None:
+            raise mismatch
         if self.lease.lost:
             raise refusal_for(LockLost(), upload.offset, idle)
         if data:

@@ -28,10 +28,10 @@ from tusserver.appending import (
     TakenOver,
     read_small_body,
     refusal_for,
+    verified_small_body,
 )
 from tusserver.errors import (
     BadRequest,
-    ChecksumMismatch,
     PayloadTooLarge,
     ServiceUnavailable,
     TusError,
@@ -187,12 +187,7 @@ class Uploads:
             data, stop = await read_small_body(body, size, idle)
         finally:
             self._small_bodies.discard(body)
-        mismatch = None
-        if checksum is not None and stop is None:
-            if hashlib.new(checksum.algorithm, data).digest() != checksum.digest:
-                mismatch = ChecksumMismatch(checksum.algorithm)
-        if checksum is not None and (stop is not None or mismatch is not None):
-            data = b""  # a checksummed body is kept whole and verified, or not at all
+        data, mismatch = verified_small_body(data, stop, checksum)
         upload = self._new_upload(new)
         running = hashlib.sha256(data)
         is_whole = upload.length == len(data)
