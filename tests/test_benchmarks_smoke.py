@@ -5,6 +5,8 @@ It checks the harness, not the numbers: no speed is asserted."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import subprocess
 import sys
@@ -146,3 +148,27 @@ async def test_call_timing_reports_each_server_process_s_redis_steps_and_writes(
     assert acquire["n"] == 1 and 0 < acquire["p50_ms"] <= acquire["max_ms"]
     assert "Storage.open_for_append" not in reported()  # the small PATCH's one hop opened it
     assert "UploadFile.close" not in reported()
+
+
+async def test_no_hash_takes_the_sha256_out_of_streamed_bodies_only(
+    tmp_path: Path, processes: Callable[..., ServerProcess]
+) -> None:
+    env = {"PYTHONPATH": str(REPO_ROOT / "benchmarks" / "no_hash")}
+    server = await asyncio.to_thread(processes, tmp_path / "data", env=env)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(server.url, headers={**TUS, "Upload-Length": "3"}) as response:
+            url = response.headers["Location"]
+        async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
+            assert response.status == 204
+        async with http.head(url, headers=TUS) as response:
+            streamed = response.headers["Repr-Digest"]
+        created = {**TUS, "Upload-Length": "3", "Content-Type": "application/offset+octet-stream"}
+        async with http.post(server.url, data=b"abc", headers=created) as response:
+            assert response.status == 201
+            whole = response.headers["Location"]
+        async with http.head(whole, headers=TUS) as response:
+            small_creation = response.headers["Repr-Digest"]
+    zeros = base64.b64encode(bytes(32)).decode()
+    assert streamed == f"sha-256=:{zeros}:"  # the running hash did no work
+    real = base64.b64encode(hashlib.sha256(b"abc").digest()).decode()
+    assert small_creation == f"sha-256=:{real}:"  # a hash started with data stays real
