@@ -52,6 +52,13 @@ def _timed(name: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Aw
 
 def _install() -> None:
     import importlib
+    import sys
+
+    # `python -m tusserver` imports the package of its working directory (the checkout the
+    # harness runs from), but that folder joins sys.path only after this file ran: without
+    # this line a second checkout would be timed with the installed package's code.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
     for where, names in TIMED.items():
         module_name, class_name = where.split(":")
