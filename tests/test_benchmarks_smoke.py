@@ -118,6 +118,15 @@ def test_repeated_runs_report_the_median_run_and_the_highest_peak_rss() -> None:
     assert failed.error == "boom"
 
 
+async def upload_in_one_small_patch(http: aiohttp.ClientSession, server_url: str) -> str:
+    """Create an upload of 3 bytes and send them in one PATCH; its URL."""
+    async with http.post(server_url, headers={**TUS, "Upload-Length": "3"}) as response:
+        url = response.headers["Location"]
+    async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
+        assert response.status == 204
+    return url
+
+
 async def test_call_timing_reports_each_server_process_s_redis_steps_and_writes(
     tmp_path: Path, processes: Callable[..., ServerProcess]
 ) -> None:
@@ -128,10 +137,7 @@ async def test_call_timing_reports_each_server_process_s_redis_steps_and_writes(
     }
     server = await asyncio.to_thread(processes, tmp_path / "data", env=env)
     async with aiohttp.ClientSession() as http:
-        async with http.post(server.url, headers={**TUS, "Upload-Length": "3"}) as response:
-            url = response.headers["Location"]
-        async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
-            assert response.status == 204
+        await upload_in_one_small_patch(http, server.url)
 
     def reported() -> dict[str, Any]:
         merged: dict[str, Any] = {}
@@ -156,10 +162,7 @@ async def test_no_hash_takes_the_sha256_out_of_streamed_bodies_only(
     env = {"PYTHONPATH": str(REPO_ROOT / "benchmarks" / "no_hash")}
     server = await asyncio.to_thread(processes, tmp_path / "data", env=env)
     async with aiohttp.ClientSession() as http:
-        async with http.post(server.url, headers={**TUS, "Upload-Length": "3"}) as response:
-            url = response.headers["Location"]
-        async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
-            assert response.status == 204
+        url = await upload_in_one_small_patch(http, server.url)
         async with http.head(url, headers=TUS) as response:
             streamed = response.headers["Repr-Digest"]
         created = {**TUS, "Upload-Length": "3", "Content-Type": "application/offset+octet-stream"}
