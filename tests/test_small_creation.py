@@ -20,6 +20,7 @@ from tests.conftest import OFFSET_STREAM, TUS, Server, ServerFactory, patch_head
 from tests.test_faults import (
     RawRequest,
     StartProcess,
+    completed_digest,
     file_of,
     on,
     sigterm_mid_small_body,
@@ -212,8 +213,8 @@ async def test_sigterm_during_a_small_body_answers_503_with_its_location_and_kee
         assert int(response.headers["Upload-Offset"]) == kept
     async with http.patch(url, data=source[kept:], headers=patch_headers(kept)) as response:
         assert response.status == 204
-    async with http.head(url, headers=TUS) as response:
-        assert response.headers["Repr-Digest"] == digest_of(source)
+    # resumed on a new process: without the first bytes' running hash, it is hashed beside
+    assert await completed_digest(http, url) == digest_of(source)
     print(f"kept {kept} of the 3000 bytes sent before SIGTERM")
 
 
