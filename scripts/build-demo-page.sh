@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the vendored Uppy bundle of the demo page (tusserver/static/vendor/uppy/) from npm.
+# Rebuild the vendored Uppy bundle of the demo page (tusserver/http/static/vendor/uppy/) from npm.
 #
 # The files are Uppy's own prebuilt bundle (dist/uppy.min.js and dist/uppy.min.css of the
 # npm package `uppy`), copied unchanged, with Uppy's LICENSE, the licence texts of every
@@ -11,7 +11,7 @@ set -euo pipefail
 UPPY_VERSION=6.0.1
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-dest="$root/tusserver/static/vendor/uppy"
+dest="$root/tusserver/http/static/vendor/uppy"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

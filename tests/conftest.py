@@ -25,11 +25,12 @@ import pytest
 import redis
 from aiohttp import web
 
-from tusserver.app import AccessLogger, build_app
-from tusserver.keys import UPLOADS
-from tusserver.redis_embedded import EmbeddedRedis
+from tusserver.http.access_log import AccessLogger
+from tusserver.http.app import build_app
+from tusserver.http.keys import UPLOADS
 from tusserver.settings import Settings
-from tusserver.uploads import Uploads
+from tusserver.store.embedded import EmbeddedRedis
+from tusserver.uploads.service import Uploads
 
 TUS = {"Tus-Resumable": "1.0.0"}
 OFFSET_STREAM = "application/offset+octet-stream"

@@ -30,8 +30,9 @@ from tests.conftest import (
     patch_headers,
     wait_until,
 )
-from tusserver.app import AccessLogger, JsonAccessLogger, build_app
 from tusserver.auth import ACTIONS, issue_token
+from tusserver.http.access_log import AccessLogger, JsonAccessLogger
+from tusserver.http.app import build_app
 from tusserver.settings import Settings
 
 SECRET = "current-secret"

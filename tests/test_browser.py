@@ -30,8 +30,8 @@ from tests.test_js_client import (
     require_node_package,
     tusserver_process,
 )
-from tusserver import demo
 from tusserver.auth import issue_token
+from tusserver.http import demo
 from tusserver.settings import Settings
 
 ARTIFACTS = Path(__file__).parent / "artifacts"

@@ -16,10 +16,10 @@ import redis
 from aiohttp import web
 
 from tests.conftest import TUS, patch_headers
-from tusserver.app import build_app
-from tusserver.records import SHARD_COUNT
-from tusserver.redis_embedded import find_server_binary
+from tusserver.http.app import build_app
 from tusserver.settings import Settings
+from tusserver.store.embedded import find_server_binary
+from tusserver.store.records import SHARD_COUNT
 
 SLOTS = 16384
 

@@ -22,10 +22,10 @@ from tests.conftest import (
     patch_headers,
     wait_until,
 )
-from tusserver.app import build_app
 from tusserver.auth import issue_token
-from tusserver.redis_embedded import EmbeddedRedis
+from tusserver.http.app import build_app
 from tusserver.settings import Settings, build_settings
+from tusserver.store.embedded import EmbeddedRedis
 
 APP = "https://app.example"
 OTHER = "https://evil.example"

@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import TUS, has_tool, listening_url, patch_headers, require_tool
-from tusserver import lua
+from tusserver.store import lua
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="strace is Linux only")
 

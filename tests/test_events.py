@@ -34,11 +34,11 @@ from tests.conftest import (
     wait_until,
 )
 from tusserver.auth import issue_token
-from tusserver.events import GROUP, DeliveryPolicy, Outbox, dead_letter_key, events_key
-from tusserver.parent import signature_header, signing_secrets_of, verify_signature
-from tusserver.records import SHARD_COUNT, shard_of
-from tusserver.redis_client import connect
+from tusserver.events.delivery import GROUP, DeliveryPolicy, Outbox, dead_letter_key, events_key
+from tusserver.events.parent import signature_header, signing_secrets_of, verify_signature
 from tusserver.settings import SettingError, Settings, build_settings
+from tusserver.store.client import connect
+from tusserver.store.records import SHARD_COUNT, shard_of
 
 SECRET = "parent-webhook-secret"
 FAST = {"webhook_backoff_s": 0.02, "webhook_backoff_max_s": 0.1}
@@ -241,7 +241,7 @@ async def test_development_mode_without_a_webhook_secret_sends_unsigned_and_warn
     receiver: Receiver,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="tusserver.events")
+    caplog.set_level(logging.WARNING, logger="tusserver.events.delivery")
     server = await make_server(webhook_url=receiver.url)
     assert any("unsigned" in record.message for record in caplog.records)
     await create_upload(http, server, 3)

@@ -28,8 +28,8 @@ import redis.asyncio as aioredis
 
 from tests import faultfs
 from tests.conftest import TUS, ServerFactory, ServerProcess, patch_headers, require_tool
-from tusserver.records import redis_key, shard_of
-from tusserver.redis_embedded import EmbeddedRedis
+from tusserver.store.embedded import EmbeddedRedis
+from tusserver.store.records import redis_key, shard_of
 
 MiB = 2**20
 BLOCK_BYTES = 4 * MiB  # the server writes a body in blocks of this size

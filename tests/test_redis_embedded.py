@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 import redis
 
-from tusserver.redis_embedded import EmbeddedRedis, EmbeddedRedisError, find_server_binary
+from tusserver.store.embedded import EmbeddedRedis, EmbeddedRedisError, find_server_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 15.0
@@ -136,7 +136,7 @@ ORPHAN_PARENT = """
 import sys, time
 from pathlib import Path
 import redis
-from tusserver.redis_embedded import EmbeddedRedis
+from tusserver.store.embedded import EmbeddedRedis
 server = EmbeddedRedis(Path(sys.argv[1]))
 with redis.Redis.from_url(server.start()) as client:
     client.set("orphan-key", b"kept")

@@ -27,8 +27,8 @@ from tests.test_faults import (
     start_server,
 )
 from tusserver import protocol
-from tusserver.records import redis_key, shard_of
-from tusserver.uploads import SMALL_BODY_BYTES
+from tusserver.store.records import redis_key, shard_of
+from tusserver.uploads.service import SMALL_BODY_BYTES
 
 
 def creation_headers(length: int | None, body_bytes: int, **extra: str) -> dict[str, str]:

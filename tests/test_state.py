@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from tusserver.errors import OffsetMismatch, PayloadTooLarge, UploadGone, UploadNotFound
-from tusserver.records import Upload, new_upload_id, redis_key
-from tusserver.state import LockLost, UploadState
+from tusserver.store.records import Upload, new_upload_id, redis_key
+from tusserver.store.state import LockLost, UploadState
 
 LOCK_MS = 3000
 

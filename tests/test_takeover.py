@@ -37,7 +37,7 @@ from tests.test_faults import (
 )
 from tests.test_faults import http as http
 from tests.test_faults import own_redis as own_redis
-from tusserver.redis_embedded import EmbeddedRedis
+from tusserver.store.embedded import EmbeddedRedis
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 

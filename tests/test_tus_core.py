@@ -33,7 +33,8 @@ from tests.conftest import (
     patch_headers,
     wait_until,
 )
-from tusserver import expiry, protocol
+from tusserver import protocol
+from tusserver.uploads import expiry
 
 EXTENSIONS = {
     "creation",

@@ -27,10 +27,10 @@ import pytest
 from tests.conftest import ServerProcess
 from tusserver import cli
 from tusserver.auth import issue_token
-from tusserver.uploader_files import ResumeState, find_files, resume_key
-from tusserver.uploader_progress import PlainReporter
-from tusserver.uploader_transfer import FileResult, RetryPolicy, is_retryable
-from tusserver.uploader_tus import network_reason, parse_repr_digest
+from tusserver.uploader.files import ResumeState, find_files, resume_key
+from tusserver.uploader.progress import PlainReporter
+from tusserver.uploader.transfer import FileResult, RetryPolicy, is_retryable
+from tusserver.uploader.tus import network_reason, parse_repr_digest
 
 SECRET = "uploader-test-secret"
 Processes = Callable[..., ServerProcess]

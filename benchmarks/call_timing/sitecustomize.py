@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 TIMED = {
-    "tusserver.state:UploadState": (
+    "tusserver.store.state:UploadState": (
         "acquire", "read", "commit", "renew", "create", "release", "declare_length",
     ),
-    "tusserver.storage:Storage": (
+    "tusserver.files.storage:Storage": (
         "open_for_append", "create_for_append", "create_holding", "append_holding",
     ),
-    "tusserver.storage:UploadFile": ("write", "close", "sync", "truncate"),
+    "tusserver.files.storage:UploadFile": ("write", "close", "sync", "truncate"),
 }  # fmt: skip
 DUMP_INTERVAL_S = 1.0
 

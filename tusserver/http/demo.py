@@ -1,6 +1,6 @@
 """The demo upload page: Uppy's Dashboard with its tus uploader, at `/`.
 
-The page and its vendored Uppy bundle are static files inside the package (tusserver/static/,
+The page and its vendored Uppy bundle are static files inside the package (tusserver/http/static/,
 rebuilt by scripts/build-demo-page.sh), so the page needs neither Node nor the network. It is
 served without a token in every mode: it holds no data, and in secured mode it reads the
 token from the URL fragment in the browser (see static/demo.js).

@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from tusserver.auth import Grant
-from tusserver.parent import PreCreateCheck
+from tusserver.events.parent import PreCreateCheck
 from tusserver.settings import Settings
-from tusserver.uploads import Uploads
+from tusserver.uploads.service import Uploads
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS_URL = web.AppKey("redis_url", str)

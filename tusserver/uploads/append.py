@@ -29,17 +29,17 @@ from tusserver.errors import (
     ServiceUnavailable,
     TusError,
 )
+from tusserver.files.storage import FileShorter, UploadFile
 from tusserver.protocol import Checksum
-from tusserver.records import Upload
-from tusserver.state import LockLost
-from tusserver.storage import FileShorter, UploadFile
+from tusserver.store.records import Upload
+from tusserver.store.state import LockLost
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
 
-    from tusserver.uploads import Uploads
+    from tusserver.uploads.service import Uploads
 
-log = logging.getLogger("tusserver.uploads")
+log = logging.getLogger("tusserver.uploads.service")
 
 WRITE_BLOCK_BYTES = 4 * 2**20
 MIN_BLOCK_BYTES = 256 * 2**10

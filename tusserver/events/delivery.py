@@ -28,9 +28,9 @@ from aiohttp import web
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
-from tusserver import lua, protocol
+from tusserver import protocol
 from tusserver.errors import TusError
-from tusserver.parent import (
+from tusserver.events.parent import (
     PreCreateCheck,
     json_bytes,
     metadata_text,
@@ -38,12 +38,13 @@ from tusserver.parent import (
     read_some,
     signing_secrets_of,
 )
-from tusserver.records import SHARD_COUNT
-from tusserver.redis_client import RedisClient, connect
 from tusserver.settings import Settings
+from tusserver.store import lua
+from tusserver.store.client import RedisClient, connect
+from tusserver.store.records import SHARD_COUNT
 from tusserver.tasks import cancel_and_wait, was_cancelled
 
-log = logging.getLogger("tusserver.events")
+log = logging.getLogger("tusserver.events.delivery")
 
 GROUP = "tusserver-webhook"
 DEAD_LETTER_MAXLEN = 10_000

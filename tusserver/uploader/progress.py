@@ -21,8 +21,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from tusserver.uploader_files import LocalFile
-from tusserver.uploader_transfer import FileResult
+from tusserver.uploader.files import LocalFile
+from tusserver.uploader.transfer import FileResult
 
 NAME_COLUMN_CHARS = 40
 PLAIN_PROGRESS_EVERY_S = 5.0

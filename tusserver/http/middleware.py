@@ -1,33 +1,22 @@
-"""Build the aiohttp Application: routes, middlewares, and the resources it owns.
-
-Middlewares, outermost first: CORS (every answer, errors included, reaches the browser) ->
-errors (a TusError becomes its plain-text answer) -> method override -> Tus-Resumable ->
-auth -> handler.
+"""The middlewares, outermost first: CORS (every answer, errors included, reaches the
+browser) -> errors (a TusError becomes its plain-text answer) -> method override ->
+Tus-Resumable -> auth -> handler.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
-from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tusserver import auth, demo, events, expiry, handlers, parent, protocol
+from tusserver import auth, protocol
 from tusserver.errors import ServiceUnavailable, TusError
-from tusserver.keys import GRANT, PRE_CREATE, REDIS_URL, SETTINGS, UPLOADS
-from tusserver.redis_client import connect as connect_redis
+from tusserver.http.keys import GRANT, SETTINGS
 from tusserver.settings import Settings
-from tusserver.state import UploadState
-from tusserver.storage import Storage
-from tusserver.tasks import cancel_and_wait
-from tusserver.uploads import Uploads
 
 log = logging.getLogger("tusserver")
 
@@ -45,12 +34,6 @@ CORS_EXPOSE_HEADERS = (
     "ETag, WWW-Authenticate"
 )
 CORS_ALLOW_METHODS = "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
-# aiohttp refuses header lines past this itself; protocol.py refuses Upload-Metadata and
-# Upload-Concat values past its own (smaller) documented limit with a clear 400.
-MAX_HEADER_FIELD_BYTES = 128 * 1024
-# Bytes a request body may buffer before aiohttp pauses the socket (twice this at most):
-# larger reads mean fewer wake-ups per MiB; memory per request stays a few MiB.
-READ_BUFFER_BYTES = 512 * 1024
 
 
 def _is_tus_route(request: web.Request) -> bool:
@@ -150,109 +133,3 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             request.method, request.headers, request.query, request.app[SETTINGS].secrets
         )
     return await handler(request)
-
-
-async def _no_automatic_continue(request: web.Request) -> None:
-    """aiohttp answers `Expect: 100-continue` before any check; handlers do it themselves
-    after their checks (handlers.continue_body)."""
-
-
-async def health(request: web.Request) -> web.Response:
-    """200 when Redis answers, 503 otherwise."""
-    await request.app[UPLOADS].state.ping()
-    return web.json_response({"status": "ok"})
-
-
-async def _redis_context(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    client = await connect_redis(app[REDIS_URL])
-    state = UploadState(client, tombstone_ttl_s=settings.tombstone_ttl_s)
-    await state.check_layout()
-    storage = Storage(
-        settings.data_dir, fsync=settings.fsync, min_free_disk_bytes=settings.min_free_disk_bytes
-    )
-    storage.prepare()
-    app[UPLOADS] = Uploads(state, storage, settings)
-    yield
-    await app[UPLOADS].close()
-    storage.close()
-    await client.aclose()
-
-
-async def _stop_writers(app: web.Application) -> None:
-    """On shutdown (after the listener closed): running PATCHes commit and answer 503."""
-    if UPLOADS in app:
-        app[UPLOADS].stop_writers()
-
-
-async def _sweeper_context(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(expiry.sweep_forever(app[UPLOADS], app[SETTINGS].sweep_interval_s))
-    yield
-    await cancel_and_wait(task)
-
-
-def build_app(settings: Settings, redis_url: str) -> web.Application:
-    """The tus application for `settings`, using the Redis at `redis_url`."""
-    app = web.Application(
-        middlewares=[
-            cors_middleware,
-            error_middleware,
-            method_override_middleware,
-            tus_resumable_middleware,
-            auth_middleware,
-        ],
-        handler_args={"max_field_size": MAX_HEADER_FIELD_BYTES, "read_bufsize": READ_BUFFER_BYTES},
-    )
-    app[SETTINGS] = settings
-    app[REDIS_URL] = redis_url
-    base = settings.base_path
-    continue_handler = _no_automatic_continue
-    app.router.add_route(
-        "*", base.rstrip("/") or "/", handlers.collection, name="tus-collection-bare",
-        expect_handler=continue_handler,
-    )  # fmt: skip
-    app.router.add_route(
-        "*", base, handlers.collection, name="tus-collection", expect_handler=continue_handler
-    )
-    app.router.add_route(
-        "*", base + "{upload_id}", handlers.upload, name="tus-upload",
-        expect_handler=continue_handler,
-    )  # fmt: skip
-    app.router.add_get("/health", health, name="health")
-    demo.add_demo_routes(app, settings)
-    app.on_shutdown.append(_stop_writers)
-    app.cleanup_ctx.append(_redis_context)
-    app.cleanup_ctx.append(_sweeper_context)
-    app[PRE_CREATE] = parent.PreCreateCheck(settings)
-    app.cleanup_ctx.append(events.events_context(settings, redis_url, app[PRE_CREATE]))
-    return app
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One line per request: method, path without its query (tokens live there), status,
-    bytes, milliseconds, upload id. JSON when --log-json."""
-
-    json_lines = False
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time_s: float) -> None:
-        fields = {
-            "method": request.method,
-            "path": request.path,
-            "status": response.status,
-            "bytes_in": request.content_length or 0,
-            "bytes_out": response.body_length,
-            "ms": round(time_s * 1000, 1),
-            "upload_id": getattr(request, "match_info", {}).get("upload_id", ""),
-        }
-        if self.json_lines:
-            self.logger.info(json.dumps({"time": time.time(), **fields}))
-        else:
-            self.logger.info(
-                "%(method)s %(path)s %(status)s in=%(bytes_in)s out=%(bytes_out)s "
-                "%(ms)sms %(upload_id)s",
-                fields,
-            )
-
-
-class JsonAccessLogger(AccessLogger):
-    json_lines = True

@@ -20,16 +20,6 @@ from typing import TYPE_CHECKING, Literal
 
 from aiohttp import StreamReader
 
-from tusserver.appending import (
-    AppendSession,
-    BodyMemory,
-    Lease,
-    ShuttingDown,
-    TakenOver,
-    read_small_body,
-    refusal_for,
-    verified_small_body,
-)
 from tusserver.errors import (
     BadRequest,
     PayloadTooLarge,
@@ -39,17 +29,30 @@ from tusserver.errors import (
     UploadLocked,
     UploadNotFound,
 )
+from tusserver.files.storage import Storage
 from tusserver.protocol import Checksum
-from tusserver.records import Upload, new_upload_id
 from tusserver.settings import Settings
-from tusserver.state import LockLost, UploadState
-from tusserver.storage import Storage
+from tusserver.store.client import connect as connect_redis
+from tusserver.store.records import Upload, new_upload_id
+
+__all__ = ["NewUpload", "Upload", "Uploads", "open_uploads"]
+from tusserver.store.state import LockLost, UploadState
 from tusserver.tasks import cancel_and_wait, was_cancelled
+from tusserver.uploads.append import (
+    AppendSession,
+    BodyMemory,
+    Lease,
+    ShuttingDown,
+    TakenOver,
+    read_small_body,
+    refusal_for,
+    verified_small_body,
+)
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
 
-log = logging.getLogger("tusserver.uploads")
+log = logging.getLogger("tusserver.uploads.service")
 
 LOCK_TTL_MS = 3000
 # Renewals extend the lock only when less than this is left: one write every ~0.5 s instead
@@ -437,9 +440,37 @@ class Uploads:
             if body.exception() is None:
                 body.set_exception(ShuttingDown())
 
+    async def ping(self) -> None:
+        """Raises a Redis error when the state store does not answer."""
+        await self.state.ping()
+
     async def close(self) -> None:
         for task in list(self._background):
             await cancel_and_wait(task)
+
+
+@contextlib.asynccontextmanager
+async def open_uploads(settings: Settings, redis_url: str) -> AsyncIterator[Uploads]:
+    """The upload service of this process on the Redis at `redis_url` and the data directory
+    of `settings`, checked (shard layout, folders) before it is handed out; closed after."""
+    client = await connect_redis(redis_url)
+    try:
+        state = UploadState(client, tombstone_ttl_s=settings.tombstone_ttl_s)
+        await state.check_layout()
+        storage = Storage(
+            settings.data_dir,
+            fsync=settings.fsync,
+            min_free_disk_bytes=settings.min_free_disk_bytes,
+        )
+        storage.prepare()
+        uploads = Uploads(state, storage, settings)
+        try:
+            yield uploads
+        finally:
+            await uploads.close()
+            storage.close()
+    finally:
+        await client.aclose()
 
 
 def _check_partial(partial_id: str, partial: Upload) -> Upload:

@@ -28,7 +28,7 @@ from tusclient.client import TusClient
 from tusclient.exceptions import TusCommunicationError, TusUploadFailed
 from tusclient.uploader import uploader as tus_uploader
 
-from tusserver.uploader_files import LocalFile
+from tusserver.uploader.files import LocalFile
 
 # tuspy is only partly annotated (it types some attributes as None), so its classes are used
 # through Any here; what this module adds is fully typed.

@@ -23,8 +23,8 @@ from typing import IO, Literal, Protocol, TypeVar
 from tusclient.client import TusClient
 from tusclient.exceptions import TusCommunicationError
 
-from tusserver.uploader_files import LocalFile, ResumeState, resume_key
-from tusserver.uploader_tus import (
+from tusserver.uploader.files import LocalFile, ResumeState, resume_key
+from tusserver.uploader.tus import (
     FileUploader,
     UploadFailed,
     describe_failure,

@@ -19,7 +19,6 @@ from typing import Any, Literal, cast
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from tusserver import lua
 from tusserver.errors import (
     BadRequest,
     OffsetMismatch,
@@ -28,7 +27,9 @@ from tusserver.errors import (
     UploadGone,
     UploadNotFound,
 )
-from tusserver.records import (
+from tusserver.store import lua
+from tusserver.store.client import RedisClient
+from tusserver.store.records import (
     SHARD_COUNT,
     Upload,
     UploadStatus,
@@ -40,7 +41,6 @@ from tusserver.records import (
     upload_from_hash,
     upload_of,
 )
-from tusserver.redis_client import RedisClient
 
 
 class LockLost(Exception):

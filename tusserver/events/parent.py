@@ -21,7 +21,7 @@ from tusserver import protocol
 from tusserver.errors import Forbidden, ServiceUnavailable
 from tusserver.settings import Settings
 
-log = logging.getLogger("tusserver.parent")
+log = logging.getLogger("tusserver.events.parent")
 
 SIGNATURE_HEADER = "Tus-Signature"
 MAX_REASON_CHARS = 200

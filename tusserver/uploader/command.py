@@ -12,6 +12,7 @@ Exit codes: 0 every file is on the server, 1 some failed, 2 bad usage, 130 inter
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shlex
 import signal
@@ -25,11 +26,11 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from tusserver.settings import SettingError, parse_size
-from tusserver.uploader_files import LocalFile, ResumeState, default_state_path, find_files
+from tusserver.uploader.files import LocalFile, ResumeState, default_state_path, find_files
 
 if TYPE_CHECKING:
-    from tusserver.uploader_progress import Reporter
-    from tusserver.uploader_transfer import FileResult, TokenSource, UploadOptions
+    from tusserver.uploader.progress import Reporter
+    from tusserver.uploader.transfer import FileResult, TokenSource, UploadOptions
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -111,8 +112,29 @@ def _usage_error(message: str) -> int:
     return EXIT_USAGE
 
 
+INSTALL_HINT = "pip install 'tusserver[uploader]'"
+
+
+def missing_client_libraries() -> list[str]:
+    """The uploader's optional dependencies that cannot be imported here."""
+    missing = []
+    for module, package in (("tusclient", "tuspy"), ("requests", "requests"), ("rich", "rich")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    return missing
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run `tusserver upload` with parsed arguments; the exit code."""
+    """Run `tusserver upload` with parsed arguments; the exit code (2 when the uploader's
+    libraries are not installed, with how to install them)."""
+    missing = missing_client_libraries()
+    if missing:
+        return _usage_error(
+            f"the uploader needs {', '.join(missing)}, which this installation lacks: "
+            f"{INSTALL_HINT}"
+        )
     try:
         return _run(args)
     except KeyboardInterrupt:  # before the uploads started (token command, OPTIONS)
@@ -122,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # imported here, so `tusserver serve` never loads the client libraries
-    from tusserver.uploader_transfer import RetryPolicy, TokenSource, UploadOptions
-    from tusserver.uploader_tus import UploadFailed
+    from tusserver.uploader.transfer import RetryPolicy, TokenSource, UploadOptions
+    from tusserver.uploader.tus import UploadFailed
 
     endpoint = str(args.endpoint)
     parts = urlsplit(endpoint)
@@ -167,7 +189,7 @@ def _checksum_to_send(
     algorithm: str | None, endpoint: str, tokens: TokenSource, timeout_s: float
 ) -> str | None:
     """The algorithm for Upload-Checksum, if asked for and advertised by the server."""
-    from tusserver.uploader_tus import UploadFailed, server_checksum_algorithms
+    from tusserver.uploader.tus import UploadFailed, server_checksum_algorithms
 
     if algorithm is None:
         return None
@@ -187,7 +209,7 @@ def _checksum_to_send(
 
 
 def _make_reporter() -> Reporter:
-    from tusserver.uploader_progress import PlainReporter, RichReporter
+    from tusserver.uploader.progress import PlainReporter, RichReporter
 
     return RichReporter() if sys.stdout.isatty() else PlainReporter()
 
@@ -199,7 +221,7 @@ def _upload_all(
     options: UploadOptions,
     parallel: int,
 ) -> int:
-    from tusserver.uploader_progress import format_size
+    from tusserver.uploader.progress import format_size
 
     total_bytes = sum(file.size for file in files)
     print(
@@ -244,7 +266,7 @@ def _start_workers(
 ) -> list[threading.Thread]:
     """Threads that take files from `pending` until none is left. Daemons: Ctrl-C ends the
     command at once, mid-request; the next run resumes from the server's offset."""
-    from tusserver.uploader_transfer import FileResult, upload_file
+    from tusserver.uploader.transfer import FileResult, upload_file
 
     lock = threading.Lock()
 
@@ -270,7 +292,7 @@ def _start_workers(
 
 
 def _summarize(results: list[FileResult], elapsed_s: float) -> int:
-    from tusserver.uploader_progress import format_size
+    from tusserver.uploader.progress import format_size
 
     counts = {outcome: 0 for outcome in ("uploaded", "skipped", "failed")}
     for result in results:

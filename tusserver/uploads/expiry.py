@@ -13,11 +13,11 @@ import asyncio
 import logging
 import time
 
-from tusserver.records import SHARD_COUNT
+from tusserver.store.records import SHARD_COUNT
 from tusserver.tasks import was_cancelled
-from tusserver.uploads import LOCK_TTL_MS, RECEIVED_GRACE_S, Uploads
+from tusserver.uploads.service import LOCK_TTL_MS, RECEIVED_GRACE_S, Uploads
 
-log = logging.getLogger("tusserver.expiry")
+log = logging.getLogger("tusserver.uploads.expiry")
 
 
 async def sweep_once(uploads: Uploads, now: float | None = None) -> int:

@@ -23,9 +23,8 @@ from tusserver.errors import (
     PayloadTooLarge,
     TusError,
 )
-from tusserver.keys import GRANT, PRE_CREATE, SETTINGS, UPLOADS
-from tusserver.records import Upload
-from tusserver.uploads import NewUpload, Uploads
+from tusserver.http.keys import GRANT, PRE_CREATE, SETTINGS, UPLOADS
+from tusserver.uploads.service import NewUpload, Upload, Uploads
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -1,0 +1,1 @@
+"""Bytes on disk: one file per upload under the data directory."""

@@ -1,0 +1,1 @@
+"""The aiohttp application: routes, middlewares, one handler per method, access log, demo page."""

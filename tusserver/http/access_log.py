@@ -1,0 +1,39 @@
+"""The access log: one line per request, without its query string (tokens live there)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: method, path without its query (tokens live there), status,
+    bytes, milliseconds, upload id. JSON when --log-json."""
+
+    json_lines = False
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time_s: float) -> None:
+        fields = {
+            "method": request.method,
+            "path": request.path,
+            "status": response.status,
+            "bytes_in": request.content_length or 0,
+            "bytes_out": response.body_length,
+            "ms": round(time_s * 1000, 1),
+            "upload_id": getattr(request, "match_info", {}).get("upload_id", ""),
+        }
+        if self.json_lines:
+            self.logger.info(json.dumps({"time": time.time(), **fields}))
+        else:
+            self.logger.info(
+                "%(method)s %(path)s %(status)s in=%(bytes_in)s out=%(bytes_out)s "
+                "%(ms)sms %(upload_id)s",
+                fields,
+            )
+
+
+class JsonAccessLogger(AccessLogger):
+    json_lines = True

@@ -1,0 +1,99 @@
+"""Build the aiohttp Application: routes, middlewares (middleware.py), and the resources it
+owns, each one `cleanup_ctx` entry: the upload service, the expiry sweeper, event delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from tusserver.events import delivery as events
+from tusserver.events import parent
+from tusserver.http import demo, handlers
+from tusserver.http.keys import PRE_CREATE, REDIS_URL, SETTINGS, UPLOADS
+from tusserver.http.middleware import (
+    auth_middleware,
+    cors_middleware,
+    error_middleware,
+    method_override_middleware,
+    tus_resumable_middleware,
+)
+from tusserver.settings import Settings
+from tusserver.tasks import cancel_and_wait
+from tusserver.uploads import expiry
+from tusserver.uploads.service import open_uploads
+
+# aiohttp refuses header lines past this itself; protocol.py refuses Upload-Metadata and
+# Upload-Concat values past its own (smaller) documented limit with a clear 400.
+MAX_HEADER_FIELD_BYTES = 128 * 1024
+# Bytes a request body may buffer before aiohttp pauses the socket (twice this at most):
+# larger reads mean fewer wake-ups per MiB; memory per request stays a few MiB.
+READ_BUFFER_BYTES = 512 * 1024
+
+
+async def _no_automatic_continue(request: web.Request) -> None:
+    """aiohttp answers `Expect: 100-continue` before any check; handlers do it themselves
+    after their checks (handlers.continue_body)."""
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 when Redis answers, 503 otherwise."""
+    await request.app[UPLOADS].ping()
+    return web.json_response({"status": "ok"})
+
+
+async def _uploads_context(app: web.Application) -> AsyncIterator[None]:
+    async with open_uploads(app[SETTINGS], app[REDIS_URL]) as uploads:
+        app[UPLOADS] = uploads
+        yield
+
+
+async def _stop_writers(app: web.Application) -> None:
+    """On shutdown (after the listener closed): running PATCHes commit and answer 503."""
+    if UPLOADS in app:
+        app[UPLOADS].stop_writers()
+
+
+async def _sweeper_context(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(expiry.sweep_forever(app[UPLOADS], app[SETTINGS].sweep_interval_s))
+    yield
+    await cancel_and_wait(task)
+
+
+def build_app(settings: Settings, redis_url: str) -> web.Application:
+    """The tus application for `settings`, using the Redis at `redis_url`."""
+    app = web.Application(
+        middlewares=[
+            cors_middleware,
+            error_middleware,
+            method_override_middleware,
+            tus_resumable_middleware,
+            auth_middleware,
+        ],
+        handler_args={"max_field_size": MAX_HEADER_FIELD_BYTES, "read_bufsize": READ_BUFFER_BYTES},
+    )
+    app[SETTINGS] = settings
+    app[REDIS_URL] = redis_url
+    base = settings.base_path
+    continue_handler = _no_automatic_continue
+    app.router.add_route(
+        "*", base.rstrip("/") or "/", handlers.collection, name="tus-collection-bare",
+        expect_handler=continue_handler,
+    )  # fmt: skip
+    app.router.add_route(
+        "*", base, handlers.collection, name="tus-collection", expect_handler=continue_handler
+    )
+    app.router.add_route(
+        "*", base + "{upload_id}", handlers.upload, name="tus-upload",
+        expect_handler=continue_handler,
+    )  # fmt: skip
+    app.router.add_get("/health", health, name="health")
+    demo.add_demo_routes(app, settings)
+    app.on_shutdown.append(_stop_writers)
+    app.cleanup_ctx.append(_uploads_context)
+    app.cleanup_ctx.append(_sweeper_context)
+    app[PRE_CREATE] = parent.PreCreateCheck(settings)
+    app.cleanup_ctx.append(events.events_context(settings, redis_url, app[PRE_CREATE]))
+    return app

@@ -1,0 +1,214 @@
+"""The supervisor: starts the embedded Valkey (unless --redis-url), binds the listening socket,
+checks Redis, then serves in-process or forks --workers processes on that socket. Workers never
+start a Redis. If the embedded server dies, the supervisor says so and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from tusserver.http.access_log import AccessLogger, JsonAccessLogger
+from tusserver.http.app import build_app
+from tusserver.server.memory import tune_malloc
+from tusserver.settings import Settings
+from tusserver.store.client import connect as connect_redis
+from tusserver.store.embedded import EmbeddedRedis, EmbeddedRedisError
+from tusserver.store.state import UploadState
+
+log = logging.getLogger("tusserver")
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def _setup_logging(settings: Settings) -> None:
+    if settings.log_json:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def _bind(settings: Settings) -> list[socket.socket]:
+    """The listening sockets: one, or with --workers on Linux one per worker on the same port
+    (SO_REUSEPORT), so the kernel spreads new connections evenly over the workers. (Workers
+    sharing one socket do not share the work: whichever wakes first accepts every connection
+    that is waiting; measured in benchmarks/README.md.)"""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    one_each = settings.workers > 1 and sys.platform == "linux"
+    port = settings.port
+    if one_each:  # a plain bind first: fail if the port is taken, never join another group
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, port))
+            port = probe.getsockname()[1]
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(settings.workers if one_each else 1):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if one_each:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((settings.host, port))
+            sock.listen(1024)
+            sock.set_inheritable(True)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def serve(settings: Settings) -> int:
+    """Run the supervisor until SIGINT/SIGTERM; the exit code."""
+    _setup_logging(settings)
+    embedded: EmbeddedRedis | None = None
+    redis_url = settings.redis_url
+    try:
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if redis_url is None:
+            appendfsync = "always" if settings.fsync == "always" else "everysec"
+            embedded = EmbeddedRedis(settings.data_dir, appendfsync=appendfsync)
+            redis_url = embedded.start()
+        sockets = _bind(settings)
+    except (EmbeddedRedisError, OSError) as error:
+        print(f"tusserver: {error}", file=sys.stderr)
+        if embedded is not None:
+            embedded.stop()
+        return 1
+    failure = asyncio.run(_check_redis(settings, redis_url))
+    if failure is not None:
+        print(f"tusserver: {failure}", file=sys.stderr)
+        for sock in sockets:
+            sock.close()
+        if embedded is not None:
+            embedded.stop()
+        return 1
+    host, port = sockets[0].getsockname()[:2]
+    if not settings.is_secured:
+        log.warning(
+            "development mode: no secret is set, so requests need no token and uploads "
+            "belong to 'anonymous'; set TUS_SECRET for real use"
+        )
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"tusserver listening on http://{shown_host}:{port}{settings.base_path}", flush=True)
+    try:
+        if settings.workers == 1:
+            return asyncio.run(_serve_worker(settings, redis_url, sockets[0], embedded))
+        return _supervise_workers(settings, redis_url, sockets, embedded)
+    finally:
+        for sock in sockets:
+            sock.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _check_redis(settings: Settings, redis_url: str) -> str | None:
+    """Why the Redis at `redis_url` cannot hold our state (unreachable, another shard
+    layout, evicting keys), in one line; None if it can."""
+    try:
+        client = await connect_redis(redis_url)
+    except (RedisError, OSError) as error:
+        return f"cannot reach Redis at {_without_password(redis_url)}: {error}"
+    try:
+        await UploadState(client, tombstone_ttl_s=settings.tombstone_ttl_s).check_layout()
+    except (RedisError, OSError, RuntimeError) as error:
+        return f"Redis at {_without_password(redis_url)}: {error}"
+    finally:
+        await client.aclose()
+    return None
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+async def _serve_worker(
+    settings: Settings, redis_url: str, sock: socket.socket, embedded: EmbeddedRedis | None
+) -> int:
+    """Serve on `sock` until told to stop; 1 if the embedded Redis died meanwhile."""
+    tune_malloc()
+    app = build_app(settings, redis_url)
+    runner = web.AppRunner(
+        app,
+        access_log_class=JsonAccessLogger if settings.log_json else AccessLogger,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+    )
+    await runner.setup()
+    site = web.SockSite(runner, sock)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    exit_code = 0
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            if embedded is not None and not embedded.is_running():
+                log.error("the embedded Redis server stopped unexpectedly; shutting down")
+                exit_code = 1
+                break
+    finally:
+        await runner.cleanup()
+    return exit_code
+
+
+def _supervise_workers(
+    settings: Settings, redis_url: str, sockets: list[socket.socket], embedded: EmbeddedRedis | None
+) -> int:
+    """Fork the workers (worker i serves socket i, or all share the one socket), then wait;
+    when one exits unasked, stop the others and return 1."""
+    children: list[int] = []
+    for index in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve, never start a Redis
+            code = 1
+            try:
+                own = sockets[index % len(sockets)]
+                for sock in sockets:
+                    if sock is not own:
+                        sock.close()
+                code = asyncio.run(_serve_worker(settings, redis_url, own, None))
+            finally:
+                os._exit(code)
+        children.append(pid)
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    exit_code = 0
+    alive = set(children)
+    while alive:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            alive.discard(pid)
+            if not stopping:
+                log.error("worker %d exited (status %d); shutting down", pid, status)
+                exit_code = 1
+                forward(signal.SIGTERM, None)
+            continue
+        if embedded is not None and not embedded.is_running() and not stopping:
+            log.error("the embedded Redis server stopped unexpectedly; shutting down")
+            exit_code = 1
+            forward(signal.SIGTERM, None)
+        time.sleep(0.2)
+    return exit_code

@@ -1,0 +1,1 @@
+"""The upload service: create, append (small or streamed), leases, hashing, concat, expiry."""
