@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import TUS, Server, ServerFactory, wait_until
 from tests.test_faults import RawRequest, create, raw_patch, repr_digest_of
 from tusserver.settings import SettingError, Settings
-from tusserver.uploads.append import MIN_BLOCK_BYTES, WRITE_BLOCK_BYTES, BodyMemory
+from tusserver.uploads.body import MIN_BLOCK_BYTES, WRITE_BLOCK_BYTES, BodyMemory
 
 MiB = 2**20
 

@@ -28,7 +28,7 @@ from tests.test_faults import (
 )
 from tusserver import protocol
 from tusserver.store.records import redis_key, shard_of
-from tusserver.uploads.service import SMALL_BODY_BYTES
+from tusserver.uploads.body import SMALL_BODY_BYTES
 
 
 def creation_headers(length: int | None, body_bytes: int, **extra: str) -> dict[str, str]:

@@ -26,7 +26,7 @@ from tests.test_faults import (
     sigterm_mid_small_body,
     start_server,
 )
-from tusserver.uploads.service import SMALL_BODY_BYTES
+from tusserver.uploads.body import SMALL_BODY_BYTES
 
 
 async def patch(

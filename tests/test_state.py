@@ -20,7 +20,7 @@ LOCK_MS = 3000
 @pytest.fixture
 async def state(flushed_redis: str) -> AsyncIterator[UploadState]:
     client = aioredis.Redis.from_url(flushed_redis)
-    yield UploadState(client, tombstone_ttl_s=60)
+    yield UploadState(client, tombstone_ttl_s=60, path_of=lambda upload_id: f"uploads/{upload_id}")
     await client.aclose()
 
 
@@ -51,7 +51,7 @@ async def events_of(state: UploadState, upload: Upload) -> list[str]:
 
 async def test_create_then_get_returns_the_same_upload(state: UploadState) -> None:
     upload = new_upload()
-    await state.create(upload, path="uploads/x")
+    await state.create(upload)
     stored = await state.get(upload.upload_id, "alice")
     assert (stored.length, stored.offset, stored.metadata, stored.owner) == (
         10,
@@ -65,7 +65,7 @@ async def test_create_then_get_returns_the_same_upload(state: UploadState) -> No
 async def test_create_can_take_the_lock_in_the_same_step(state: UploadState) -> None:
     upload = new_upload()
     token = state.new_lock_token()
-    await state.create(upload, path="p", lock_token=token, ttl_ms=LOCK_MS)
+    await state.create(upload, lock_token=token, ttl_ms=LOCK_MS)
     assert await state.try_lock(upload.upload_id, LOCK_MS) is None  # held from the start
     assert await state.acquire(upload.upload_id, "alice", LOCK_MS) is None
     committed = await state.commit(upload, token, 3, now=time.time(), expires_at=None)
@@ -73,13 +73,13 @@ async def test_create_can_take_the_lock_in_the_same_step(state: UploadState) -> 
     await state.release(upload.upload_id, token)
     assert await state.try_lock(upload.upload_id, LOCK_MS) is not None
     unlocked = new_upload()
-    await state.create(unlocked, path="p")  # without a token: free to lock
+    await state.create(unlocked)  # without a token: free to lock
     assert await state.try_lock(unlocked.upload_id, LOCK_MS) is not None
 
 
 async def test_other_owner_and_unknown_ids_are_not_found(state: UploadState) -> None:
     upload = new_upload()
-    await state.create(upload, path="p")
+    await state.create(upload)
     with pytest.raises(UploadNotFound):
         await state.get(upload.upload_id, "mallory")
     with pytest.raises(UploadNotFound):
@@ -90,7 +90,7 @@ async def test_other_owner_and_unknown_ids_are_not_found(state: UploadState) -> 
 
 async def test_commit_checks_lock_and_expected_offset(state: UploadState) -> None:
     upload = new_upload()
-    await state.create(upload, path="p")
+    await state.create(upload)
     token = await state.try_lock(upload.upload_id, LOCK_MS)
     assert token is not None
     assert await state.try_lock(upload.upload_id, LOCK_MS) is None
@@ -108,7 +108,7 @@ async def test_commit_checks_lock_and_expected_offset(state: UploadState) -> Non
 
 async def test_reaching_the_length_with_a_hash_completes_with_one_event(state: UploadState) -> None:
     upload = new_upload(length=3)
-    await state.create(upload, path="p")
+    await state.create(upload)
     token = await state.try_lock(upload.upload_id, LOCK_MS)
     assert token is not None
     done = await state.commit(upload, token, 3, now=time.time(), expires_at=None, sha256="ab" * 32)
@@ -119,23 +119,23 @@ async def test_reaching_the_length_with_a_hash_completes_with_one_event(state: U
 
 async def test_received_upload_completes_once(state: UploadState) -> None:
     upload = new_upload(length=3)
-    await state.create(upload, path="p")
+    await state.create(upload)
     token = await state.try_lock(upload.upload_id, LOCK_MS)
     assert token is not None
     received = await state.commit(upload, token, 3, now=time.time(), expires_at=time.time() + 60)
     assert received.status == "received"
     assert await events_of(state, upload) == ["created"]
-    assert await state.complete(received, "cd" * 32, now=time.time(), expires_at=None, path="p")
-    assert not await state.complete(received, "cd" * 32, now=time.time(), expires_at=None, path="p")
+    assert await state.complete(received, "cd" * 32, now=time.time(), expires_at=None)
+    assert not await state.complete(received, "cd" * 32, now=time.time(), expires_at=None)
     assert await events_of(state, upload) == ["created", "completed"]
 
 
 async def test_terminate_leaves_a_tombstone_for_the_owner_only(state: UploadState) -> None:
     upload = new_upload()
-    await state.create(upload, path="p")
+    await state.create(upload)
     token = await state.try_lock(upload.upload_id, LOCK_MS)
     assert token is not None
-    removed = await state.remove(upload, "terminated", now=time.time(), path="p", lock_token=token)
+    removed = await state.remove(upload, "terminated", now=time.time(), lock_token=token)
     assert removed
     with pytest.raises(UploadGone):
         await state.get(upload.upload_id, "alice")
@@ -146,23 +146,23 @@ async def test_terminate_leaves_a_tombstone_for_the_owner_only(state: UploadStat
 
 async def test_expiry_skips_held_and_fresh_uploads(state: UploadState) -> None:
     upload = new_upload()
-    await state.create(upload, path="p")
+    await state.create(upload)
     assert upload.expires_at is not None
     early = upload.expires_at - 1
-    assert not await state.remove(upload, "expired", now=early, path="p", expired_before=early)
+    assert not await state.remove(upload, "expired", now=early, expired_before=early)
     token = await state.try_lock(upload.upload_id, LOCK_MS)
     assert token is not None
     late = upload.expires_at + 1
-    assert not await state.remove(upload, "expired", now=late, path="p", expired_before=late)
+    assert not await state.remove(upload, "expired", now=late, expired_before=late)
     await state.release(upload.upload_id, token)
     assert await state.due(upload.shard, late) == [upload.upload_id]
-    assert await state.remove(upload, "expired", now=late, path="p", expired_before=late)
+    assert await state.remove(upload, "expired", now=late, expired_before=late)
     assert await events_of(state, upload) == ["created", "expired"]
 
 
 async def test_holder_hears_stop_and_commit_requests(state: UploadState) -> None:
     upload = new_upload()
-    await state.create(upload, path="p")
+    await state.create(upload)
     assert not await state.ask_holder(upload.upload_id, "stop", LOCK_MS)  # nobody holds it
     token = await state.try_lock(upload.upload_id, LOCK_MS)
     assert token is not None
@@ -186,7 +186,7 @@ async def test_read_asks_a_writing_holder_to_commit_in_the_same_step(
     state: UploadState,
 ) -> None:
     upload = new_upload()
-    await state.create(upload, path="p")
+    await state.create(upload)
     read, asked = await state.read(upload.upload_id, "alice", ask="commit:n1", ttl_ms=LOCK_MS)
     assert (read.offset, asked) == (0, False)  # nobody holds it: nothing to ask
     token = await state.try_lock(upload.upload_id, LOCK_MS)
@@ -209,7 +209,7 @@ async def test_read_asks_a_writing_holder_to_commit_in_the_same_step(
 
 async def test_deferred_length_is_declared_once(state: UploadState) -> None:
     upload = new_upload(length=None)
-    await state.create(upload, path="p")
+    await state.create(upload)
     token = await state.try_lock(upload.upload_id, LOCK_MS)
     assert token is not None
     declared = await state.declare_length(upload, token, 5)
@@ -223,9 +223,9 @@ async def test_list_owned_pages_through_every_shard(state: UploadState) -> None:
     created = []
     for _ in range(7):
         upload = new_upload(owner="lister")
-        await state.create(upload, path="p")
+        await state.create(upload)
         created.append(upload.upload_id)
-    await state.create(new_upload(owner="someone-else"), path="p")
+    await state.create(new_upload(owner="someone-else"))
     seen: list[str] = []
     cursor = None
     while True:
@@ -240,7 +240,7 @@ async def test_list_owned_pages_through_every_shard(state: UploadState) -> None:
 
 async def test_renew_extends_the_lock_only_once_it_has_run_down(state: UploadState) -> None:
     upload = new_upload()
-    await state.create(upload, path="p")
+    await state.create(upload)
     token = await state.try_lock(upload.upload_id, LOCK_MS)
     assert token is not None
     lock_key = redis_key(upload.shard, "lock", upload.upload_id)

@@ -41,7 +41,7 @@ from tusserver.events.parent import (
 from tusserver.settings import Settings
 from tusserver.store import lua
 from tusserver.store.client import RedisClient, connect
-from tusserver.store.records import SHARD_COUNT
+from tusserver.store.records import SHARD_COUNT, flat_pairs, redis_key
 from tusserver.tasks import cancel_and_wait, was_cancelled
 
 log = logging.getLogger("tusserver.events.delivery")
@@ -55,11 +55,11 @@ FORGET_CONSUMER_AFTER_MS = 3600 * 1000
 
 
 def events_key(shard: int) -> str:
-    return f"tus:{{{shard}}}:events"
+    return redis_key(shard, "events")
 
 
 def dead_letter_key(shard: int) -> str:
-    return f"tus:{{{shard}}}:dead"
+    return redis_key(shard, "dead")
 
 
 def _stored_metadata_text(raw: str) -> dict[str, str | None]:
@@ -169,7 +169,8 @@ class Outbox:
         return _entries(shard, reply[1]), _text(reply[0])
 
     async def hold(self, entry: Entry, *, new_try: bool) -> int:
-        """Keep the entry ours (resets its idle time); its tries, or 0 if it is not ours."""
+        """Keep the entry ours (resets its idle time); its tries, or 0
+        (`WebhookHold.NOT_HELD`) if it is not ours."""
         tries = await self._hold(
             keys=[events_key(entry.shard)],
             args=[GROUP, self.consumer, entry.stream_id, 1 if new_try else 0],
@@ -190,10 +191,10 @@ class Outbox:
                 self.consumer,
                 entry.stream_id,
                 self.dead_letter_maxlen,
-                *[item for pair in dead.items() for item in pair],
+                *flat_pairs(dead),
             ],
         )
-        return int(moved) == 1
+        return lua.WebhookBury(int(moved)) is lua.WebhookBury.BURIED
 
     async def forget_idle_consumers(self, shard: int, idle_ms: int) -> None:
         """Remove consumers of dead processes once they hold nothing and were long idle."""

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from tusserver import protocol
+from tusserver.aiohttp_private import send_continue
 from tusserver.auth import Grant
 from tusserver.errors import (
     BadRequest,
@@ -20,11 +21,9 @@ from tusserver.errors import (
     Forbidden,
     MethodNotAllowed,
     OffsetMismatch,
-    PayloadTooLarge,
-    TusError,
 )
 from tusserver.http.keys import GRANT, PRE_CREATE, SETTINGS, UPLOADS
-from tusserver.uploads.service import NewUpload, Upload, Uploads
+from tusserver.uploads.service import Body, NewUpload, SizeLimit, Upload, Uploads
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -64,11 +63,26 @@ def expires_header(upload: Upload) -> str | None:
     return protocol.format_http_date(upload.expires_at)
 
 
-async def continue_body(request: web.Request) -> None:
-    """Answer `Expect: 100-continue` now that every check before the body has passed (the
-    app turns aiohttp's automatic 100 off, so a refusal never invites the body)."""
-    if request.headers.get("Expect", "").lower() == "100-continue" and request.writer:
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+def body_of(request: web.Request) -> Body:
+    """The request's body for the upload service, which answers `Expect: 100-continue` (the
+    app turns aiohttp's automatic 100 off) only once every check before the body passed, so
+    a refusal never invites the body."""
+
+    async def continue_body() -> None:
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await send_continue(request)
+
+    return Body(
+        stream=request.content,
+        content_length=request.content_length,
+        checksum=protocol.parse_checksum(request.headers.get("Upload-Checksum")),
+        before_reading=continue_body,
+    )
+
+
+def size_limit(request: web.Request) -> SizeLimit:
+    """The most bytes an upload may hold for this request: --max-size and the token's."""
+    return SizeLimit.of(request.app[SETTINGS].max_size_bytes, grant(request).max_size_bytes)
 
 
 def location_of(request: web.Request) -> str:
@@ -117,10 +131,10 @@ async def post(request: web.Request) -> web.Response:
         raise BadRequest("Upload-Length or Upload-Defer-Length: 1 is required")
     if length is not None and is_deferred:
         raise BadRequest("send either Upload-Length or Upload-Defer-Length, not both")
-    _check_max_size(request, length)
+    limit = size_limit(request)
+    limit.check(length)
     await pre_create.check(who.subject, length, metadata, concat)  # the parent's say: 403/503
     has_body = protocol.has_offset_stream(request.headers.get("Content-Type"))
-    checksum = protocol.parse_checksum(request.headers.get("Upload-Checksum")) if has_body else None
     new = NewUpload(
         owner=who.subject,
         length=length,
@@ -128,32 +142,12 @@ async def post(request: web.Request) -> web.Response:
         concat="partial" if concat is not None else "",
         url_of=location_of(request),
     )
-    content_length = request.content_length
-    if has_body and uploads(request).fits_in_one_step(length, content_length, _max_bytes(request)):
-        assert content_length is not None
-        await continue_body(request)
-        upload, refusal = await uploads(request).create_with_body(
-            new, request.content, content_length, checksum
-        )
-        if refusal is not None:  # the upload exists: the client may resume it
-            refusal.headers["Location"] = upload.url
-            raise refusal
-    elif has_body and request.body_exists:
-        async with uploads(request).creating(new) as session:
-            upload = session.upload
-            try:
-                await continue_body(request)
-                upload = await session.append(
-                    request.content,
-                    content_length=request.content_length,
-                    checksum=checksum,
-                    max_bytes=_max_bytes(request),
-                )
-            except TusError as error:  # the upload exists: the client may resume it
-                error.headers["Location"] = upload.url
-                raise
-    else:
-        upload = await uploads(request).create(new)
+    body = body_of(request) if has_body and request.body_exists else None
+    created = await uploads(request).create(new, body, limit)
+    upload = created.upload
+    if created.refusal is not None:  # the upload exists: the client may resume it
+        created.refusal.headers["Location"] = upload.url
+        raise created.refusal
     return web.Response(
         status=201,
         headers=tus_headers(
@@ -182,7 +176,7 @@ async def _post_final(
         partial_ids=partial_ids,
         metadata=protocol.format_metadata(metadata),
         url_of=location_of(request),
-        max_bytes=_max_bytes(request),
+        limit=size_limit(request),
     )
     return web.Response(
         status=201,
@@ -229,35 +223,18 @@ async def patch(request: web.Request) -> web.Response:
     protocol.require_offset_stream(request.headers.get("Content-Type"))
     offset = protocol.parse_upload_offset(request.headers.get("Upload-Offset"))
     declared_length = protocol.parse_upload_length(request.headers.get("Upload-Length"))
-    checksum = protocol.parse_checksum(request.headers.get("Upload-Checksum"))
-    content_length = request.content_length
-    is_small = uploads(request).is_small_body(content_length)
-    subject = grant(request).subject
-    async with uploads(request).writing(upload_id, subject, small_body=is_small) as session:
+    body = body_of(request)
+    limit = size_limit(request)
+    async with uploads(request).writing(upload_id, grant(request).subject) as session:
         upload = session.upload
         if upload.is_final:
             raise Forbidden("a final upload cannot be patched")
         if offset != upload.offset:
             raise OffsetMismatch(expected=upload.offset, got=offset)
         if declared_length is not None and declared_length != upload.length:
-            _check_max_size(request, declared_length)
+            limit.check(declared_length)
             await session.declare_length(declared_length)
-            upload = session.upload
-        if upload.length is not None and offset + (content_length or 0) > upload.length:
-            raise PayloadTooLarge("the body would run past Upload-Length")
-        await continue_body(request)
-        if is_small:
-            assert content_length is not None
-            upload = await session.append_small(
-                request.content, content_length, checksum, _max_bytes(request)
-            )
-        else:
-            upload = await session.append(
-                request.content,
-                content_length=content_length,
-                checksum=checksum,
-                max_bytes=_max_bytes(request),
-            )
+        upload = await session.append(body, limit)  # small or streamed: the service decides
     return web.Response(
         status=204,
         headers=tus_headers(upload_offset=upload.offset, upload_expires=expires_header(upload)),
@@ -277,7 +254,7 @@ async def delete(request: web.Request) -> web.Response:
 async def download(request: web.Request) -> web.StreamResponse:
     """The bytes of a completed upload (Range supported); 409 while it is not complete."""
     upload_id = _own_upload_id(request, "read")
-    upload = await uploads(request).state.get(upload_id, grant(request).subject)
+    upload = await uploads(request).get(upload_id, grant(request).subject)
     if upload.status != "completed":
         raise Conflict("this upload is not complete yet")
     metadata = protocol.parse_metadata(upload.metadata)
@@ -384,16 +361,3 @@ def _own_upload_id(request: web.Request, *actions: str) -> str:
     upload_id = request.match_info["upload_id"]
     who.check_upload(upload_id)
     return upload_id
-
-
-def _check_max_size(request: web.Request, length: int | None) -> None:
-    max_size = request.app[SETTINGS].max_size_bytes
-    if length is not None and max_size is not None and length > max_size:
-        raise PayloadTooLarge(f"Upload-Length is over this server's maximum of {max_size} bytes")
-    grant(request).check_size(length)
-
-
-def _max_bytes(request: web.Request) -> int | None:
-    limits = [request.app[SETTINGS].max_size_bytes, grant(request).max_size_bytes]
-    known = [limit for limit in limits if limit is not None]
-    return min(known) if known else None

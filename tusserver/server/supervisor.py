@@ -24,7 +24,7 @@ from tusserver.server.memory import tune_malloc
 from tusserver.settings import Settings
 from tusserver.store.client import connect as connect_redis
 from tusserver.store.embedded import EmbeddedRedis, EmbeddedRedisError
-from tusserver.store.state import UploadState
+from tusserver.store.state import check_layout
 
 log = logging.getLogger("tusserver")
 SHUTDOWN_TIMEOUT_S = 10.0
@@ -85,7 +85,7 @@ def serve(settings: Settings) -> int:
         if embedded is not None:
             embedded.stop()
         return 1
-    failure = asyncio.run(_check_redis(settings, redis_url))
+    failure = asyncio.run(_check_redis(redis_url))
     if failure is not None:
         print(f"tusserver: {failure}", file=sys.stderr)
         for sock in sockets:
@@ -112,7 +112,7 @@ def serve(settings: Settings) -> int:
             embedded.stop()
 
 
-async def _check_redis(settings: Settings, redis_url: str) -> str | None:
+async def _check_redis(redis_url: str) -> str | None:
     """Why the Redis at `redis_url` cannot hold our state (unreachable, another shard
     layout, evicting keys), in one line; None if it can."""
     try:
@@ -120,7 +120,7 @@ async def _check_redis(settings: Settings, redis_url: str) -> str | None:
     except (RedisError, OSError) as error:
         return f"cannot reach Redis at {_without_password(redis_url)}: {error}"
     try:
-        await UploadState(client, tombstone_ttl_s=settings.tombstone_ttl_s).check_layout()
+        await check_layout(client)
     except (RedisError, OSError, RuntimeError) as error:
         return f"Redis at {_without_password(redis_url)}: {error}"
     finally:

@@ -1,52 +1,158 @@
-"""The Lua scripts behind `state.py`, each an atomic step over keys of one shard.
+"""The Lua scripts behind `state.py` (and the event delivery), each an atomic step over keys
+of one shard.
 
-Each script's comment names its KEYS, ARGV and result. `state.UploadState` registers them
-once and is their only caller.
+Each script's comment names its KEYS, ARGV and result; each result code has a name, in one
+IntEnum per script that both sides use: `script()` defines the names as Lua locals before
+the script's body, so the Lua returns `OFFSET_MISMATCH` and Python compares with
+`Commit.OFFSET_MISMATCH`. One prelude gives every script `argv_from` (the pairs at the end
+of ARGV) and `append_event`. `state.UploadState` and the delivery register them once.
 """
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 EVENTS_MAXLEN = 100_000  # entries kept per shard's event stream (approximate trimming)
+
+PRELUDE = f"""
+local EVENTS_MAXLEN = {EVENTS_MAXLEN}
+-- ARGV[first..last] (last: the end of ARGV) as a list: the field pairs a caller passes last
+local function argv_from(first, last)
+  local out = {{}}
+  for i = first, last or #ARGV do out[#out + 1] = ARGV[i] end
+  return out
+end
+-- append an entry to a shard's event stream, trimmed to about EVENTS_MAXLEN
+local function append_event(stream, fields)
+  return redis.call('XADD', stream, 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(fields))
+end
+"""
+
+
+def script(codes: type[IntEnum] | None, body: str) -> str:
+    """A script's text: the prelude, its result codes as Lua locals, then `body`."""
+    names = "".join(f"local {code.name} = {code.value}\n" for code in codes or ())
+    return PRELUDE + names + body
+
+
+class Create(IntEnum):
+    ID_TAKEN = 0
+    CREATED = 1
+
+
+class Commit(IntEnum):
+    COMMITTED = 0
+    LOCK_NOT_HELD = -1
+    NO_UPLOAD = -2
+    OFFSET_MISMATCH = -3
+    PAST_LENGTH = -4
+
+
+class Complete(IntEnum):
+    NOT_RECEIVED = 0
+    COMPLETED = 1
+
+
+class Remove(IntEnum):
+    REMOVED = 1
+    NO_UPLOAD = 0
+    LOCK_NOT_HELD = -1
+    NOT_EXPIRED = -2
+    HELD = -3
+
+
+class Owned(IntEnum):
+    """ACQUIRE and READ."""
+
+    NOT_FOUND = 0
+    FOUND = 1
+    LOCKED = 2
+    GONE = 3
+
+
+class Renew(IntEnum):
+    LOCK_NOT_HELD = -1  # otherwise the pending request, a string
+
+
+class Release(IntEnum):
+    NOT_OURS = 0
+    RELEASED = 1
+
+
+class AskHolder(IntEnum):
+    LOCK_FREE = 0
+    ASKED = 1
+
+
+class Answered(IntEnum):
+    WAITING = 0
+    ANSWERED = 1
+
+
+class DeclareLength(IntEnum):
+    SET = 1
+    ALREADY_SET = 0
+    LOCK_NOT_HELD = -1
+    NO_UPLOAD = -2
+    OTHER_LENGTH = -3
+    BELOW_OFFSET = -4
+
+
+class WebhookHold(IntEnum):
+    NOT_HELD = 0  # otherwise the entry's tries so far
+
+
+class WebhookBury(IntEnum):
+    NOT_HELD = 0
+    BURIED = 1
+
+
+class WebhookForget(IntEnum):
+    BUSY = 0
+    FORGOTTEN = 1
+
 
 # KEYS: upload hash, owner index, expiry zset, events stream, lock
 # ARGV: upload id, created (score), expires (score or ""), lock token or "" (a creation with
 #       upload takes the lock in the same step), lock ttl (ms), event count n, n*2 event
 #       fields, then the upload hash's fields as pairs. A created upload whose status is
 #       `completed` (Upload-Length: 0) also gets its `completed` event.
-# Result: 1 if created, 0 if the id was taken.
-CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+# Result: Create.CREATED, or Create.ID_TAKEN.
+CREATE = script(
+    Create,
+    """
+if redis.call('EXISTS', KEYS[1]) == 1 then return ID_TAKEN end
 local n = tonumber(ARGV[6])
-local event = {}
-for i = 7, 6 + n * 2 do event[#event + 1] = ARGV[i] end
-local fields = {}
-for i = 7 + n * 2, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(fields))
+local event = argv_from(7, 6 + n * 2)
+redis.call('HSET', KEYS[1], unpack(argv_from(7 + n * 2)))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
 if ARGV[4] ~= '' then redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5]) end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', 'created', unpack(event))
+append_event(KEYS[4], {'type', 'created', unpack(event)})
 if redis.call('HGET', KEYS[1], 'status') == 'completed' then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', 'completed', unpack(event))
+  append_event(KEYS[4], {'type', 'completed', unpack(event)})
 end
-return 1
-""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+return CREATED
+""",
+)
 
 # KEYS: upload hash, lock, expiry zset, events stream, release-request key
 # ARGV: lock token, expected offset, new offset, now, expires (score or ""), sha256 hex or "",
 #       commit-ack nonce or "", "1" to release the lock after committing, then the
 #       `completed` event's fields as pairs.
-# Result: {0, offset, status} committed; {-1} lock not held; {-2} no upload;
-#         {-3, offset} offset mismatch; {-4} past Upload-Length.
+# Result: {COMMITTED, offset, status}; {LOCK_NOT_HELD}; {NO_UPLOAD};
+#         {OFFSET_MISMATCH, stored offset}; {PAST_LENGTH} (the names: `Commit`).
 # Reaching the length makes the upload `received`, or `completed` when the sha256 is known,
 # in which case the event is appended in this same step.
-COMMIT = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {-1} end
+COMMIT = script(
+    Commit,
+    """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {LOCK_NOT_HELD} end
 local h = redis.call('HMGET', KEYS[1], 'offset', 'length', 'status')
-if not h[1] then return {-2} end
-if h[1] ~= ARGV[2] then return {-3, tonumber(h[1])} end
+if not h[1] then return {NO_UPLOAD} end
+if h[1] ~= ARGV[2] then return {OFFSET_MISMATCH, tonumber(h[1])} end
 local new = tonumber(ARGV[3])
-if h[2] ~= '' and new > tonumber(h[2]) then return {-4} end
+if h[2] ~= '' and new > tonumber(h[2]) then return {PAST_LENGTH} end
 local id = string.match(KEYS[1], ':upload:(.*)$')
 redis.call('HSET', KEYS[1], 'offset', ARGV[3], 'activity', ARGV[4])
 local status = h[3]
@@ -54,9 +160,7 @@ if h[2] ~= '' and new == tonumber(h[2]) and status == 'uploading' then
   if ARGV[6] ~= '' then
     status = 'completed'
     redis.call('HSET', KEYS[1], 'status', status, 'sha256', ARGV[6], 'completed', ARGV[4])
-    local event = {}
-    for i = 9, #ARGV do event[#event + 1] = ARGV[i] end
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(event))
+    append_event(KEYS[4], argv_from(9))
   else
     status = 'received'
     redis.call('HSET', KEYS[1], 'status', status)
@@ -78,86 +182,92 @@ if ARGV[8] == '1' then
   local request = redis.call('GET', KEYS[5])
   if request and string.sub(request, 1, 7) == 'commit:' then redis.call('DEL', KEYS[5]) end
 end
-return {0, new, status}
-""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+return {COMMITTED, new, status}
+""",
+)
 
 # KEYS: upload hash, expiry zset, events stream
 # ARGV: sha256 hex, now, expires (score or ""), then the `completed` event's fields as pairs.
-# Result: 1 if the upload went from `received` to `completed`, else 0.
-COMPLETE = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'received' then return 0 end
+# Result: Complete.COMPLETED if the upload went from `received` to `completed`, else
+#         Complete.NOT_RECEIVED.
+COMPLETE = script(
+    Complete,
+    """
+if redis.call('HGET', KEYS[1], 'status') ~= 'received' then return NOT_RECEIVED end
 local id = string.match(KEYS[1], ':upload:(.*)$')
 redis.call('HSET', KEYS[1], 'status', 'completed', 'sha256', ARGV[1], 'completed', ARGV[2],
            'expires', ARGV[3])
 if ARGV[3] == '' then redis.call('ZREM', KEYS[2], id)
 else redis.call('ZADD', KEYS[2], ARGV[3], id) end
-local event = {}
-for i = 4, #ARGV do event[#event + 1] = ARGV[i] end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(event))
-return 1
-""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+append_event(KEYS[3], argv_from(4))
+return COMPLETED
+""",
+)
 
 # KEYS: upload hash, lock, owner index, expiry zset, events stream, tombstone
 # ARGV: lock token ("" when the caller checked the expiry instead), now, tombstone ttl (ms),
 #       reason ("terminated"/"expired"), require-expired-before (score or ""),
 #       then the event's fields as pairs.
-# Result: 1 if removed, 0 if there was no such upload, -1 lock not held, -2 not expired (any
-#         more), -3 held by someone (expiry never removes an upload a request holds).
-REMOVE = """
+# Result: Remove.REMOVED, NO_UPLOAD, LOCK_NOT_HELD, NOT_EXPIRED (not any more), or HELD
+#         by a request (expiry never removes an upload a request holds).
+REMOVE = script(
+    Remove,
+    """
 local owner = redis.call('HGET', KEYS[1], 'owner')
-if not owner then return 0 end
+if not owner then return NO_UPLOAD end
 local lock = redis.call('GET', KEYS[2])
-if ARGV[1] ~= '' and lock ~= ARGV[1] then return -1 end
+if ARGV[1] ~= '' and lock ~= ARGV[1] then return LOCK_NOT_HELD end
 if ARGV[5] ~= '' then
-  if lock then return -3 end
+  if lock then return HELD end
   local expires = redis.call('HGET', KEYS[1], 'expires')
-  if expires == '' or tonumber(expires) > tonumber(ARGV[5]) then return -2 end
+  if expires == '' or tonumber(expires) > tonumber(ARGV[5]) then return NOT_EXPIRED end
 end
 local id = string.match(KEYS[1], ':upload:(.*)$')
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[3], id)
 redis.call('ZREM', KEYS[4], id)
 redis.call('SET', KEYS[6], cjson.encode({owner, tonumber(ARGV[2]), ARGV[4]}), 'PX', ARGV[3])
-local event = {}
-for i = 6, #ARGV do event[#event + 1] = ARGV[i] end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(event))
-return 1
-""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+append_event(KEYS[5], argv_from(6))
+return REMOVED
+""",
+)
 
 # The start of ACQUIRE and READ, whose KEYS are: upload hash, tombstone, lock, release-request
-# key, and ARGV[1] the owner. Returns {0} unless the upload exists and is the owner's, or
-# {3, reason} for its owner once it was terminated or expired (while its tombstone lasts).
+# key, and ARGV[1] the owner. Returns {NOT_FOUND} unless the upload exists and is the owner's,
+# or {GONE, reason} for its owner once it was terminated or expired (while its tombstone
+# lasts). The names: `Owned`.
 _OWNED = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then
   local tomb = redis.call('GET', KEYS[2])
   if tomb then
     local t = cjson.decode(tomb)
-    if t[1] == ARGV[1] then return {3, t[3]} end
+    if t[1] == ARGV[1] then return {GONE, t[3]} end
   end
-  return {0}
+  return {NOT_FOUND}
 end
-if owner ~= ARGV[1] then return {0} end
+if owner ~= ARGV[1] then return {NOT_FOUND} end
 """
 
 # KEYS as _OWNED. ARGV: owner, lock token, ttl (ms).
-# Result: {1, fields...} locked (an old request to the previous holder is cleared) with the
-#         upload's hash; {2} another request holds it; {0} and {3, reason} as _OWNED.
-ACQUIRE = (
+# Result: {FOUND, fields...} locked (an old request to the previous holder is cleared) with
+#         the upload's hash; {LOCKED} another request holds it; else as _OWNED.
+ACQUIRE = script(
+    Owned,
     _OWNED
     + """
-if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then return {2} end
+if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then return {LOCKED} end
 redis.call('DEL', KEYS[4])
-return {1, redis.call('HGETALL', KEYS[1])}
-"""
+return {FOUND, redis.call('HGETALL', KEYS[1])}
+""",
 )
 
 # KEYS as _OWNED. ARGV: owner, request to a holder ("commit:<nonce>") or "" for none, its
 #       ttl (ms).
-# Result: {1, fields..., asked} with asked 1 when the upload is uploading and locked, and its
-#         holder was asked (unless it already has a request pending); {0} and {3, reason} as
-#         _OWNED.
-READ = (
+# Result: {FOUND, fields..., asked} with asked 1 when the upload is uploading and locked,
+#         and its holder was asked (unless it already has a request pending); else as _OWNED.
+READ = script(
+    Owned,
     _OWNED
     + """
 local asked = 0
@@ -166,112 +276,139 @@ if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[3]) == 1
   redis.call('SET', KEYS[4], ARGV[2], 'NX', 'PX', ARGV[3])
   asked = 1
 end
-return {1, redis.call('HGETALL', KEYS[1]), asked}
-"""
+return {FOUND, redis.call('HGETALL', KEYS[1]), asked}
+""",
 )
 
 # KEYS: lock, release-request key. ARGV: lock token, ttl (ms), time left (ms) below which
 #       the lock is extended back to its ttl.
-# Result: -1 if the lock is not ours any more; else the pending release request
+# Result: Renew.LOCK_NOT_HELD if the lock is not ours any more; else the pending request
 #         ("stop" or "commit:<nonce>") or "" for none. Most renewals only read: a write goes
 #         to the AOF, which `appendfsync always` fsyncs, and every reply of that turn of
 #         Valkey's loop waits for that fsync.
-RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+RENEW = script(
+    Renew,
+    """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return LOCK_NOT_HELD end
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 local request = redis.call('GET', KEYS[2])
 if not request then return '' end
 return request
-"""
+""",
+)
 
 # KEYS: lock, release-request key. ARGV: lock token.
-# Result: 1 if released; 0 if it was not ours. A request to stop this holder goes with it.
-RELEASE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+# Result: Release.RELEASED, or NOT_OURS. A request to this holder goes with it.
+RELEASE = script(
+    Release,
+    """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return NOT_OURS end
 redis.call('DEL', KEYS[1])
 local request = redis.call('GET', KEYS[2])
 if request and string.sub(request, 1, 7) == 'commit:' then redis.call('DEL', KEYS[2]) end
-return 1
-"""
+return RELEASED
+""",
+)
 
 # KEYS: lock, release-request key. ARGV: request ("stop" or "commit:<nonce>"), ttl (ms).
-# Result: 1 if a holder was asked (a "stop" replaces a pending "commit"), 0 if the lock is free.
-ASK_HOLDER = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+# Result: AskHolder.ASKED (a "stop" replaces a pending "commit"), or LOCK_FREE.
+ASK_HOLDER = script(
+    AskHolder,
+    """
+if redis.call('EXISTS', KEYS[1]) == 0 then return LOCK_FREE end
 if ARGV[1] == 'stop' then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 else
   redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
 end
-return 1
-"""
+return ASKED
+""",
+)
 
 # KEYS: upload hash, lock. ARGV: nonce of a commit request.
-# Result: 1 if the holder acknowledged that request, or nobody holds the lock any more; else 0.
-ANSWERED = """
-if redis.call('EXISTS', KEYS[2]) == 0 then return 1 end
-if redis.call('HGET', KEYS[1], 'ack') == ARGV[1] then return 1 end
-return 0
-"""
+# Result: Answered.ANSWERED if the holder acknowledged that request, or nobody holds the lock
+#         any more; else WAITING.
+ANSWERED = script(
+    Answered,
+    """
+if redis.call('EXISTS', KEYS[2]) == 0 then return ANSWERED end
+if redis.call('HGET', KEYS[1], 'ack') == ARGV[1] then return ANSWERED end
+return WAITING
+""",
+)
 
 # KEYS: upload hash, lock. ARGV: lock token, new length.
-# Result: 1 set, 0 already this length, -1 lock not held, -2 no upload, -3 another length
-#         is set, -4 shorter than the committed offset.
-DECLARE_LENGTH = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+# Result: DeclareLength.SET, ALREADY_SET (this length), LOCK_NOT_HELD, NO_UPLOAD,
+#         OTHER_LENGTH (another length is set), BELOW_OFFSET (shorter than the offset).
+DECLARE_LENGTH = script(
+    DeclareLength,
+    """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return LOCK_NOT_HELD end
 local h = redis.call('HMGET', KEYS[1], 'offset', 'length')
-if not h[1] then return -2 end
-if h[2] == ARGV[2] then return 0 end
-if h[2] ~= '' then return -3 end
-if tonumber(ARGV[2]) < tonumber(h[1]) then return -4 end
+if not h[1] then return NO_UPLOAD end
+if h[2] == ARGV[2] then return ALREADY_SET end
+if h[2] ~= '' then return OTHER_LENGTH end
+if tonumber(ARGV[2]) < tonumber(h[1]) then return BELOW_OFFSET end
 redis.call('HSET', KEYS[1], 'length', ARGV[2])
-return 1
-"""
+return SET
+""",
+)
 
 
 # -- the webhook delivery's steps (events.py) --------------------------------------------
 
 # KEYS: events stream. ARGV: group, consumer, stream id, 1 to count a new try (else 0).
 # Result: the entry's tries so far, with its idle time reset, if this consumer holds it;
-#         0 if it does not (delivered, claimed by another process, or trimmed away).
-WEBHOOK_HOLD = """
+#         WebhookHold.NOT_HELD if not (delivered, claimed by another process, trimmed away).
+WEBHOOK_HOLD = script(
+    WebhookHold,
+    """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+if #p == 0 or p[1][2] ~= ARGV[2] then return NOT_HELD end
 if #redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3]) == 0 then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-  return 0
+  return NOT_HELD
 end
 local tries = p[1][4] + tonumber(ARGV[4])
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'RETRYCOUNT', tries, 'JUSTID')
 return tries
-"""
+""",
+)
 
 # KEYS: events stream. ARGV: group, stream id. Result: 1 if the entry was deleted.
-WEBHOOK_ACKNOWLEDGE = """
+WEBHOOK_ACKNOWLEDGE = script(
+    None,
+    """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return redis.call('XDEL', KEYS[1], ARGV[2])
-"""
+""",
+)
 
 # KEYS: events stream, dead-letter stream. ARGV: group, consumer, stream id, dead-letter
 #       maxlen, then the dead-letter entry's fields as pairs.
-# Result: 1 if moved; 0 if this consumer does not hold the entry any more.
-WEBHOOK_BURY = """
+# Result: WebhookBury.BURIED, or NOT_HELD when this consumer does not hold the entry any more.
+WEBHOOK_BURY = script(
+    WebhookBury,
+    """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*', unpack(fields))
+if #p == 0 or p[1][2] ~= ARGV[2] then return NOT_HELD end
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*', unpack(argv_from(5)))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
-return 1
-"""
+return BURIED
+""",
+)
 
 # KEYS: events stream. ARGV: group, consumer.
-# Result: 1 if the consumer held nothing and was removed from the group, else 0.
-WEBHOOK_FORGET = """
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+# Result: WebhookForget.FORGOTTEN if the consumer held nothing and was removed from the
+#         group, else BUSY.
+WEBHOOK_FORGET = script(
+    WebhookForget,
+    """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return BUSY end
 redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
+return FORGOTTEN
+""",
+)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Literal, cast
 
@@ -47,12 +47,40 @@ class LockLost(Exception):
     """The lock of an upload expired or was taken while its holder still worked."""
 
 
-class UploadState:
-    """All Redis access of tusserver for uploads. One per process, shared by its requests."""
+async def check_layout(client: RedisClient) -> None:
+    """Record the shard count at first start; refuse (RuntimeError) a Redis laid out with
+    another one, or one that may evict keys."""
+    await client.set("tus:config:shards", SHARD_COUNT, nx=True)
+    stored = int(await client.get("tus:config:shards") or SHARD_COUNT)
+    if stored != SHARD_COUNT:
+        raise RuntimeError(
+            f"this Redis holds uploads laid out in {stored} shards, this tusserver "
+            f"uses {SHARD_COUNT}; the shard count can never change"
+        )
+    try:
+        policy = await client.config_get("maxmemory-policy")
+    except aioredis.ResponseError:  # CONFIG is disabled on some hosted Redis
+        return
+    value = policy.get("maxmemory-policy", b"noeviction")
+    value = value.decode() if isinstance(value, bytes) else str(value)
+    if value != "noeviction":
+        raise RuntimeError(
+            f"Redis has maxmemory-policy {value}: it could evict upload state; set it to noeviction"
+        )
 
-    def __init__(self, client: RedisClient, *, tombstone_ttl_s: float) -> None:
+
+class UploadState:
+    """All Redis access of tusserver for uploads. One per process, shared by its requests.
+
+    `path_of(upload_id)` names an upload's file inside the data directory, for the events
+    (the files layer knows where files lie; this layer never touches them)."""
+
+    def __init__(
+        self, client: RedisClient, *, tombstone_ttl_s: float, path_of: Callable[[str], str]
+    ) -> None:
         self.redis = client
         self.tombstone_ttl_ms = int(tombstone_ttl_s * 1000)
+        self.path_of = path_of
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         self._create: AsyncScript = client.register_script(lua.CREATE)
         self._commit: AsyncScript = client.register_script(lua.COMMIT)
@@ -67,26 +95,8 @@ class UploadState:
         self._answered: AsyncScript = client.register_script(lua.ANSWERED)
 
     async def check_layout(self) -> None:
-        """Record the shard count at first start; refuse a Redis laid out with another one,
-        or one that may evict keys."""
-        await self.redis.set("tus:config:shards", SHARD_COUNT, nx=True)
-        stored = int(await self.redis.get("tus:config:shards") or SHARD_COUNT)
-        if stored != SHARD_COUNT:
-            raise RuntimeError(
-                f"this Redis holds uploads laid out in {stored} shards, this tusserver "
-                f"uses {SHARD_COUNT}; the shard count can never change"
-            )
-        try:
-            policy = await self.redis.config_get("maxmemory-policy")
-        except aioredis.ResponseError:  # CONFIG is disabled on some hosted Redis
-            return
-        value = policy.get("maxmemory-policy", b"noeviction")
-        value = value.decode() if isinstance(value, bytes) else str(value)
-        if value != "noeviction":
-            raise RuntimeError(
-                f"Redis has maxmemory-policy {value}: it could evict upload state; "
-                "set it to noeviction"
-            )
+        """`check_layout` on this state's Redis."""
+        await check_layout(self.redis)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -122,10 +132,10 @@ class UploadState:
             ],
             args=[owner, *args],
         )
-        code = int(result[0])
-        if code == 3:
+        code = lua.Owned(int(result[0]))
+        if code is lua.Owned.GONE:
             raise UploadGone(f"this upload was {as_text(result[1])}")
-        if code == 0:
+        if code is lua.Owned.NOT_FOUND:
             raise UploadNotFound()
         return result
 
@@ -163,9 +173,7 @@ class UploadState:
         """A token naming this process, for one lock."""
         return f"{self.holder}:{secrets.token_hex(8)}"
 
-    async def create(
-        self, upload: Upload, *, path: str, lock_token: str = "", ttl_ms: int = 0
-    ) -> None:
+    async def create(self, upload: Upload, *, lock_token: str = "", ttl_ms: int = 0) -> None:
         """Store a new upload, index it, and append its `created` event (and `completed`, for
         an empty upload) in one step; with `lock_token`, lock it for `ttl_ms` in that step."""
         shard = upload.shard
@@ -182,7 +190,7 @@ class UploadState:
             "concat": upload.concat,
             "sha256": upload.sha256,
         }
-        event = upload.as_event("created", upload.created_at, path)
+        event = upload.as_event("created", upload.created_at, self.path_of(upload.upload_id))
         del event["type"]
         created = await self._create(
             keys=[
@@ -203,7 +211,7 @@ class UploadState:
                 *flat_pairs(fields),
             ],
         )
-        if created != 1:
+        if lua.Create(int(created)) is not lua.Create.CREATED:
             raise RuntimeError("upload id collision")  # 128 random bits: never in practice
 
     async def commit(
@@ -216,7 +224,6 @@ class UploadState:
         expires_at: float | None,
         sha256: str = "",
         ack: str = "",
-        path: str = "",
         release: bool = False,
     ) -> Upload:
         """Move the committed offset from `upload.offset` to `new_offset` while holding the lock.
@@ -226,6 +233,7 @@ class UploadState:
         shard = upload.shard
         done = upload.length is not None and new_offset == upload.length
         finished = replace(upload, offset=new_offset, sha256=sha256, status="completed")
+        path = self.path_of(upload.upload_id)
         event = finished.as_event("completed", now, path) if done and sha256 else {}
         result = await self._commit(
             keys=[
@@ -247,14 +255,14 @@ class UploadState:
                 *flat_pairs(event),
             ],
         )
-        code = int(result[0])
-        if code == -1:
+        code = lua.Commit(int(result[0]))
+        if code is lua.Commit.LOCK_NOT_HELD:
             raise LockLost()
-        if code == -2:
+        if code is lua.Commit.NO_UPLOAD:
             raise UploadNotFound()
-        if code == -3:
+        if code is lua.Commit.OFFSET_MISMATCH:
             raise OffsetMismatch(expected=int(result[1]), got=upload.offset)
-        if code == -4:
+        if code is lua.Commit.PAST_LENGTH:
             raise PayloadTooLarge("the body runs past Upload-Length")
         status = cast(UploadStatus, result[2].decode())
         return replace(
@@ -266,7 +274,7 @@ class UploadState:
         )
 
     async def complete(
-        self, upload: Upload, sha256: str, *, now: float, expires_at: float | None, path: str
+        self, upload: Upload, sha256: str, *, now: float, expires_at: float | None
     ) -> bool:
         """Mark a `received` upload `completed` with its SHA-256 and append the `completed`
         event, in one step. False if it was not `received` (done already, or removed)."""
@@ -282,14 +290,14 @@ class UploadState:
                 sha256,
                 f"{now:.6f}",
                 "" if expires_at is None else f"{expires_at:.3f}",
-                *flat_pairs(finished.as_event("completed", now, path)),
+                *flat_pairs(finished.as_event("completed", now, self.path_of(upload.upload_id))),
             ],
         )
-        return int(result) == 1
+        return lua.Complete(int(result)) is lua.Complete.COMPLETED
 
     async def declare_length(self, upload: Upload, lock_token: str, length: int) -> Upload:
         """Set the length of a deferred-length upload (400 if it contradicts what is known)."""
-        result = int(
+        result = lua.DeclareLength(
             await self._declare_length(
                 keys=[
                     redis_key(upload.shard, "upload", upload.upload_id),
@@ -298,13 +306,13 @@ class UploadState:
                 args=[lock_token, length],
             )
         )
-        if result == -1:
+        if result is lua.DeclareLength.LOCK_NOT_HELD:
             raise LockLost()
-        if result == -2:
+        if result is lua.DeclareLength.NO_UPLOAD:
             raise UploadNotFound()
-        if result == -3:
+        if result is lua.DeclareLength.OTHER_LENGTH:
             raise BadRequest("Upload-Length differs from the length already set")
-        if result == -4:
+        if result is lua.DeclareLength.BELOW_OFFSET:
             raise BadRequest("Upload-Length is less than the bytes already received")
         return replace(upload, length=length)
 
@@ -314,7 +322,6 @@ class UploadState:
         reason: Literal["terminated", "expired"],
         *,
         now: float,
-        path: str,
         lock_token: str = "",
         expired_before: float | None = None,
     ) -> bool:
@@ -338,12 +345,13 @@ class UploadState:
                 self.tombstone_ttl_ms,
                 reason,
                 "" if expired_before is None else f"{expired_before:.3f}",
-                *flat_pairs(upload.as_event(reason, now, path)),
+                *flat_pairs(upload.as_event(reason, now, self.path_of(upload.upload_id))),
             ],
         )
-        if int(result) == -1:
+        code = lua.Remove(int(result))
+        if code is lua.Remove.LOCK_NOT_HELD:
             raise LockLost()
-        return int(result) == 1
+        return code is lua.Remove.REMOVED
 
     async def due(self, shard: int, now: float, limit: int = 100) -> list[str]:
         """Ids in `shard` whose expiry time has come (to expire, finish or delete)."""
@@ -365,7 +373,7 @@ class UploadState:
         token, or None while another request holds it. 404/410 as `get`."""
         token = self.new_lock_token()
         result = await self._owned(self._acquire, upload_id, owner, token, ttl_ms)
-        if int(result[0]) == 2:
+        if lua.Owned(int(result[0])) is lua.Owned.LOCKED:
             return None
         return upload_of(upload_id, result[1]), token
 
@@ -383,7 +391,7 @@ class UploadState:
             keys=[redis_key(shard, "lock", upload_id), redis_key(shard, "release", upload_id)],
             args=[request, ttl_ms],
         )
-        return int(asked) == 1
+        return lua.AskHolder(int(asked)) is lua.AskHolder.ASKED
 
     async def holder_answered(self, upload_id: str, nonce: str) -> bool:
         """True once the holder committed for the request `commit:<nonce>`, or let go."""
@@ -392,7 +400,7 @@ class UploadState:
             keys=[redis_key(shard, "upload", upload_id), redis_key(shard, "lock", upload_id)],
             args=[nonce],
         )
-        return int(answered) == 1
+        return lua.Answered(int(answered)) is lua.Answered.ANSWERED
 
     async def renew(
         self, upload_id: str, token: str, ttl_ms: int, *, extend_below_ms: int | None = None
@@ -407,7 +415,7 @@ class UploadState:
             keys=[redis_key(shard, "lock", upload_id), redis_key(shard, "release", upload_id)],
             args=[token, ttl_ms, extend_below_ms],
         )
-        if result == -1:
+        if result == lua.Renew.LOCK_NOT_HELD:
             raise LockLost()
         return result.decode() if isinstance(result, bytes) else str(result)
 

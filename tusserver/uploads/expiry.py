@@ -15,7 +15,7 @@ import time
 
 from tusserver.store.records import SHARD_COUNT
 from tusserver.tasks import was_cancelled
-from tusserver.uploads.service import LOCK_TTL_MS, RECEIVED_GRACE_S, Uploads
+from tusserver.uploads.service import Uploads
 
 log = logging.getLogger("tusserver.uploads.expiry")
 
@@ -25,34 +25,12 @@ async def sweep_once(uploads: Uploads, now: float | None = None) -> int:
     now = time.time() if now is None else now
     handled = 0
     for shard in range(SHARD_COUNT):
-        for upload_id in await uploads.state.due(shard, now):
-            upload = await uploads.state.get_any(upload_id)
-            if upload is None:
-                continue
-            path = uploads.storage.relative_path(upload_id)
+        for upload in await uploads.due(shard, now):
             if upload.status == "received":
-                handled += await _finish(uploads, upload_id, now)
-            elif await uploads.state.remove(
-                upload, "expired", now=now, path=path, expired_before=now
-            ):
-                await uploads.storage.delete(upload_id)
-                handled += 1
+                handled += await uploads.finish_received(upload.upload_id, now)
+            else:
+                handled += await uploads.expire(upload, now)
     return handled
-
-
-async def _finish(uploads: Uploads, upload_id: str, now: float) -> int:
-    token = await uploads.state.try_lock(upload_id, LOCK_TTL_MS * 20)
-    if token is None:
-        return 0
-    try:
-        await uploads.state.postpone(upload_id, now + RECEIVED_GRACE_S)
-        upload = await uploads.state.get_any(upload_id)
-        if upload is None or upload.status != "received":
-            return 0
-        await uploads.finish(upload)
-        return 1
-    finally:
-        await uploads.state.release(upload_id, token)
 
 
 async def sweep_forever(uploads: Uploads, interval_s: float) -> None:

@@ -1,0 +1,174 @@
+"""A request body on its way to an upload: what the handler hands down (`Body`, `SizeLimit`),
+how much of it a process may hold in memory (`BodyMemory`), reading a small one whole, and
+the answer when a body stops early. aiohttp's private details stay in `aiohttp_private`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+from aiohttp import StreamReader
+
+from tusserver.aiohttp_private import clear_error, unread_chunks
+from tusserver.errors import (
+    BodyIncomplete,
+    ChecksumMismatch,
+    Interrupted,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    TusError,
+)
+from tusserver.protocol import Checksum
+from tusserver.store.state import LockLost
+
+# Bodies of a known size up to this are read whole, then written in one thread hop and
+# committed in one Redis step (measured: benchmarks/README.md, scenarios b and d).
+SMALL_BODY_BYTES = 64 * 2**10
+WRITE_BLOCK_BYTES = 4 * 2**20
+MIN_BLOCK_BYTES = 256 * 2**10
+
+
+class TakenOver(Exception):
+    """Set on a body's stream to wake the reader when another request takes the upload."""
+
+
+class ShuttingDown(Exception):
+    """Set on a body's stream when the server stops: commit what arrived, answer 503."""
+
+
+async def _nothing_to_announce() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Body:
+    """A request's body as the upload service takes it."""
+
+    stream: StreamReader
+    content_length: int | None  # None: chunked, size unknown
+    checksum: Checksum | None  # Upload-Checksum, to verify before anything is kept
+    # Called once every check before the body has passed (answers `Expect: 100-continue`).
+    before_reading: Callable[[], Awaitable[None]] = _nothing_to_announce
+
+    @property
+    def is_small(self) -> bool:
+        """A body of known size, at most SMALL_BODY_BYTES: read whole, written in one hop."""
+        return self.content_length is not None and 0 < self.content_length <= SMALL_BODY_BYTES
+
+
+@dataclass(frozen=True)
+class SizeLimit:
+    """The most bytes one upload may hold for this request: the smaller of the server's
+    --max-size and the token's maximum (None: no limit). Computed once per request."""
+
+    max_bytes: int | None
+    whose: str = "this server's"
+
+    @classmethod
+    def of(cls, server_max: int | None, token_max: int | None) -> SizeLimit:
+        if token_max is not None and (server_max is None or token_max < server_max):
+            return cls(token_max, "this token's")
+        return cls(server_max, "this server's")
+
+    def check(self, size: int | None, what: str = "Upload-Length") -> None:
+        """413 if `size` bytes are more than the limit (None, not known yet, passes)."""
+        if self.max_bytes is not None and size is not None and size > self.max_bytes:
+            raise PayloadTooLarge(f"{what} is over {self.whose} maximum of {self.max_bytes} bytes")
+
+
+class BodyMemory:
+    """One process's budget for request bodies held in memory (--body-memory). Each body
+    that streams holds up to two blocks, one gathering and one being written, so a block is
+    the budget over twice the bodies streaming: 4 MiB while few stream, less as more do, and
+    never under 256 KiB (more thread hops per MiB, but the memory no longer grows 8 MiB per
+    upload). A body that arrives slower than that is written once a second anyway."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.streaming = 0
+
+    def block_bytes(self) -> int:
+        share = self.budget_bytes // (2 * max(1, self.streaming))
+        return max(MIN_BLOCK_BYTES, min(WRITE_BLOCK_BYTES, share))
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Count one more body streaming while the block is open."""
+        self.streaming += 1
+        try:
+            yield
+        finally:
+            self.streaming -= 1
+
+
+def forget_wakeup(stream: StreamReader) -> None:
+    """Forget an error we set to wake the reader (never the client's own)."""
+    if isinstance(stream.exception(), (TakenOver, ShuttingDown, LockLost)):
+        clear_error(stream)
+
+
+def take_unread(stream: StreamReader) -> list[bytes]:
+    """Bytes the stream received but had not handed out when it failed: they did arrive, in
+    order, after what was read, so they count as arrived."""
+    return unread_chunks(stream)
+
+
+async def read_small_body(
+    stream: StreamReader, size: int, idle_s: float
+) -> tuple[bytes, BaseException | None]:
+    """The first `size` bytes of `stream` (a small body, held whole in memory) and, if it
+    stopped before all of them arrived, why: TimeoutError after `idle_s` without its end, or
+    the stream's error (the client hung up, or a stop set by the service). Bytes aiohttp
+    buffered before the stop count as arrived."""
+    chunks: list[bytes] = []
+    received = 0
+    stop: BaseException | None = None
+    try:
+        async with asyncio.timeout(idle_s):
+            while received < size and (chunk := await stream.readany()):
+                chunks.append(chunk)
+                received += len(chunk)
+    except TimeoutError as error:
+        stop = error
+    except Exception as error:  # the client hung up, sent a broken body, or the server stops
+        stop = error
+        chunks += take_unread(stream)
+    forget_wakeup(stream)  # a stop signal that came as the body ended is ours to forget
+    data = b"".join(chunks)[:size]
+    if len(data) == size:  # every byte arrived: whatever stopped the stream came after
+        return data, None
+    return data, stop or BodyIncomplete("the request body ended early")
+
+
+def verified_small_body(
+    data: bytes, stop: BaseException | None, checksum: Checksum | None
+) -> tuple[bytes, ChecksumMismatch | None]:
+    """What of a small body (`read_small_body`) may be kept: all that arrived, or with an
+    `Upload-Checksum`, the whole body if it matches and nothing otherwise (with the mismatch
+    to answer when the whole body arrived)."""
+    if checksum is None:
+        return data, None
+    if stop is not None:
+        return b"", None
+    if hashlib.new(checksum.algorithm, data).digest() != checksum.digest:
+        return b"", ChecksumMismatch(checksum.algorithm)
+    return data, None
+
+
+def refusal_for(stop: BaseException, committed: int, idle_s: float) -> TusError:
+    """The answer to a body that stopped early, once what could be kept of it is committed
+    (`committed`: the upload's offset now)."""
+    if isinstance(stop, TimeoutError):
+        return RequestTimeout(f"the body stalled for {idle_s:g} s; {committed} bytes are committed")
+    if isinstance(stop, ShuttingDown):
+        return ServiceUnavailable(f"the server is restarting; {committed} bytes are committed", 2)
+    if isinstance(stop, LockLost):
+        return ServiceUnavailable("lost the upload's lock; retry", 1)
+    if isinstance(stop, TakenOver):
+        return Interrupted(committed)
+    return BodyIncomplete(f"the request body ended early; {committed} bytes are committed")

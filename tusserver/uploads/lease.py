@@ -1,0 +1,154 @@
+"""Upload locks held by this process: taking one (asking a running holder to let go), keeping
+it renewed, and passing requests from other requests to whoever holds it.
+
+A `Lease` knows nothing of its holder: the holder hands it two callbacks, one to wake its
+reader (another request takes over, the lock is lost, the server stops) and one to commit
+now (a HEAD wants the current offset). `Leases` takes, holds and releases them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from tusserver.errors import ServiceUnavailable, UploadLocked
+from tusserver.store.records import Upload
+from tusserver.store.state import LockLost, UploadState
+from tusserver.tasks import cancel_and_wait, was_cancelled
+from tusserver.uploads.body import ShuttingDown, TakenOver
+
+log = logging.getLogger("tusserver.uploads")
+
+LOCK_TTL_MS = 3000
+# Renewals extend the lock only when less than this is left: one write every ~0.5 s instead
+# of every 100 ms (with `appendfsync always` each write costs Valkey an AOF fsync, and every
+# reply of that turn waits for it), while the lock keeps at least 2.4 s in hand.
+LOCK_EXTEND_BELOW_MS = 2500
+RENEW_INTERVAL_S = 0.1
+TAKEOVER_WAIT_S = 1.0
+POLL_S = 0.02
+
+WakeReader = Callable[[Exception], None]
+CommitNow = Callable[[str], Awaitable[object]]
+
+
+def _nobody_reading(_error: Exception) -> None:
+    return None
+
+
+class Lease:
+    """A held upload lock, renewed in the background until released."""
+
+    def __init__(self, upload_id: str, token: str) -> None:
+        self.upload_id = upload_id
+        self.token = token
+        self.stop_requested = False
+        self.lost = False
+        self.released = False
+        self.renewed_at = time.monotonic()
+        self._wake_reader: WakeReader = _nobody_reading
+        self._commit_now: CommitNow | None = None
+
+    def listen(self, *, wake_reader: WakeReader, commit_now: CommitNow | None = None) -> None:
+        """The holder's callbacks: `wake_reader(error)` stops its body read, `commit_now(ack)`
+        commits what it wrote and acknowledges `ack`."""
+        self._wake_reader = wake_reader
+        self._commit_now = commit_now
+
+    def wake(self, error: Exception) -> None:
+        """Stop the holder's body read with `error` (TakenOver, LockLost, ShuttingDown)."""
+        self._wake_reader(error)
+
+    def _lose(self) -> None:
+        self.lost = True
+        self.wake(LockLost())
+
+    async def renew_until_cancelled(self, state: UploadState) -> None:
+        """Every ~100 ms: keep the lock (extending it every ~0.5 s) and answer requests from
+        other requests: `stop` wakes the reader, `commit:<nonce>` commits now."""
+        while not was_cancelled():
+            await asyncio.sleep(RENEW_INTERVAL_S)
+            if self.released or was_cancelled():
+                return
+            try:
+                request = await state.renew(
+                    self.upload_id, self.token, LOCK_TTL_MS, extend_below_ms=LOCK_EXTEND_BELOW_MS
+                )
+            except LockLost:
+                self._lose()
+                return
+            except Exception:  # Redis unreachable: stop writing before the lock can expire
+                if time.monotonic() - self.renewed_at > LOCK_TTL_MS / 2000:
+                    self._lose()
+                    return
+                continue
+            self.renewed_at = time.monotonic()
+            if request == "stop":
+                self.stop_requested = True
+                self.wake(TakenOver())
+            elif request.startswith("commit:") and self._commit_now is not None:
+                with contextlib.suppress(Exception):
+                    await self._commit_now(request.removeprefix("commit:"))
+
+
+class Leases:
+    """The locks this process holds, so a graceful stop can wake every holder."""
+
+    def __init__(self, state: UploadState) -> None:
+        self.state = state
+        self._held: set[Lease] = set()
+        self.is_stopping = False
+
+    def refuse_if_stopping(self) -> None:
+        """503 once the server is stopping: no new lock, no new upload."""
+        if self.is_stopping:
+            raise ServiceUnavailable("the server is restarting; retry shortly", 2)
+
+    @contextlib.asynccontextmanager
+    async def locked(
+        self, upload_id: str, owner: str, *, takeover: bool = True
+    ) -> AsyncIterator[tuple[Upload, Lease]]:
+        """Hold the upload's lock: a running holder is asked to stop and commit (unless not
+        `takeover`), and 423 follows if it does not let go within about a second. 404/410."""
+        self.refuse_if_stopping()
+        acquired = await self.state.acquire(upload_id, owner, LOCK_TTL_MS)
+        deadline = time.monotonic() + TAKEOVER_WAIT_S
+        while acquired is None:
+            if time.monotonic() > deadline:
+                raise UploadLocked()
+            if takeover:
+                await self.state.ask_holder(upload_id, "stop", LOCK_TTL_MS)
+            await asyncio.sleep(POLL_S)
+            acquired = await self.state.acquire(upload_id, owner, LOCK_TTL_MS)
+        upload, token = acquired
+        async with self.held(upload_id, token) as lease:
+            yield upload, lease
+
+    @contextlib.asynccontextmanager
+    async def held(self, upload_id: str, token: str) -> AsyncIterator[Lease]:
+        """Keep the lock held with `token` renewed until the block ends, then release it."""
+        lease = Lease(upload_id, token)
+        self._held.add(lease)
+        renewer = asyncio.create_task(lease.renew_until_cancelled(self.state))
+        try:
+            yield lease
+        finally:
+            self._held.discard(lease)
+            await cancel_and_wait(renewer)
+            if not lease.released:
+                await asyncio.shield(self._release(lease))
+
+    async def _release(self, lease: Lease) -> None:
+        try:
+            await self.state.release(lease.upload_id, lease.token)
+        except Exception:  # the lock expires by itself within seconds
+            log.warning("could not release the lock of %s", lease.upload_id, exc_info=True)
+
+    def stop_all(self) -> None:
+        """Graceful stop: refuse new locks, wake every holder (it commits and answers 503)."""
+        self.is_stopping = True
+        for lease in list(self._held):
+            lease.wake(ShuttingDown())
