@@ -35,82 +35,43 @@ def script(codes: type[IntEnum] | None, body: str) -> str:
     return PRELUDE + names + body
 
 
-class Create(IntEnum):
-    ID_TAKEN = 0
-    CREATED = 1
-
-
-class Commit(IntEnum):
-    COMMITTED = 0
-    LOCK_NOT_HELD = -1
-    NO_UPLOAD = -2
-    OFFSET_MISMATCH = -3
-    PAST_LENGTH = -4
-
-
-class Complete(IntEnum):
-    NOT_RECEIVED = 0
-    COMPLETED = 1
-
-
-class Remove(IntEnum):
-    REMOVED = 1
-    NO_UPLOAD = 0
-    LOCK_NOT_HELD = -1
-    NOT_EXPIRED = -2
-    HELD = -3
-
-
-class Owned(IntEnum):
-    """ACQUIRE and READ."""
-
-    NOT_FOUND = 0
-    FOUND = 1
-    LOCKED = 2
-    GONE = 3
-
-
-class Renew(IntEnum):
-    LOCK_NOT_HELD = -1  # otherwise the pending request, a string
-
-
-class Release(IntEnum):
-    NOT_OURS = 0
-    RELEASED = 1
-
-
-class AskHolder(IntEnum):
-    LOCK_FREE = 0
-    ASKED = 1
-
-
-class Answered(IntEnum):
-    WAITING = 0
-    ANSWERED = 1
-
-
-class DeclareLength(IntEnum):
-    SET = 1
-    ALREADY_SET = 0
-    LOCK_NOT_HELD = -1
-    NO_UPLOAD = -2
-    OTHER_LENGTH = -3
-    BELOW_OFFSET = -4
-
-
-class WebhookHold(IntEnum):
-    NOT_HELD = 0  # otherwise the entry's tries so far
-
-
-class WebhookBury(IntEnum):
-    NOT_HELD = 0
-    BURIED = 1
-
-
-class WebhookForget(IntEnum):
-    BUSY = 0
-    FORGOTTEN = 1
-
+# The result codes of each script (ACQUIRE and READ share `Owned`).
+Create = IntEnum("Create", {"ID_TAKEN": 0, "CREATED": 1})
+Commit = IntEnum(
+    "Commit",
+    {
+        "COMMITTED": 0,
+        "LOCK_NOT_HELD": -1,
+        "NO_UPLOAD": -2,
+        "OFFSET_MISMATCH": -3,
+        "PAST_LENGTH": -4,
+    },
+)
+Complete = IntEnum("Complete", {"NOT_RECEIVED": 0, "COMPLETED": 1})
+Remove = IntEnum(
+    "Remove", {"REMOVED": 1, "NO_UPLOAD": 0, "LOCK_NOT_HELD": -1, "NOT_EXPIRED": -2, "HELD": -3}
+)
+Owned = IntEnum("Owned", {"NOT_FOUND": 0, "FOUND": 1, "LOCKED": 2, "GONE": 3})
+# Renew: a negative code, otherwise the pending request (a string)
+Renew = IntEnum("Renew", {"LOCK_NOT_HELD": -1})
+Release = IntEnum("Release", {"NOT_OURS": 0, "RELEASED": 1})
+AskHolder = IntEnum("AskHolder", {"LOCK_FREE": 0, "ASKED": 1})
+Answered = IntEnum("Answered", {"WAITING": 0, "ANSWERED": 1})
+DeclareLength = IntEnum(
+    "DeclareLength",
+    {
+        "SET": 1,
+        "ALREADY_SET": 0,
+        "LOCK_NOT_HELD": -1,
+        "NO_UPLOAD": -2,
+        "OTHER_LENGTH": -3,
+        "BELOW_OFFSET": -4,
+    },
+)
+# WebhookHold: NOT_HELD, otherwise the entry's tries so far
+WebhookHold = IntEnum("WebhookHold", {"NOT_HELD": 0})
+WebhookBury = IntEnum("WebhookBury", {"NOT_HELD": 0, "BURIED": 1})
+WebhookForget = IntEnum("WebhookForget", {"BUSY": 0, "FORGOTTEN": 1})
 
 # KEYS: upload hash, owner index, expiry zset, events stream, lock
 # ARGV: upload id, created (score), expires (score or ""), lock token or "" (a creation with

@@ -37,6 +37,24 @@ def redis_key(shard: int, kind: str, name: str = "") -> str:
     return f"tus:{{{shard}}}:{kind}" + (f":{name}" if name else "")
 
 
+# Kinds of key that belong to one upload (named by its id); the others belong to its shard,
+# and `owner:<subject>` to an owner's index in that shard.
+PER_UPLOAD_KINDS = frozenset({"upload", "lock", "release", "tomb"})
+
+
+def keys_of(upload_id: str, *kinds: str) -> list[str]:
+    """The keys of `upload_id`'s shard that a step touches, in the order given: `upload`,
+    `lock`, `release`, `tomb` (the upload's own), `expiry`, `events` (the shard's), or
+    `owner:<subject>` (an owner's index)."""
+    shard = shard_of(upload_id)
+    keys = []
+    for kind in kinds:
+        kind, _, subject = kind.partition(":")
+        name = upload_id if kind in PER_UPLOAD_KINDS else subject
+        keys.append(redis_key(shard, kind, name))
+    return keys
+
+
 @dataclass(frozen=True)
 class Upload:
     """One upload as Redis holds it."""

@@ -36,8 +36,8 @@ from tusserver.store.records import (
     as_text,
     flat_pairs,
     is_upload_id,
+    keys_of,
     redis_key,
-    shard_of,
     upload_from_hash,
     upload_of,
 )
@@ -122,14 +122,8 @@ class UploadState:
         404 (no upload of `owner`) or 410 (its tombstone) are raised."""
         if not is_upload_id(upload_id):
             raise UploadNotFound()
-        shard = shard_of(upload_id)
         result: list[Any] = await script(
-            keys=[
-                redis_key(shard, "upload", upload_id),
-                redis_key(shard, "tomb", upload_id),
-                redis_key(shard, "lock", upload_id),
-                redis_key(shard, "release", upload_id),
-            ],
+            keys=keys_of(upload_id, "upload", "tomb", "lock", "release"),
             args=[owner, *args],
         )
         code = lua.Owned(int(result[0]))
@@ -162,7 +156,7 @@ class UploadState:
             batch, ids = ids[: limit - len(uploads)], ids[limit - len(uploads) :]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for upload_id in batch:
-                    pipe.hgetall(redis_key(shard_of(upload_id), "upload", upload_id))
+                    pipe.hgetall(keys_of(upload_id, "upload")[0])
                 rows: list[Mapping[bytes, bytes]] = await pipe.execute()
             uploads += [upload_from_hash(i, raw) for i, raw in zip(batch, rows, strict=True) if raw]
         return uploads
@@ -176,7 +170,6 @@ class UploadState:
     async def create(self, upload: Upload, *, lock_token: str = "", ttl_ms: int = 0) -> None:
         """Store a new upload, index it, and append its `created` event (and `completed`, for
         an empty upload) in one step; with `lock_token`, lock it for `ttl_ms` in that step."""
-        shard = upload.shard
         fields = {
             "owner": upload.owner,
             "offset": str(upload.offset),
@@ -193,13 +186,9 @@ class UploadState:
         event = upload.as_event("created", upload.created_at, self.path_of(upload.upload_id))
         del event["type"]
         created = await self._create(
-            keys=[
-                redis_key(shard, "upload", upload.upload_id),
-                redis_key(shard, "owner", upload.owner),
-                redis_key(shard, "expiry"),
-                redis_key(shard, "events"),
-                redis_key(shard, "lock", upload.upload_id),
-            ],
+            keys=keys_of(
+                upload.upload_id, "upload", f"owner:{upload.owner}", "expiry", "events", "lock"
+            ),
             args=[
                 upload.upload_id,
                 f"{upload.created_at:.6f}",
@@ -230,19 +219,12 @@ class UploadState:
 
         Reaching the length marks the upload `received`, or `completed` (with its event) when
         `sha256` is given. Raises LockLost, OffsetMismatch (409), PayloadTooLarge (413)."""
-        shard = upload.shard
         done = upload.length is not None and new_offset == upload.length
         finished = replace(upload, offset=new_offset, sha256=sha256, status="completed")
         path = self.path_of(upload.upload_id)
         event = finished.as_event("completed", now, path) if done and sha256 else {}
         result = await self._commit(
-            keys=[
-                redis_key(shard, "upload", upload.upload_id),
-                redis_key(shard, "lock", upload.upload_id),
-                redis_key(shard, "expiry"),
-                redis_key(shard, "events"),
-                redis_key(shard, "release", upload.upload_id),
-            ],
+            keys=keys_of(upload.upload_id, "upload", "lock", "expiry", "events", "release"),
             args=[
                 lock_token,
                 upload.offset,
@@ -278,14 +260,9 @@ class UploadState:
     ) -> bool:
         """Mark a `received` upload `completed` with its SHA-256 and append the `completed`
         event, in one step. False if it was not `received` (done already, or removed)."""
-        shard = upload.shard
         finished = replace(upload, sha256=sha256, status="completed")
         result = await self._complete(
-            keys=[
-                redis_key(shard, "upload", upload.upload_id),
-                redis_key(shard, "expiry"),
-                redis_key(shard, "events"),
-            ],
+            keys=keys_of(upload.upload_id, "upload", "expiry", "events"),
             args=[
                 sha256,
                 f"{now:.6f}",
@@ -299,10 +276,7 @@ class UploadState:
         """Set the length of a deferred-length upload (400 if it contradicts what is known)."""
         result = lua.DeclareLength(
             await self._declare_length(
-                keys=[
-                    redis_key(upload.shard, "upload", upload.upload_id),
-                    redis_key(upload.shard, "lock", upload.upload_id),
-                ],
+                keys=keys_of(upload.upload_id, "upload", "lock"),
                 args=[lock_token, length],
             )
         )
@@ -329,16 +303,16 @@ class UploadState:
 
         Termination passes the lock it holds; expiry passes `expired_before` instead and never
         removes an upload that a request holds or that was active again. True if removed."""
-        shard = upload.shard
         result = await self._remove(
-            keys=[
-                redis_key(shard, "upload", upload.upload_id),
-                redis_key(shard, "lock", upload.upload_id),
-                redis_key(shard, "owner", upload.owner),
-                redis_key(shard, "expiry"),
-                redis_key(shard, "events"),
-                redis_key(shard, "tomb", upload.upload_id),
-            ],
+            keys=keys_of(
+                upload.upload_id,
+                "upload",
+                "lock",
+                f"owner:{upload.owner}",
+                "expiry",
+                "events",
+                "tomb",
+            ),
             args=[
                 lock_token,
                 f"{now:.6f}",
@@ -360,11 +334,13 @@ class UploadState:
 
     async def get_any(self, upload_id: str) -> Upload | None:
         """The upload whoever owns it (for background work), or None."""
-        raw = await self.redis.hgetall(redis_key(shard_of(upload_id), "upload", upload_id))
+        (key,) = keys_of(upload_id, "upload")
+        raw = await self.redis.hgetall(key)
         return upload_from_hash(upload_id, raw) if raw else None
 
     async def postpone(self, upload_id: str, until: float) -> None:
-        await self.redis.zadd(redis_key(shard_of(upload_id), "expiry"), {upload_id: until}, xx=True)
+        (key,) = keys_of(upload_id, "expiry")
+        await self.redis.zadd(key, {upload_id: until}, xx=True)
 
     # -- locks -----------------------------------------------------------------------------
 
@@ -380,24 +356,22 @@ class UploadState:
     async def try_lock(self, upload_id: str, ttl_ms: int) -> str | None:
         """Take the upload's lock if it is free; the token to renew and release it, or None."""
         token = self.new_lock_token()
-        shard = shard_of(upload_id)
-        taken = await self.redis.set(redis_key(shard, "lock", upload_id), token, nx=True, px=ttl_ms)
+        (key,) = keys_of(upload_id, "lock")
+        taken = await self.redis.set(key, token, nx=True, px=ttl_ms)
         return token if taken else None
 
     async def ask_holder(self, upload_id: str, request: str, ttl_ms: int) -> bool:
         """Ask the lock's holder to `stop` or to `commit:<nonce>`; False if nobody holds it."""
-        shard = shard_of(upload_id)
         asked = await self._ask_holder(
-            keys=[redis_key(shard, "lock", upload_id), redis_key(shard, "release", upload_id)],
+            keys=keys_of(upload_id, "lock", "release"),
             args=[request, ttl_ms],
         )
         return lua.AskHolder(int(asked)) is lua.AskHolder.ASKED
 
     async def holder_answered(self, upload_id: str, nonce: str) -> bool:
         """True once the holder committed for the request `commit:<nonce>`, or let go."""
-        shard = shard_of(upload_id)
         answered = await self._answered(
-            keys=[redis_key(shard, "upload", upload_id), redis_key(shard, "lock", upload_id)],
+            keys=keys_of(upload_id, "upload", "lock"),
             args=[nonce],
         )
         return lua.Answered(int(answered)) is lua.Answered.ANSWERED
@@ -409,10 +383,9 @@ class UploadState:
         it is extended back to `ttl_ms`, so it has at least that much left after a renewal;
         the pending request to us ("stop", "commit:<n>" or ""). Raises LockLost if the lock
         is not ours any more."""
-        shard = shard_of(upload_id)
         extend_below_ms = ttl_ms + 1 if extend_below_ms is None else extend_below_ms
         result = await self._renew(
-            keys=[redis_key(shard, "lock", upload_id), redis_key(shard, "release", upload_id)],
+            keys=keys_of(upload_id, "lock", "release"),
             args=[token, ttl_ms, extend_below_ms],
         )
         if result == lua.Renew.LOCK_NOT_HELD:
@@ -420,9 +393,8 @@ class UploadState:
         return result.decode() if isinstance(result, bytes) else str(result)
 
     async def release(self, upload_id: str, token: str) -> None:
-        shard = shard_of(upload_id)
         await self._release(
-            keys=[redis_key(shard, "lock", upload_id), redis_key(shard, "release", upload_id)],
+            keys=keys_of(upload_id, "lock", "release"),
             args=[token],
         )
 
