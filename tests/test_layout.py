@@ -29,7 +29,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "__main__": {"cli"},
     "__init__": set(),
 }
-HANDLERS_MAY_IMPORT = {"uploads", "protocol", "errors", "auth", "http"}
+# Besides the service, the parsers and the errors: the grant (auth), the app keys (http) and
+# the 100 Continue (aiohttp_private), all of the HTTP layer's own business.
+HANDLERS_MAY_IMPORT = {"uploads", "protocol", "errors", "auth", "http", "aiohttp_private"}
 HANDLERS_NEVER_IMPORT = {"redis", "aiofiles", "os", "pathlib"}
 
 
