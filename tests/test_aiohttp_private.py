@@ -12,7 +12,9 @@ import pytest
 from aiohttp import StreamReader
 from aiohttp.base_protocol import BaseProtocol
 
-from tests.conftest import Server, create_upload, patch_headers, wait_until
+from tests.support.servers import Server
+from tests.support.tus import create_upload, patch_headers
+from tests.support.waiting import wait_until
 from tusserver.aiohttp_private import CONTINUE, clear_error, unread_chunks
 
 
@@ -51,7 +53,7 @@ async def _patch_logged_bytes_out(
 ) -> int:
     """bytes_out of the access log line of one small PATCH sent on a raw socket."""
     async with aiohttp.ClientSession() as http:
-        url = await create_upload(http, server, length=3)
+        url = await create_upload(http, server.url, length=3)
     path = url.split(server.url.split("/files/")[0], 1)[1]
     host, port = server.url.split("//")[1].split("/")[0].split(":")
     headers = {**patch_headers(0), "Content-Length": "3", "Host": f"{host}:{port}"}

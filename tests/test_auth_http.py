@@ -20,16 +20,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import (
-    TUS,
-    Server,
-    ServerFactory,
-    ServerProcess,
-    create_upload,
-    head_offset,
-    patch_headers,
-    wait_until,
-)
+from tests.support.processes import ServerProcess
+from tests.support.servers import Server, ServerFactory
+from tests.support.tus import TUS, bearer, create_upload, head_offset, patch_headers, upload_id_of
+from tests.support.waiting import wait_until
 from tusserver.auth import ACTIONS, issue_token
 from tusserver.http.access_log import AccessLogger, JsonAccessLogger
 from tusserver.http.app import build_app
@@ -56,14 +50,6 @@ def token(
     )  # fmt: skip
 
 
-def bearer(value: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {value}"}
-
-
-def id_of(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[1]
-
-
 def metadata_header(**values: str) -> str:
     return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in values.items())
 
@@ -77,7 +63,7 @@ async def started_upload(
     http: aiohttp.ClientSession, server: Server, data: bytes, length: int, subject: str = "alice"
 ) -> str:
     """An upload of `subject` with `data` committed (of `length` bytes in all)."""
-    url = await create_upload(http, server, length, **bearer(token(subject)))
+    url = await create_upload(http, server.url, length, **bearer(token(subject)))
     if data:
         headers = patch_headers(0, **bearer(token(subject)))
         async with http.patch(url, data=data, headers=headers) as response:
@@ -248,8 +234,8 @@ async def test_post_needs_create(secured: Server, http: aiohttp.ClientSession) -
         assert "create" in await response.text()
     assert await owned_ids(http, secured, "alice") == []
     assert upload_files(secured) == []
-    url = await create_upload(http, secured, 3, **bearer(token(actions=["create"])))
-    assert await owned_ids(http, secured, "alice") == [id_of(url)]
+    url = await create_upload(http, secured.url, 3, **bearer(token(actions=["create"])))
+    assert await owned_ids(http, secured, "alice") == [upload_id_of(url)]
 
 
 async def test_delete_needs_delete(secured: Server, http: aiohttp.ClientSession) -> None:
@@ -357,7 +343,7 @@ async def test_token_for_another_upload_id_is_404(
     await assert_unchanged(http, secured, partial, b"abc")
     await assert_unchanged(http, secured, done, b"finished")
     # the same token naming the upload itself is good for it
-    named = token(upload_id=id_of(partial))
+    named = token(upload_id=upload_id_of(partial))
     async with http.patch(partial, data=b"def", headers=patch_headers(3, **bearer(named))) as r:
         assert r.status == 204
     await assert_unchanged(http, secured, partial, b"abcdef")
@@ -375,8 +361,8 @@ async def test_upload_length_over_the_tokens_max_is_413(
         assert "10" in await r.text()
     assert await owned_ids(http, secured, "alice") == []
     assert upload_files(secured) == []
-    url = await create_upload(http, secured, 10, **limited)
-    assert await owned_ids(http, secured, "alice") == [id_of(url)]
+    url = await create_upload(http, secured.url, 10, **limited)
+    assert await owned_ids(http, secured, "alice") == [upload_id_of(url)]
 
 
 async def test_deferred_length_upload_running_past_the_tokens_max_is_413(
@@ -456,7 +442,9 @@ async def test_metadata_constraints_of_the_token(
         assert await owned_ids(http, secured, "alice") == []
         assert upload_files(secured) == []
     else:
-        assert await owned_ids(http, secured, "alice") == [id_of(response.headers["Location"])]
+        assert await owned_ids(http, secured, "alice") == [
+            upload_id_of(response.headers["Location"])
+        ]
 
 
 # -- ?token= only where links need it ------------------------------------------------------
@@ -524,13 +512,13 @@ async def test_rotation_accepts_the_old_secret_until_it_is_dropped(
 ) -> None:
     both = await make_server(secrets=("new", "old"))
     signed_old = bearer(token("dave", secret="old"))
-    url = await create_upload(http, both, 6, **signed_old)
+    url = await create_upload(http, both.url, 6, **signed_old)
     async with http.patch(url, data=b"abc", headers=patch_headers(0, **signed_old)) as response:
         assert response.status == 204
     assert await head_offset(http, url, **bearer(token("dave", secret="new"))) == 3
 
     new_only = await make_server(secrets=("new",))  # same Redis, same data directory
-    url_now = new_only.url + id_of(url)
+    url_now = new_only.url + upload_id_of(url)
     async with http.head(url_now, headers={**TUS, **signed_old}) as response:
         assert response.status == 401
     headers = patch_headers(3, **signed_old)
@@ -667,7 +655,7 @@ async def test_resume_after_the_token_expired_with_a_refreshed_token(
     issued_at = time.time()
     first = token("carol", ["create", "upload"], ttl_s=ttl_s, now=issued_at)
     headers = {"Upload-Metadata": metadata_header(filename="big.bin"), **bearer(first)}
-    url = await create_upload(http, secured, len(data), **headers)
+    url = await create_upload(http, secured.url, len(data), **headers)
     async with http.patch(url, data=data[:half], headers=patch_headers(0, **bearer(first))) as r:
         assert r.status == 204
         assert r.headers["Upload-Offset"] == str(half)
@@ -680,7 +668,7 @@ async def test_resume_after_the_token_expired_with_a_refreshed_token(
         assert response.headers["WWW-Authenticate"].startswith("Bearer ")
     assert secured.file_of(url).read_bytes() == data[:half]
 
-    refreshed = bearer(token("carol", ["upload", "read"], upload_id=id_of(url)))
+    refreshed = bearer(token("carol", ["upload", "read"], upload_id=upload_id_of(url)))
     assert await head_offset(http, url, **refreshed) == half
     async with http.patch(url, data=data[half:], headers=patch_headers(half, **refreshed)) as r:
         assert r.status == 204

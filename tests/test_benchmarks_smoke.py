@@ -16,8 +16,9 @@ import aiohttp
 import pytest
 
 from benchmarks import scenarios
-from tests.conftest import OFFSET_STREAM, TUS, ServerProcess, patch_headers, wait_until
-from tests.test_faults import repr_digest_of
+from tests.support.processes import ServerProcess
+from tests.support.tus import OFFSET_STREAM, TUS, patch_headers, repr_digest_of
+from tests.support.waiting import wait_until
 from tusserver.protocol import format_repr_digest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

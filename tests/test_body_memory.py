@@ -13,8 +13,10 @@ import os
 import aiohttp
 import pytest
 
-from tests.conftest import TUS, Server, ServerFactory, wait_until
-from tests.test_faults import RawRequest, create, raw_patch, repr_digest_of
+from tests.support.raw_http import RawRequest, raw_patch
+from tests.support.servers import Server, ServerFactory
+from tests.support.tus import TUS, create_upload, repr_digest_of
+from tests.support.waiting import wait_until
 from tusserver.settings import SettingError, Settings
 from tusserver.uploads.body import MIN_BLOCK_BYTES, WRITE_BLOCK_BYTES, BodyMemory
 
@@ -47,7 +49,7 @@ async def test_concurrent_bodies_are_written_in_their_share_of_the_budget(
     server: Server = await make_server(body_memory_bytes=2 * MiB)
     memory = server.uploads.body_memory
     sources = [os.urandom(2 * MiB) for _ in range(4)]
-    urls = [await create(http, server.url, len(source)) for source in sources]
+    urls = [await create_upload(http, server.url, len(source)) for source in sources]
     files = [server.file_of(url) for url in urls]
     async with (
         raw_patch(urls[0], 0, 2 * MiB) as first, raw_patch(urls[1], 0, 2 * MiB) as second,

@@ -7,34 +7,26 @@ tests/artifacts/.
 from __future__ import annotations
 
 import hashlib
-import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 
-from tests.conftest import ServerFactory, ServerProcess, require_tool
-from tests.test_js_client import (
-    JS_DIR,
-    MiB,
-    Run,
-    assert_stored_exactly,
-    bearer,
-    head,
-    http_request,
-    random_file,
-    require_node_package,
-    tusserver_process,
-)
+from tests.support.files import random_file
+from tests.support.node import Run, require_node_package, run_script
+from tests.support.processes import ServerProcess, tusserver_process
+from tests.support.servers import ServerFactory
+from tests.support.sync_http import assert_stored_exactly, head, http_request
+from tests.support.tools import require_tool
+from tests.support.tus import bearer
 from tusserver.auth import issue_token
 from tusserver.http import demo
 from tusserver.settings import Settings
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
+MiB = 2**20
 CHROMIUM = Path("/usr/bin/chromium")
 SECRET = "browser-secret"
 
@@ -135,18 +127,7 @@ def require_browser() -> None:
 def run_browser(**options: Any) -> Run:
     """Run tests/js/browser_demo.mjs with `options`; its JSON events."""
     ARTIFACTS.mkdir(exist_ok=True)
-    process = subprocess.run(
-        ["node", str(JS_DIR / "browser_demo.mjs"), json.dumps(options)],
-        capture_output=True, text=True, timeout=180, cwd=JS_DIR,
-    )  # fmt: skip
-    events = [json.loads(line) for line in process.stdout.splitlines() if line.strip()]
-    return Run(process.returncode, events, process.stderr)
-
-
-def port_of(server: ServerProcess) -> int:
-    port = urlsplit(server.url).port
-    assert port is not None
-    return port
+    return run_script("browser_demo.mjs", options, timeout_s=180)
 
 
 def assert_no_page_faults(run: Run) -> None:
@@ -184,7 +165,7 @@ def secured_server(
     yield from tusserver_process(
         tmp_path_factory.mktemp("secured-page") / "data",
         "--secret", SECRET, "--demo-page",
-        "--cors-origins", f"http://localhost:{port_of(page_server)}",
+        "--cors-origins", f"http://localhost:{page_server.port}",
     )  # fmt: skip
 
 
@@ -204,7 +185,7 @@ def test_demo_page_uploads_across_origins_and_resumes_after_a_reload(
     """Uppy keeps files up to 10 MiB across a reload; bigger ones the person picks again. Either
     way the upload goes on from the bytes the server kept (tus-js-client's stored URL + HEAD)."""
     data = random_file(tmp_path / "holiday.mp4", size)
-    port = port_of(page_server)
+    port = page_server.port
     screenshot = ARTIFACTS / f"demo-page-resumed-after-reload-{size // MiB}MiB.png"
     run = run_browser(
         # the page's origin is localhost, the endpoint's 127.0.0.1: every request is CORS
@@ -242,7 +223,7 @@ def test_secured_page_takes_its_token_from_the_fragment(
     screenshot = ARTIFACTS / "demo-page-secured.png"
     fragment = f"#token={token('ada', 'create', 'upload')}"
     run = run_browser(
-        pageUrl=f"http://127.0.0.1:{port_of(secured_server)}/{fragment}",
+        pageUrl=f"http://127.0.0.1:{secured_server.port}/{fragment}",
         file=str(tmp_path / "report.pdf"),
         screenshot=str(screenshot),
     )
@@ -264,11 +245,11 @@ def test_secured_endpoint_serves_its_configured_origin_only(
     page_server: ServerProcess, secured_server: ServerProcess, tmp_path: Path
 ) -> None:
     data = random_file(tmp_path / "notes.txt", 300_000)
-    endpoint = f"http://127.0.0.1:{port_of(secured_server)}/files/"
+    endpoint = f"http://127.0.0.1:{secured_server.port}/files/"
     fragment = f"#token={token('ada', 'create', 'upload')}"
 
     allowed = run_browser(
-        pageUrl=f"http://localhost:{port_of(page_server)}/?endpoint={endpoint}{fragment}",
+        pageUrl=f"http://localhost:{page_server.port}/?endpoint={endpoint}{fragment}",
         file=str(tmp_path / "notes.txt"),
         screenshot=str(ARTIFACTS / "demo-page-secured-cross-origin.png"),
     )
@@ -278,7 +259,7 @@ def test_secured_endpoint_serves_its_configured_origin_only(
 
     posts_before = secured_server.log().count("POST /files/")
     refused = run_browser(  # 127.0.0.1:PORT is another origin than localhost:PORT
-        pageUrl=f"http://127.0.0.1:{port_of(page_server)}/?endpoint={endpoint}{fragment}",
+        pageUrl=f"http://127.0.0.1:{page_server.port}/?endpoint={endpoint}{fragment}",
         file=str(tmp_path / "notes.txt"),
         screenshot=str(ARTIFACTS / "demo-page-secured-other-origin.png"),
         expectBlocked=True,

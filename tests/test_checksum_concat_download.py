@@ -20,16 +20,17 @@ import aiofiles.os
 import aiohttp
 import pytest
 
-from tests.conftest import (
+from tests.support.servers import Server, ServerFactory
+from tests.support.tus import (
     OFFSET_STREAM,
     TUS,
-    Server,
-    ServerFactory,
+    bearer,
     create_upload,
     head_offset,
+    patch,
     patch_headers,
-    wait_until,
 )
+from tests.support.waiting import wait_until
 from tusserver import protocol
 from tusserver.auth import issue_token
 
@@ -44,19 +45,6 @@ def checksum_of(algorithm: str, data: bytes) -> str:
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode("ascii")
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def patch(
-    http: aiohttp.ClientSession, url: str, offset: int, data: bytes, **headers: str
-) -> int:
-    """PATCH `data` at `offset`; the status."""
-    async with http.patch(url, data=data, headers=patch_headers(offset, **headers)) as response:
-        await response.read()
-        return response.status
 
 
 async def listed_ids(http: aiohttp.ClientSession, server: Server, **headers: str) -> list[str]:
@@ -91,8 +79,8 @@ async def test_options_advertises_checksum_and_concatenation(
 async def test_patch_with_the_right_checksum_keeps_the_bytes(
     server: Server, http: aiohttp.ClientSession, algorithm: str
 ) -> None:
-    url = await create_upload(http, server, 20)
-    assert await patch(http, url, 0, b"hello") == 204
+    url = await create_upload(http, server.url, 20)
+    assert (await patch(http, url, 0, b"hello")).status == 204
     checksum = checksum_of(algorithm, b"world")
     async with http.patch(
         url, data=b"world", headers=patch_headers(5, **{"Upload-Checksum": checksum})
@@ -107,8 +95,8 @@ async def test_patch_with_the_right_checksum_keeps_the_bytes(
 async def test_patch_with_a_wrong_checksum_is_460_and_keeps_nothing(
     server: Server, http: aiohttp.ClientSession, algorithm: str
 ) -> None:
-    url = await create_upload(http, server, 20)
-    assert await patch(http, url, 0, b"hello") == 204
+    url = await create_upload(http, server.url, 20)
+    assert (await patch(http, url, 0, b"hello")).status == 204
     wrong = checksum_of(algorithm, b"w0rld")
     async with http.patch(
         url, data=b"world", headers=patch_headers(5, **{"Upload-Checksum": wrong})
@@ -118,10 +106,10 @@ async def test_patch_with_a_wrong_checksum_is_460_and_keeps_nothing(
     assert await head_offset(http, url) == 5
     assert server.file_of(url).read_bytes() == b"hello"
     # the client re-sends the chunk at the same offset, and only those bytes are kept
-    assert (
-        await patch(http, url, 5, b"WORLD", **{"Upload-Checksum": checksum_of(algorithm, b"WORLD")})
-        == 204
+    resent = await patch(
+        http, url, 5, b"WORLD", **{"Upload-Checksum": checksum_of(algorithm, b"WORLD")}
     )
+    assert resent.status == 204
     assert await head_offset(http, url) == 10
     assert server.file_of(url).read_bytes() == b"helloWORLD"
 
@@ -159,7 +147,7 @@ async def test_creation_with_upload_and_a_wrong_checksum_is_460_and_keeps_nothin
         url = response.headers["Location"]  # the upload exists: the client may resume it
     assert await head_offset(http, url) == 0
     assert server.file_of(url).read_bytes() == b""
-    assert await patch(http, url, 0, b"hello") == 204
+    assert (await patch(http, url, 0, b"hello")).status == 204
     assert server.file_of(url).read_bytes() == b"hello"
 
 
@@ -167,8 +155,8 @@ async def test_an_unsupported_checksum_algorithm_is_400_and_keeps_nothing(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     crc32 = {"Upload-Checksum": "crc32 AAAAAA=="}
-    url = await create_upload(http, server, 20)
-    assert await patch(http, url, 0, b"hello", **crc32) == 400
+    url = await create_upload(http, server.url, 20)
+    assert (await patch(http, url, 0, b"hello", **crc32)).status == 400
     assert await head_offset(http, url) == 0
     assert server.file_of(url).read_bytes() == b""
 
@@ -214,14 +202,9 @@ async def patch_in_flight(
 async def wait_until_unlocked(server: Server, url: str) -> None:
     """Poll until no request holds the upload's lock: the cut request has run to its end
     (a HEAD or PATCH now would ask a running holder to commit or stop instead)."""
-    upload_id = url.rsplit("/", 1)[1]
-    state = server.uploads.state
 
     async def is_free() -> bool:
-        token = await state.try_lock(upload_id, 1000)
-        if token is not None:
-            await state.release(upload_id, token)
-        return token is not None
+        return not await server.is_locked(url)
 
     await wait_until(is_free)
 
@@ -229,15 +212,15 @@ async def wait_until_unlocked(server: Server, url: str) -> None:
 async def test_a_checksummed_patch_cut_short_keeps_nothing(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 3 * BLOCK_BYTES)
-    assert await patch(http, url, 0, b"hello") == 204
+    url = await create_upload(http, server.url, 3 * BLOCK_BYTES)
+    assert (await patch(http, url, 0, b"hello")).status == 204
     checksum = checksum_of("sha256", b"the whole body, never sent")
     async with patch_in_flight(server, url, 5, 2 * BLOCK_BYTES, **{"Upload-Checksum": checksum}):
         pass  # then hang up, with a block of the body already on disk
     await wait_until_unlocked(server, url)
     assert await head_offset(http, url) == 5
     assert server.file_of(url).read_bytes() == b"hello"
-    assert await patch(http, url, 5, b"world") == 204
+    assert (await patch(http, url, 5, b"world")).status == 204
     assert server.file_of(url).read_bytes() == b"helloworld"
 
 
@@ -245,8 +228,8 @@ async def test_a_plain_patch_cut_short_keeps_what_arrived(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     """The contrast to the test above: the same hang-up without a checksum commits the block."""
-    url = await create_upload(http, server, 3 * BLOCK_BYTES)
-    assert await patch(http, url, 0, b"hello") == 204
+    url = await create_upload(http, server.url, 3 * BLOCK_BYTES)
+    assert (await patch(http, url, 0, b"hello")).status == 204
     async with patch_in_flight(server, url, 5, 2 * BLOCK_BYTES):
         pass  # then hang up
     await wait_until_unlocked(server, url)
@@ -264,9 +247,9 @@ async def upload_partials(
     urls = []
     for data in parts:
         url = await create_upload(
-            http, server, len(data), **{"Upload-Concat": "partial"}, **headers
+            http, server.url, len(data), **{"Upload-Concat": "partial"}, **headers
         )
-        assert await patch(http, url, 0, data, **headers) == 204
+        assert (await patch(http, url, 0, data, **headers)).status == 204
         urls.append(url)
     return urls
 
@@ -316,7 +299,7 @@ async def test_a_final_upload_cannot_be_patched(
     ) as response:
         assert response.status == 201
         final_url = response.headers["Location"]
-    assert await patch(http, final_url, 4, b"ef") == 403
+    assert (await patch(http, final_url, 4, b"ef")).status == 403
     async with http.get(final_url) as response:
         assert await response.read() == b"abcd"
 
@@ -379,8 +362,8 @@ async def test_a_final_of_an_unfinished_partial_is_refused(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     (done,) = await upload_partials(http, server, [b"ab"])
-    unfinished = await create_upload(http, server, 10, **{"Upload-Concat": "partial"})
-    assert await patch(http, unfinished, 0, b"12345") == 204
+    unfinished = await create_upload(http, server.url, 10, **{"Upload-Concat": "partial"})
+    assert (await patch(http, unfinished, 0, b"12345")).status == 204
     await assert_final_refused(http, server, f"final;{done} {unfinished}")
 
 
@@ -388,8 +371,8 @@ async def test_a_final_of_a_non_partial_upload_is_refused(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     (partial,) = await upload_partials(http, server, [b"ab"])
-    plain = await create_upload(http, server, 2)
-    assert await patch(http, plain, 0, b"cd") == 204
+    plain = await create_upload(http, server.url, 2)
+    assert (await patch(http, plain, 0, b"cd")).status == 204
     await assert_final_refused(http, server, f"final;{partial} {plain}")
 
 
@@ -423,7 +406,7 @@ async def test_a_refused_final_leaves_a_running_partial_upload_alone(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     (done,) = await upload_partials(http, server, [b"ab"])
-    running = await create_upload(http, server, 2 * BLOCK_BYTES, **{"Upload-Concat": "partial"})
+    running = await create_upload(http, server.url, 2 * BLOCK_BYTES, **{"Upload-Concat": "partial"})
     async with patch_in_flight(server, running, 0, 2 * BLOCK_BYTES) as (reader, writer):
         await assert_final_refused(http, server, f"final;{done} {running}")
         writer.write(os.urandom(BLOCK_BYTES))  # the rest of the body

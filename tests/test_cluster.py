@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +14,9 @@ import pytest
 import redis
 from aiohttp import web
 
-from tests.conftest import TUS, patch_headers
+from tests.support.processes import free_port
+from tests.support.tus import TUS, patch_headers
+from tests.support.waiting import wait_until_sync
 from tusserver.http.app import build_app
 from tusserver.settings import Settings
 from tusserver.store.embedded import find_server_binary
@@ -24,12 +25,10 @@ from tusserver.store.records import SHARD_COUNT
 SLOTS = 16384
 
 
-def free_port() -> int:
+def free_cluster_port() -> int:
     """A free TCP port whose cluster-bus port (+10000) is free too."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
+    while True:  # a search, not a wait: each try is another port
+        port = free_port()
         if port + 10000 < 65536:
             with socket.socket() as bus:
                 try:
@@ -46,7 +45,7 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         for index in range(3):
             folder = tmp_path_factory.mktemp(f"node{index}")
-            port = free_port()
+            port = free_cluster_port()
             process = subprocess.Popen(
                 [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no",
@@ -55,14 +54,21 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             )  # fmt: skip
             nodes.append((process, port))
         clients = [redis.Redis(port=port) for _, port in nodes]
-        _wait(lambda: all(_answers(c) for c in clients))
+        wait_until_sync(
+            lambda: all(_answers(c) for c in clients), 20, 0.05, what="every node answers"
+        )
         per_node = SLOTS // len(clients)
         for index, client in enumerate(clients):
             last = SLOTS - 1 if index == len(clients) - 1 else (index + 1) * per_node - 1
             client.cluster("ADDSLOTSRANGE", str(index * per_node), str(last))
         for _, port in nodes[1:]:
             clients[0].cluster("MEET", "127.0.0.1", str(port))
-        _wait(lambda: all(c.cluster("INFO")["cluster_state"] == "ok" for c in clients))
+        wait_until_sync(
+            lambda: all(c.cluster("INFO")["cluster_state"] == "ok" for c in clients),
+            20,
+            0.05,
+            what="the cluster formed",
+        )
         for client in clients:
             client.close()
         yield f"redis://127.0.0.1:{nodes[0][1]}/0"
@@ -78,14 +84,6 @@ def _answers(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.ConnectionError:
         return False
-
-
-def _wait(check: object, timeout_s: float = 20) -> None:
-    assert callable(check)
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "the cluster did not form in time"
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -13,15 +13,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import (
-    OFFSET_STREAM,
-    TUS,
-    Server,
-    ServerFactory,
-    create_upload,
-    patch_headers,
-    wait_until,
-)
+from tests.support.servers import Server, ServerFactory
+from tests.support.tus import OFFSET_STREAM, TUS, create_upload, patch_headers
+from tests.support.waiting import wait_until
 from tusserver.auth import issue_token
 from tusserver.http.app import build_app
 from tusserver.settings import Settings, build_settings
@@ -86,7 +80,7 @@ def token(*actions: str, subject: str = "alice") -> str:
 async def test_preflight_allows_every_tus_method_and_request_header(
     server: Server, http: aiohttp.ClientSession, method: str
 ) -> None:
-    upload_url = await create_upload(http, server, 10)
+    upload_url = await create_upload(http, server.url, 10)
     for url in (server.url, upload_url):
         sent = preflight(method, headers=", ".join(h.lower() for h in TUS_REQUEST_HEADERS))
         async with http.options(url, headers=sent) as response:
@@ -169,7 +163,7 @@ async def test_refusals_carry_cors_too(
 ) -> None:
     server = await make_server(max_size_bytes=100)
     origin = {"Origin": APP}
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     answers = {
         412: http.post(server.url, headers={**origin, "Tus-Resumable": "0.2.2"}),
         409: http.patch(url, data=b"x", headers=patch_headers(5, **origin)),
@@ -340,7 +334,7 @@ async def test_a_method_override_passes_through_a_preflight(
 ) -> None:
     """A page hides PATCH in POST (X-HTTP-Method-Override): the preflight allows the header and
     the real request is answered with CORS as a PATCH."""
-    url = await create_upload(http, server, 3)
+    url = await create_upload(http, server.url, 3)
     async with http.options(url, headers=preflight("POST", headers="x-http-method-override")) as r:
         assert "x-http-method-override" in listed(r.headers["Access-Control-Allow-Headers"])
     sent = {"Origin": APP, **TUS, "X-HTTP-Method-Override": "PATCH", "Upload-Offset": "0",

@@ -12,13 +12,8 @@ from urllib.parse import unquote
 import aiohttp
 import pytest
 
-from tests.conftest import (
-    TUS,
-    Server,
-    ServerFactory,
-    create_upload,
-    patch_headers,
-)
+from tests.support.servers import Server, ServerFactory
+from tests.support.tus import TUS, bearer, create_upload, patch_headers
 from tusserver.auth import issue_token
 
 ALL_ACTIONS = ["create", "upload", "read", "delete"]
@@ -29,13 +24,9 @@ def b64(value: bytes) -> str:
     return base64.b64encode(value).decode("ascii")
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 async def completed_upload(http: aiohttp.ClientSession, server: Server, **headers: str) -> str:
     """Create an upload of DATA with `headers` (metadata, token) and send all of it; its URL."""
-    url = await create_upload(http, server, len(DATA), **headers)
+    url = await create_upload(http, server.url, len(DATA), **headers)
     auth = {k: v for k, v in headers.items() if k == "Authorization"}
     async with http.patch(url, data=DATA, headers=patch_headers(0, **auth)) as response:
         assert response.status == 204
@@ -87,7 +78,7 @@ async def test_get_with_an_unsatisfiable_range_is_416(
 async def test_get_of_an_unfinished_upload_is_409_with_a_reason(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     async with http.patch(url, data=b"12345", headers=patch_headers(0)) as response:
         assert response.status == 204
     async with http.get(url) as response:
@@ -224,7 +215,7 @@ async def test_listing_shows_the_requesters_uploads_with_their_fields(
     server: Server, http: aiohttp.ClientSession, trailing_slash: bool
 ) -> None:
     done = await completed_upload(http, server, **{"Upload-Metadata": f"filename {b64(b'a.txt')}"})
-    pending = await create_upload(http, server, 50)
+    pending = await create_upload(http, server.url, 50)
     endpoint = server.url if trailing_slash else server.url.rstrip("/")
     body = await listing(http, endpoint)
     assert set(body) == {"uploads", "next_cursor"}
@@ -253,8 +244,8 @@ async def test_listing_shows_each_subject_only_its_own_uploads(
     server = await make_server(secrets=("s",))
     alice = bearer(issue_token("s", subject="alice", actions=ALL_ACTIONS, ttl_s=600))
     bob = bearer(issue_token("s", subject="bob", actions=ALL_ACTIONS, ttl_s=600))
-    alices = {await create_upload(http, server, 5, **alice) for _ in range(3)}
-    bobs = {await create_upload(http, server, 5, **bob) for _ in range(2)}
+    alices = {await create_upload(http, server.url, 5, **alice) for _ in range(3)}
+    bobs = {await create_upload(http, server.url, 5, **bob) for _ in range(2)}
     assert {u["url"] for u in listed(await listing(http, server.url, alice))} == alices
     assert {u["url"] for u in listed(await listing(http, server.url, bob))} == bobs
     async with http.get(server.url) as response:
@@ -264,7 +255,7 @@ async def test_listing_shows_each_subject_only_its_own_uploads(
 async def test_listing_pages_walk_every_upload_exactly_once(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    created = [await create_upload(http, server, 5) for _ in range(5)]
+    created = [await create_upload(http, server.url, 5) for _ in range(5)]
     seen: list[str] = []
     pages = 0
     cursor: object = None
@@ -294,7 +285,7 @@ async def test_listing_pages_walk_every_upload_exactly_once(
 async def test_listing_with_a_bad_limit_or_cursor_is_400(
     server: Server, http: aiohttp.ClientSession, params: dict[str, str]
 ) -> None:
-    await create_upload(http, server, 5)
+    await create_upload(http, server.url, 5)
     async with http.get(server.url, params=params) as response:
         assert response.status == 400
         assert await response.text()

@@ -24,7 +24,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import TUS, has_tool, listening_url, patch_headers, require_tool
+from tests.support.processes import listening_url
+from tests.support.tools import has_tool, require_tool
+from tests.support.tus import TUS, patch_headers
 from tusserver.store import lua
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="strace is Linux only")

@@ -12,7 +12,6 @@ import hmac
 import json
 import logging
 import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -25,14 +24,10 @@ import pytest
 import redis
 from aiohttp import web
 
-from tests.conftest import (
-    TUS,
-    ServerFactory,
-    ServerProcess,
-    create_upload,
-    patch_headers,
-    wait_until,
-)
+from tests.support.processes import ServerProcess, free_port
+from tests.support.servers import ServerFactory
+from tests.support.tus import TUS, create_upload, patch_headers, upload_id_of
+from tests.support.waiting import wait_until
 from tusserver.auth import issue_token
 from tusserver.events.delivery import GROUP, DeliveryPolicy, Outbox, dead_letter_key, events_key
 from tusserver.events.parent import signature_header, signing_secrets_of, verify_signature
@@ -131,12 +126,6 @@ def signed_by(received: Received, secret: str) -> bool:
     return verify(received.headers.get("Tus-Signature", ""), received.body, secret)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 async def outbox_redis(flushed_redis: str) -> AsyncIterator[redis.asyncio.Redis]:
     client = redis.asyncio.Redis.from_url(flushed_redis, decode_responses=True)
@@ -162,10 +151,6 @@ async def dead_letters(client: redis.asyncio.Redis, shard: int) -> list[dict[str
     return [fields for _id, fields in rows]
 
 
-def upload_id_of(location: str) -> str:
-    return location.rstrip("/").rsplit("/", 1)[1]
-
-
 # -- delivery in one process -----------------------------------------------------------------
 
 
@@ -176,11 +161,13 @@ async def test_an_upload_sends_exactly_its_created_and_completed_events_signed(
     outbox_redis: redis.asyncio.Redis,
 ) -> None:
     server = await make_server(webhook_url=receiver.url, webhook_secret=SECRET)
-    location = await create_upload(http, server, 11, **{"Upload-Metadata": "filename aGVsbG8udHh0"})
+    location = await create_upload(
+        http, server.url, 11, **{"Upload-Metadata": "filename aGVsbG8udHh0"}
+    )
     for offset, part in ((0, b"hello"), (5, b" world")):
         async with http.patch(location, data=part, headers=patch_headers(offset)) as response:
             assert response.status == 204
-    await wait_until(lambda: _async_true(bool(receiver.accepted_events("completed"))))
+    await wait_until(lambda: bool(receiver.accepted_events("completed")))
     await wait_until(lambda: drained(outbox_redis))
 
     assert [event["type"] for event in receiver.accepted_events()] == ["created", "completed"]
@@ -203,16 +190,12 @@ async def test_an_upload_sends_exactly_its_created_and_completed_events_signed(
     assert await pending_tries(outbox_redis, shard) == {}
 
 
-async def _async_true(value: bool) -> bool:
-    return value
-
-
 async def test_the_signature_is_checkable_and_breaks_with_the_body(
     make_server: ServerFactory, http: aiohttp.ClientSession, receiver: Receiver
 ) -> None:
     server = await make_server(webhook_url=receiver.url, webhook_secret=SECRET)
-    await create_upload(http, server, 3)
-    await wait_until(lambda: _async_true(bool(receiver.accepted)))
+    await create_upload(http, server.url, 3)
+    await wait_until(lambda: bool(receiver.accepted))
     received = receiver.accepted[0]
     header = received.headers["Tus-Signature"]
     assert verify_signature(header, received.body, [SECRET])
@@ -227,8 +210,8 @@ async def test_secured_mode_signs_with_every_token_secret_for_rotation(
 ) -> None:
     server = await make_server(webhook_url=receiver.url, secrets=("new-secret", "old-secret"))
     token = issue_token("old-secret", subject="alice", actions=["create"], ttl_s=60)
-    await create_upload(http, server, 0, Authorization=f"Bearer {token}")
-    await wait_until(lambda: _async_true(len(receiver.accepted) == 2))
+    await create_upload(http, server.url, 0, Authorization=f"Bearer {token}")
+    await wait_until(lambda: len(receiver.accepted) == 2)
     for received in receiver.accepted:
         assert received.json["owner"] == "alice"
         assert verify_signature(received.headers["Tus-Signature"], received.body, ["new-secret"])
@@ -244,8 +227,8 @@ async def test_development_mode_without_a_webhook_secret_sends_unsigned_and_warn
     caplog.set_level(logging.WARNING, logger="tusserver.events.delivery")
     server = await make_server(webhook_url=receiver.url)
     assert any("unsigned" in record.message for record in caplog.records)
-    await create_upload(http, server, 3)
-    await wait_until(lambda: _async_true(bool(receiver.accepted)))
+    await create_upload(http, server.url, 3)
+    await wait_until(lambda: bool(receiver.accepted))
     assert "Tus-Signature" not in receiver.accepted[0].headers
 
 
@@ -264,8 +247,8 @@ async def test_completed_event_arrives_after_a_timeout_and_an_error(
     server = await make_server(
         webhook_url=receiver.url, webhook_secret=SECRET, webhook_timeout_s=0.5, **FAST
     )
-    await create_upload(http, server, 0)  # created and completed at once
-    await wait_until(lambda: _async_true(bool(receiver.accepted_events("completed"))))
+    await create_upload(http, server.url, 0)  # created and completed at once
+    await wait_until(lambda: bool(receiver.accepted_events("completed")))
     await wait_until(lambda: drained(outbox_redis))
 
     tries = [r for r in receiver.requests if r.json["type"] == "completed"]
@@ -282,7 +265,7 @@ async def test_completed_event_arrives_after_the_receiver_was_down(
     server = await make_server(
         webhook_url=f"http://127.0.0.1:{port}/hooks", webhook_secret=SECRET, **FAST
     )
-    location = await create_upload(http, server, 0)
+    location = await create_upload(http, server.url, 0)
     shard = shard_of(upload_id_of(location))
 
     async def tried_three_times() -> bool:
@@ -292,7 +275,7 @@ async def test_completed_event_arrives_after_the_receiver_was_down(
     held = await pending_tries(outbox_redis, shard)
     await hook.start(port)
     try:
-        await wait_until(lambda: _async_true(bool(hook.accepted_events("completed"))))
+        await wait_until(lambda: bool(hook.accepted_events("completed")))
         await wait_until(lambda: drained(outbox_redis))
     finally:
         await hook.stop()
@@ -309,10 +292,10 @@ async def test_the_parent_deletes_a_completed_upload_with_a_delete_token(
     server = await make_server(webhook_url=receiver.url, secrets=("shared",))
     client_token = issue_token("shared", subject="bob", actions=["create", "upload"], ttl_s=60)
     bearer = {"Authorization": f"Bearer {client_token}"}
-    location = await create_upload(http, server, 2, **bearer)
+    location = await create_upload(http, server.url, 2, **bearer)
     async with http.patch(location, data=b"ok", headers=patch_headers(0, **bearer)) as response:
         assert response.status == 204
-    await wait_until(lambda: _async_true(bool(receiver.accepted_events("completed"))))
+    await wait_until(lambda: bool(receiver.accepted_events("completed")))
     [event] = receiver.accepted_events("completed")
     assert (server.settings.data_dir / event["path"]).read_bytes() == b"ok"
 
@@ -322,7 +305,7 @@ async def test_the_parent_deletes_a_completed_upload_with_a_delete_token(
     headers = {**TUS, "Authorization": f"Bearer {token}"}
     async with http.delete(event["url"], headers=headers) as response:
         assert response.status == 204
-    await wait_until(lambda: _async_true(bool(receiver.accepted_events("terminated"))))
+    await wait_until(lambda: bool(receiver.accepted_events("terminated")))
     assert receiver.accepted_events("terminated")[0]["upload_id"] == event["upload_id"]
     assert not (server.settings.data_dir / event["path"]).exists()
 
@@ -339,7 +322,7 @@ async def test_events_failing_every_try_move_to_the_dead_letter_stream_and_the_l
 ) -> None:
     receiver.answer = lambda _received: web.Response(status=500)
     server = await make_server(webhook_url=receiver.url, webhook_max_tries=3, **FAST)
-    location = await create_upload(http, server, 0)
+    location = await create_upload(http, server.url, 0)
     shard = shard_of(upload_id_of(location))
 
     async def both_dead() -> bool:
@@ -368,7 +351,7 @@ async def test_events_older_than_the_maximum_age_are_dead_after_one_failed_try(
 ) -> None:
     receiver.answer = lambda _received: web.Response(status=503)
     server = await make_server(webhook_url=receiver.url, webhook_max_age_s=0.001, **FAST)
-    location = await create_upload(http, server, 5)
+    location = await create_upload(http, server.url, 5)
     shard = shard_of(upload_id_of(location))
 
     async def dead() -> bool:
@@ -403,12 +386,6 @@ async def test_the_dead_letter_stream_keeps_only_its_newest_entries(
 # -- processes: SIGKILL, and two of them on one Redis ----------------------------------------
 
 
-async def post_upload(http: aiohttp.ClientSession, endpoint: str, length: int) -> str:
-    async with http.post(endpoint, headers={**TUS, "Upload-Length": str(length)}) as response:
-        assert response.status == 201, await response.text()
-        return response.headers["Location"]
-
-
 def process_args(redis_url: str, webhook_url: str) -> tuple[str, ...]:
     return ("--redis-url", redis_url, "--webhook-url", webhook_url,
             "--webhook-secret", SECRET, "--webhook-timeout", "1s")  # fmt: skip
@@ -431,20 +408,20 @@ async def test_completed_event_survives_sigkill_of_the_delivering_process(
     receiver.answer = answer
     args = process_args(flushed_redis, receiver.url)
     first = await asyncio.to_thread(processes, tmp_path / "data", *args)
-    location = await post_upload(http, first.url, 5)
+    location = await create_upload(http, first.url, 5)
     async with http.patch(location, data=b"12345", headers=patch_headers(0)) as response:
         assert response.status == 204
 
     def tried() -> list[Received]:
         return [r for r in receiver.requests if r.json["type"] == "completed"]
 
-    await wait_until(lambda: _async_true(bool(tried())))
+    await wait_until(lambda: bool(tried()))
     first.stop(signal.SIGKILL)
     tried_id = tried()[0].json["id"]
     accepting = True
     second = await asyncio.to_thread(processes, tmp_path / "data", *args)
     try:
-        await wait_until(lambda: _async_true(bool(receiver.accepted_events("completed"))), 20)
+        await wait_until(lambda: bool(receiver.accepted_events("completed")), 20)
         await wait_until(lambda: drained(outbox_redis))
     except AssertionError:
         print(first.log(), second.log())
@@ -477,9 +454,9 @@ async def test_two_processes_deliver_each_event_once(
     for number in range(12):
         endpoint = pair[number % 2].url
         if number % 3:
-            locations.append(await post_upload(http, endpoint, 0))
+            locations.append(await create_upload(http, endpoint, 0))
             continue
-        location = await post_upload(http, endpoint, 2)
+        location = await create_upload(http, endpoint, 2)
         async with http.patch(location, data=b"ab", headers=patch_headers(0)) as response:
             assert response.status == 204
         locations.append(location)
@@ -488,7 +465,7 @@ async def test_two_processes_deliver_each_event_once(
     def delivered() -> set[tuple[str, str]]:
         return {(e["upload_id"], e["type"]) for e in receiver.accepted_events()}
 
-    await wait_until(lambda: _async_true(delivered() == expected), 20)
+    await wait_until(lambda: delivered() == expected, 20)
     await wait_until(lambda: drained(outbox_redis))
     counts = Counter(r.json["id"] for r in receiver.requests)
     retried = {r.json["id"] for r in receiver.requests if r.attempt > 1}
@@ -528,7 +505,7 @@ async def test_a_parent_can_pull_events_as_a_consumer_group(
     outbox_redis: redis.asyncio.Redis,
 ) -> None:
     server = await make_server()
-    location = await create_upload(http, server, 0)
+    location = await create_upload(http, server.url, 0)
     seen: list[dict[str, str]] = []
     handled = await asyncio.to_thread(
         pull_events, flushed_redis, lambda _id, fields: seen.append(fields)

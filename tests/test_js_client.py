@@ -2,65 +2,26 @@
 plain, aborted and resumed, killed and resumed, with a token, with overridePatchMethod, fixed
 chunks, a deferred length and parallel uploads (concatenation). Every upload ends with the same
 bytes and the same SHA-256 on the server as in the file that was sent.
-
-The helpers here (`tusserver_process`, `http_request`, `wait_for_digest`, ...) are also used by
-test_browser.py and test_tuspy.py.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import math
-import os
-import signal
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ServerProcess, has_tool, require_tool, start_process
+from tests.support.files import random_file
+from tests.support.node import Run, require_node_package, run_script
+from tests.support.processes import ServerProcess, tusserver_process
+from tests.support.sync_http import assert_stored_exactly, head, http_request, metadata_of
+from tests.support.tus import bearer
 from tusserver.auth import issue_token
 
-JS_DIR = Path(__file__).parent / "js"
 SECRET = "js-client-secret"
 MiB = 2**20
-
-
-def require_node_package(package: str) -> None:
-    """Skip (or fail under TUS_TEST_REQUIRE_ALL=1) unless Node and `package` are installed."""
-    require_tool(has_tool("node"), "Node.js is not installed (.ci/install-tools.sh installs it)")
-    require_tool(
-        (JS_DIR / "node_modules" / package / "package.json").is_file(),
-        f"{package} is not installed: run `npm ci` in tests/js (.ci/install-tools.sh does)",
-    )
-
-
-# -- a real tusserver process ------------------------------------------------------------
-
-
-def tusserver_process(data_dir: Path, *args: str) -> Iterator[ServerProcess]:
-    """A `tusserver` subprocess (its own embedded Valkey) for a module's tests; stopped after."""
-    process = start_process(data_dir, *args)
-    try:
-        yield process
-    finally:
-        try:
-            if process.stop() != 0:
-                print(process.log())
-        except subprocess.TimeoutExpired:
-            process.process.kill()
-            process.process.wait()
-            pidfile = data_dir / "redis" / "valkey.pid"  # a killed supervisor leaves it behind
-            if pidfile.exists():
-                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -77,106 +38,9 @@ def token(*actions: str) -> str:
     return issue_token(SECRET, subject="js-client", actions=actions, ttl_s=600)
 
 
-def bearer(value: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {value}"}
-
-
-# -- plain HTTP from the test's side -------------------------------------------------------
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-def http_request(method: str, url: str, headers: dict[str, str] | None = None) -> Answer:
-    """One request with urllib; 4xx and 5xx are answers, not exceptions."""
-    request = urllib.request.Request(url, method=method, headers=headers or {})  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
-            return Answer(response.status, dict(response.headers.items()), response.read())
-    except urllib.error.HTTPError as error:
-        return Answer(error.code, dict(error.headers.items()), error.read())
-
-
-def head(url: str, headers: dict[str, str] | None = None) -> Answer:
-    answer = http_request("HEAD", url, {"Tus-Resumable": "1.0.0", **(headers or {})})
-    assert answer.status == 200, answer
-    return answer
-
-
-def repr_digest_of(data: bytes) -> str:
-    return f"sha-256=:{base64.b64encode(hashlib.sha256(data).digest()).decode()}:"
-
-
-def wait_for_digest(url: str, headers: dict[str, str] | None = None, timeout_s: float = 30) -> str:
-    """Poll HEAD until the server has hashed the finished upload; its Repr-Digest."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        answer = head(url, headers)
-        if "Repr-Digest" in answer.headers:
-            return answer.headers["Repr-Digest"]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} has no Repr-Digest after {timeout_s}s: {answer}")
-        time.sleep(0.05)
-
-
-def assert_stored_exactly(url: str, data: bytes, headers: dict[str, str] | None = None) -> None:
-    """The server holds `data` at `url`: same SHA-256 (Repr-Digest) and same bytes (GET)."""
-    assert wait_for_digest(url, headers) == repr_digest_of(data)
-    download = http_request("GET", url, headers)
-    assert download.status == 200, download
-    assert hashlib.sha256(download.body).hexdigest() == hashlib.sha256(data).hexdigest()
-    assert download.body == data
-
-
-def metadata_of(answer: Answer) -> dict[str, bytes | None]:
-    """Upload-Metadata of a HEAD answer, decoded (a key without a value maps to None)."""
-    pairs = [p.strip().partition(" ") for p in answer.headers["Upload-Metadata"].split(",")]
-    return {key: base64.b64decode(value) if space else None for key, space, value in pairs}
-
-
-def random_file(path: Path, size: int) -> bytes:
-    data = os.urandom(size)
-    path.write_bytes(data)
-    return data
-
-
-# -- tus-js-client ---------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    returncode: int
-    events: list[dict[str, Any]]
-    stderr: str
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [event for event in self.events if event["event"] == kind]
-
-    def one(self, kind: str) -> dict[str, Any]:
-        found = self.of(kind)
-        assert len(found) == 1, f"expected one {kind!r} event: {self}"
-        return found[0]
-
-    @property
-    def requests(self) -> list[dict[str, Any]]:
-        return self.of("request")
-
-    def sent(self, method: str) -> list[dict[str, Any]]:
-        return [request for request in self.requests if request["method"] == method]
-
-
 def run_tus_js_client(**options: Any) -> Run:
     """Run tests/js/tus_upload.mjs with `options`; its JSON events."""
-    process = subprocess.run(
-        ["node", str(JS_DIR / "tus_upload.mjs"), json.dumps(options)],
-        capture_output=True, text=True, timeout=120, cwd=JS_DIR,
-    )  # fmt: skip
-    events = [json.loads(line) for line in process.stdout.splitlines() if line.strip()]
-    return Run(process.returncode, events, process.stderr)
+    return run_script("tus_upload.mjs", options, timeout_s=120)
 
 
 @pytest.fixture(scope="module", autouse=True)

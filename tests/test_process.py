@@ -7,7 +7,6 @@ Each process gets its own data directory under tmp_path and so its own embedded 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -15,19 +14,27 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import TUS, ServerProcess, patch_headers, wait_until
+from tests.support.files import file_of
+from tests.support.processes import StartProcess, pid_is_gone
+from tests.support.tus import (
+    TUS,
+    completed_digest,
+    create_upload,
+    head_offset,
+    patch_headers,
+    repr_digest_of,
+    upload_id_of,
+)
+from tests.support.waiting import wait_until, wait_until_sync
 from tusserver.auth import DEFAULT_LEEWAY_S, verify_token
 from tusserver.errors import Unauthorized
-from tusserver.protocol import format_repr_digest
 from tusserver.settings import OPTIONS, default_text, env_name
 
-StartProcess = Callable[..., ServerProcess]
 CLI_TIMEOUT_S = 60
 
 
@@ -53,47 +60,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-def is_running(pid: int) -> bool:
-    """Whether the pid is a live process (a zombie waiting to be reaped counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def wait_for_exit(pid: int, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while is_running(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def valkey_pid(data_dir: Path) -> int:
     return int((data_dir / "redis" / "valkey.pid").read_text().strip())
-
-
-def file_of(data_dir: Path, upload_id: str) -> Path:
-    return data_dir / "uploads" / upload_id[:2] / upload_id
-
-
-async def create(http: aiohttp.ClientSession, endpoint: str, length: int) -> str:
-    """POST a new upload at `endpoint`; its id."""
-    async with http.post(endpoint, headers={**TUS, "Upload-Length": str(length)}) as response:
-        assert response.status == 201, await response.text()
-        return response.headers["Location"].rstrip("/").rsplit("/", 1)[1]
-
-
-async def offset_at(http: aiohttp.ClientSession, url: str) -> int:
-    async with http.head(url, headers=TUS) as response:
-        assert response.status == 200, response.status
-        return int(response.headers["Upload-Offset"])
 
 
 # -- restarts ------------------------------------------------------------------------------
@@ -106,7 +74,7 @@ async def test_restart_mid_upload_resumes_at_the_committed_offset(
     payload = os.urandom(3 * 2**20 + 17)
     half = len(payload) // 2
     first = processes(data_dir)
-    upload_id = await create(http, first.url, len(payload))
+    upload_id = upload_id_of(await create_upload(http, first.url, len(payload)))
     async with http.patch(
         first.url + upload_id, data=io.BytesIO(payload[:half]), headers=patch_headers(0)
     ) as response:
@@ -115,21 +83,13 @@ async def test_restart_mid_upload_resumes_at_the_committed_offset(
 
     second = processes(data_dir)
     url = second.url + upload_id
-    assert await offset_at(http, url) == half
+    assert await head_offset(http, url) == half
     rest = io.BytesIO(payload[half:])
     async with http.patch(url, data=rest, headers=patch_headers(half)) as response:
         assert response.status == 204
         assert response.headers["Upload-Offset"] == str(len(payload))
     assert file_of(data_dir, upload_id).read_bytes() == payload
-
-    async def has_digest() -> bool:
-        async with http.head(url, headers=TUS) as response:
-            return "Repr-Digest" in response.headers
-
-    await wait_until(has_digest)
-    async with http.head(url, headers=TUS) as response:
-        digest = response.headers["Repr-Digest"]
-    assert digest == format_repr_digest(hashlib.sha256(payload).digest())
+    assert await completed_digest(http, url) == repr_digest_of(payload)
 
 
 def test_second_tusserver_on_the_same_data_dir_refuses(
@@ -153,19 +113,21 @@ async def test_restart_after_a_killed_supervisor_adopts_the_orphaned_valkey(
 ) -> None:
     data_dir = tmp_path / "data"
     first = processes(data_dir)
-    upload_id = await create(http, first.url, 10)
+    upload_id = upload_id_of(await create_upload(http, first.url, 10))
     async with http.patch(first.url + upload_id, data=b"abc", headers=patch_headers(0)) as r:
         assert r.status == 204
     orphan = valkey_pid(data_dir)
     first.stop(signal.SIGKILL)
-    assert is_running(orphan)  # the supervisor died; its Valkey did not
+    assert not pid_is_gone(orphan)  # the supervisor died; its Valkey did not
 
     second = processes(data_dir)
     assert "adopted" in second.log()
     assert valkey_pid(data_dir) == orphan
-    assert await offset_at(http, second.url + upload_id) == 3
+    assert await head_offset(http, second.url + upload_id) == 3
     assert second.stop(signal.SIGTERM) == 0
-    assert wait_for_exit(orphan), "a clean stop must end the adopted Valkey too"
+    wait_until_sync(
+        lambda: pid_is_gone(orphan), 20, 0.05, what="a clean stop ended the adopted Valkey too"
+    )
 
 
 async def test_embedded_valkey_dying_makes_tusserver_exit_non_zero(
@@ -173,7 +135,7 @@ async def test_embedded_valkey_dying_makes_tusserver_exit_non_zero(
 ) -> None:
     data_dir = tmp_path / "data"
     server = processes(data_dir)
-    await create(http, server.url, 10)  # serving, past its start
+    await create_upload(http, server.url, 10)  # serving, past its start
     os.kill(valkey_pid(data_dir), signal.SIGKILL)
     code = server.process.wait(timeout=30)
     assert code != 0
@@ -281,7 +243,7 @@ async def test_access_log_never_shows_the_query_string(
     processes: StartProcess, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     server = processes(tmp_path / "data")
-    upload_id = await create(http, server.url, 10)
+    upload_id = upload_id_of(await create_upload(http, server.url, 10))
     async with http.head(server.url + upload_id + "?token=secret123", headers=TUS) as response:
         assert response.status == 200
     async with http.get(server.url + "?token=secret123&x=1", headers=TUS) as response:

@@ -8,7 +8,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -16,37 +15,12 @@ from urllib.parse import unquote, urlparse
 import pytest
 import redis
 
+from tests.support.processes import kill_quietly, pid_is_gone
+from tests.support.waiting import wait_until_sync
 from tusserver.store.embedded import EmbeddedRedis, EmbeddedRedisError, find_server_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 15.0
-
-
-def pid_is_gone(pid: int) -> bool:
-    """True when the pid no longer exists or is a zombie nobody has reaped yet."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state == "Z"
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = DEADLINE_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def kill_quietly(pid: int | None) -> None:
-    if pid is not None and not pid_is_gone(pid):
-        os.kill(pid, signal.SIGKILL)
 
 
 def socket_path(url: str) -> str:
@@ -93,7 +67,8 @@ def test_key_survives_restart_and_files_are_private(
         assert client.config_get("port") == {"port": "0"}
     first_pid = server.pid
     server.stop()
-    assert first_pid is not None and wait_until(lambda: pid_is_gone(first_pid))
+    assert first_pid is not None
+    wait_until_sync(lambda: pid_is_gone(first_pid), DEADLINE_S)
     assert not server.is_running()
 
     url = server.start()
@@ -173,7 +148,7 @@ def test_orphaned_server_is_adopted_and_stopped(
         with redis.Redis.from_url(url) as client:
             assert client.get("orphan-key") == b"kept"
         server.stop()
-        assert wait_until(lambda: pid_is_gone(orphan_pid))
+        wait_until_sync(lambda: pid_is_gone(orphan_pid), DEADLINE_S)
         assert not server.is_running()
     finally:
         kill_quietly(parent.pid)
@@ -207,7 +182,7 @@ def test_live_server_that_does_not_answer_is_refused(
         stderr=subprocess.DEVNULL,
     )
     try:
-        assert wait_until(lambda: (tmp_path / "other.sock").exists())
+        wait_until_sync(lambda: (tmp_path / "other.sock").exists(), DEADLINE_S)
         redis_dir = tmp_path / "data" / "redis"
         redis_dir.mkdir(parents=True)
         (redis_dir / "valkey.pid").write_text(f"{stranger.pid}\n")
@@ -247,7 +222,7 @@ def test_killed_server_is_not_running(
     assert server.is_running()
     assert server.pid is not None
     os.kill(server.pid, signal.SIGKILL)
-    assert wait_until(lambda: not server.is_running())
+    wait_until_sync(lambda: not server.is_running(), DEADLINE_S)
     server.stop()
     assert server.pid is None
 

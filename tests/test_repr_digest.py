@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import itertools
 import os
 from collections.abc import Callable
@@ -14,35 +13,28 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import (
+from tests.support.processes import ServerProcess
+from tests.support.servers import Server
+from tests.support.tus import (
     OFFSET_STREAM,
     TUS,
-    Server,
-    ServerProcess,
+    completed_digest,
     create_upload,
     head_offset,
+    patch,
     patch_headers,
-    wait_until,
+    repr_digest_of,
+    upload_id_of,
 )
 
 
-def repr_digest(data: bytes) -> str:
-    return f"sha-256=:{base64.b64encode(hashlib.sha256(data).digest()).decode('ascii')}:"
-
-
-async def patch(
+async def patch_accepted(
     http: aiohttp.ClientSession, url: str, offset: int, data: bytes, **headers: str
 ) -> None:
-    body = io.BytesIO(data)  # aiohttp warns about large raw bytes bodies
-    async with http.patch(url, data=body, headers=patch_headers(offset, **headers)) as response:
-        assert response.status == 204, await response.text()
-        assert response.headers["Upload-Offset"] == str(offset + len(data))
-
-
-async def new_upload(http: aiohttp.ClientSession, endpoint: str, length: int) -> str:
-    async with http.post(endpoint, headers={**TUS, "Upload-Length": str(length)}) as response:
-        assert response.status == 201, await response.text()
-        return response.headers["Location"]
+    """PATCH `data` at `offset`; the server must take all of it."""
+    response = await patch(http, url, offset, data, **headers)
+    assert response.status == 204, await response.text()
+    assert response.headers["Upload-Offset"] == str(offset + len(data))
 
 
 async def digest_on_head(http: aiohttp.ClientSession, url: str) -> str | None:
@@ -51,26 +43,12 @@ async def digest_on_head(http: aiohttp.ClientSession, url: str) -> str | None:
         return response.headers.get("Repr-Digest")
 
 
-async def wait_for_digest(http: aiohttp.ClientSession, url: str) -> str:
-    """Poll HEAD until the upload is hashed (a process that did not see every byte hashes the
-    file in the background); the Repr-Digest."""
-    found: list[str] = []
-
-    async def has_digest() -> bool:
-        digest = await digest_on_head(http, url)
-        found.extend([digest] if digest else [])
-        return bool(digest)
-
-    await wait_until(has_digest)
-    return found[-1]
-
-
 async def assert_digests(http: aiohttp.ClientSession, url: str, data: bytes) -> None:
     """HEAD and GET both carry hashlib's SHA-256 of `data`, and GET serves `data`."""
-    assert await wait_for_digest(http, url) == repr_digest(data)
+    assert await completed_digest(http, url) == repr_digest_of(data)
     async with http.get(url) as response:
         assert response.status == 200
-        assert response.headers["Repr-Digest"] == repr_digest(data)
+        assert response.headers["Repr-Digest"] == repr_digest_of(data)
         assert await response.read() == data
 
 
@@ -78,10 +56,10 @@ async def test_digest_of_an_upload_sent_in_one_patch(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     data = os.urandom(100_000)
-    url = await create_upload(http, server, len(data))
+    url = await create_upload(http, server.url, len(data))
     assert await digest_on_head(http, url) is None
-    await patch(http, url, 0, data)
-    assert await digest_on_head(http, url) == repr_digest(data)  # hashed as it arrived
+    await patch_accepted(http, url, 0, data)
+    assert await digest_on_head(http, url) == repr_digest_of(data)  # hashed as it arrived
     await assert_digests(http, url, data)
 
 
@@ -90,16 +68,16 @@ async def test_digest_of_an_upload_sent_in_several_patches_and_a_refused_one(
 ) -> None:
     """A chunk refused with 460 went through the running hash; it must not count."""
     data = os.urandom(30_000)
-    url = await create_upload(http, server, len(data))
-    await patch(http, url, 0, data[:10_000])
+    url = await create_upload(http, server.url, len(data))
+    await patch_accepted(http, url, 0, data[:10_000])
     chunk = data[10_000:20_000]
     wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
     async with http.patch(
         url, data=chunk, headers=patch_headers(10_000, **{"Upload-Checksum": f"sha256 {wrong}"})
     ) as response:
         assert response.status == 460
-    await patch(http, url, 10_000, chunk)
-    await patch(http, url, 20_000, data[20_000:])
+    await patch_accepted(http, url, 10_000, chunk)
+    await patch_accepted(http, url, 20_000, data[20_000:])
     await assert_digests(http, url, data)
 
 
@@ -115,7 +93,7 @@ async def test_digest_of_an_upload_created_with_its_body(
 
 
 async def test_digest_of_an_empty_upload(server: Server, http: aiohttp.ClientSession) -> None:
-    url = await create_upload(http, server, 0)
+    url = await create_upload(http, server.url, 0)
     await assert_digests(http, url, b"")
 
 
@@ -126,15 +104,15 @@ async def test_digest_after_a_resume_across_a_server_restart(
     half = len(data) // 2
     data_dir = tmp_path / "data"
     first = processes(data_dir)
-    url = await new_upload(http, first.url, len(data))
-    upload_id = url.rsplit("/", 1)[1]
-    await patch(http, url, 0, data[:half])
+    url = await create_upload(http, first.url, len(data))
+    upload_id = upload_id_of(url)
+    await patch_accepted(http, url, 0, data[:half])
     assert first.stop() == 0  # SIGTERM: a clean stop
 
     second = processes(data_dir)
     url = second.url + upload_id
     assert await head_offset(http, url) == half
-    await patch(http, url, half, data[half:])
+    await patch_accepted(http, url, half, data[half:])
     await assert_digests(http, url, data)
 
 
@@ -148,10 +126,10 @@ async def test_digest_after_patches_alternating_between_two_processes(
     bounds = [0, 100_000, 1_000_000, 1_000_001, len(data)]
     data_dir = tmp_path / "shared"
     servers = [processes(data_dir, "--redis-url", redis_url) for _ in range(2)]
-    upload_id = (await new_upload(http, servers[0].url, len(data))).rsplit("/", 1)[1]
+    upload_id = upload_id_of(await create_upload(http, servers[0].url, len(data)))
     for part, (start, end) in enumerate(itertools.pairwise(bounds)):
         url = servers[part % 2].url + upload_id
         assert await head_offset(http, url) == start
-        await patch(http, url, start, data[start:end])
+        await patch_accepted(http, url, start, data[start:end])
     for server in servers:
         await assert_digests(http, server.url + upload_id, data)

@@ -16,17 +16,20 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import OFFSET_STREAM, TUS, Server, ServerFactory, patch_headers, wait_until
-from tests.test_faults import (
-    RawRequest,
-    StartProcess,
+from tests.support.faults import sigterm_mid_small_body
+from tests.support.files import file_of
+from tests.support.processes import StartProcess, on, start_server
+from tests.support.raw_http import RawRequest
+from tests.support.servers import Server, ServerFactory
+from tests.support.tus import (
+    OFFSET_STREAM,
+    TUS,
     completed_digest,
-    file_of,
-    on,
-    sigterm_mid_small_body,
-    start_server,
+    patch_headers,
+    repr_digest_of,
+    upload_id_of,
 )
-from tusserver import protocol
+from tests.support.waiting import wait_until
 from tusserver.store.records import redis_key, shard_of
 from tusserver.uploads.body import SMALL_BODY_BYTES
 
@@ -35,10 +38,6 @@ def creation_headers(length: int | None, body_bytes: int, **extra: str) -> dict[
     sized = {"Upload-Length": str(length)} if length is not None else {"Upload-Defer-Length": "1"}
     return {**TUS, **sized, "Content-Type": OFFSET_STREAM, "Content-Length": str(body_bytes),
             **extra}  # fmt: skip
-
-
-def digest_of(data: bytes) -> str:
-    return protocol.format_repr_digest(hashlib.sha256(data).digest())
 
 
 async def listed(http: aiohttp.ClientSession, server: Server) -> list[dict[str, Any]]:
@@ -91,9 +90,9 @@ async def test_a_whole_small_upload_is_completed_with_its_digest_and_both_events
     assert server.file_of(url).read_bytes() == source
     assert server.file_of(url).stat().st_mode & 0o777 == 0o600
     async with http.head(url, headers=TUS) as response:
-        assert response.headers["Repr-Digest"] == digest_of(source)
+        assert response.headers["Repr-Digest"] == repr_digest_of(source)
         assert "Upload-Expires" not in response.headers  # complete: no longer expires
-    upload_id = url.rsplit("/", 1)[1]
+    upload_id = upload_id_of(url)
     assert await events_of(flushed_redis, upload_id) == ["created", "completed"]
     async with http.get(url) as response:
         assert await response.read() == source
@@ -108,14 +107,14 @@ async def test_a_small_first_part_then_patches_give_the_digest_of_every_byte(
         assert response.status == 201
         assert response.headers["Upload-Offset"] == "1000"
         url = response.headers["Location"]
-    upload_id = url.rsplit("/", 1)[1]
+    upload_id = upload_id_of(url)
     assert await events_of(flushed_redis, upload_id) == ["created"]
     declared = patch_headers(1000, **{"Upload-Length": str(len(source))})
     async with http.patch(url, data=source[1000:], headers=declared) as response:
         assert response.status == 204
         assert response.headers["Upload-Offset"] == str(len(source))
     async with http.head(url, headers=TUS) as response:
-        assert response.headers["Repr-Digest"] == digest_of(source)
+        assert response.headers["Repr-Digest"] == repr_digest_of(source)
     assert server.file_of(url).read_bytes() == source
     assert await events_of(flushed_redis, upload_id) == ["created", "completed"]
 
@@ -162,7 +161,7 @@ async def test_a_hang_up_mid_body_keeps_the_bytes_that_arrived(
     async with http.patch(url, data=source[4000:], headers=patch_headers(4000)) as response:
         assert response.status == 204
     async with http.head(url, headers=TUS) as response:
-        assert response.headers["Repr-Digest"] == digest_of(source)
+        assert response.headers["Repr-Digest"] == repr_digest_of(source)
 
 
 async def test_a_checksummed_body_that_ends_early_keeps_nothing(
@@ -214,7 +213,7 @@ async def test_sigterm_during_a_small_body_answers_503_with_its_location_and_kee
     async with http.patch(url, data=source[kept:], headers=patch_headers(kept)) as response:
         assert response.status == 204
     # resumed on a new process: without the first bytes' running hash, it is hashed beside
-    assert await completed_digest(http, url) == digest_of(source)
+    assert await completed_digest(http, url) == repr_digest_of(source)
     print(f"kept {kept} of the 3000 bytes sent before SIGTERM")
 
 
@@ -241,7 +240,7 @@ async def test_a_body_just_over_the_small_size_streams_to_the_same_result(
         url = response.headers["Location"]
     async with http.head(url, headers=TUS) as response:
         assert response.headers["Upload-Offset"] == str(len(source))
-        assert response.headers["Repr-Digest"] == digest_of(source)
+        assert response.headers["Repr-Digest"] == repr_digest_of(source)
     assert server.file_of(url).read_bytes() == source
-    upload_id = url.rsplit("/", 1)[1]
+    upload_id = upload_id_of(url)
     assert await events_of(flushed_redis, upload_id) == ["created", "completed"]

@@ -13,28 +13,22 @@ import os
 import aiohttp
 import pytest
 
-from tests.conftest import TUS, Server, ServerFactory, patch_headers, wait_until
-from tests.test_faults import (
-    RawRequest,
-    StartProcess,
+from tests.support.faults import sigterm_mid_small_body
+from tests.support.files import file_of
+from tests.support.processes import StartProcess, on, start_server
+from tests.support.raw_http import RawRequest
+from tests.support.servers import Server, ServerFactory
+from tests.support.tus import (
+    TUS,
     completed_digest,
-    create,
-    file_of,
-    offset_of,
-    on,
+    create_upload,
+    head_offset,
+    patch,
+    patch_headers,
     repr_digest_of,
-    sigterm_mid_small_body,
-    start_server,
 )
+from tests.support.waiting import wait_until
 from tusserver.uploads.body import SMALL_BODY_BYTES
-
-
-async def patch(
-    http: aiohttp.ClientSession, url: str, offset: int, data: bytes, **extra: str
-) -> aiohttp.ClientResponse:
-    async with http.patch(url, data=data, headers={**patch_headers(offset), **extra}) as answer:
-        await answer.read()
-        return answer
 
 
 async def stopped_patch(url: str, offset: int, sent: bytes, size: int) -> None:
@@ -48,7 +42,7 @@ async def test_small_patches_give_every_byte_and_the_digest(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     source = os.urandom(3 * SMALL_BODY_BYTES)
-    url = await create(http, server.url, len(source))
+    url = await create_upload(http, server.url, len(source))
     for offset in range(0, len(source), SMALL_BODY_BYTES):
         answer = await patch(http, url, offset, source[offset : offset + SMALL_BODY_BYTES])
         assert answer.status == 204
@@ -62,11 +56,11 @@ async def test_a_hang_up_mid_small_patch_keeps_what_arrived(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     source = os.urandom(10_000)
-    url = await create(http, server.url, len(source))
+    url = await create_upload(http, server.url, len(source))
     await stopped_patch(url, 0, source[:4000], 10_000)
 
     async def kept() -> bool:  # the lock is let go once the bytes are committed
-        return await offset_of(http, url) == 4000
+        return await head_offset(http, url) == 4000
 
     await wait_until(kept)
     assert server.file_of(url).read_bytes() == source[:4000]
@@ -80,7 +74,7 @@ async def test_a_stalled_small_patch_is_408_and_keeps_what_arrived(
 ) -> None:
     server = await make_server(idle_timeout_s=0.3)
     source = os.urandom(2000)
-    url = await create(http, server.url, len(source))
+    url = await create_upload(http, server.url, len(source))
     request = await RawRequest.patch(url, 0, 2000)
     try:
         await request.send(source[:700])
@@ -89,7 +83,7 @@ async def test_a_stalled_small_patch_is_408_and_keeps_what_arrived(
         await request.close()
     assert answer.status == 408
     assert b"700 bytes are committed" in answer.body
-    assert await offset_of(http, url) == 700
+    assert await head_offset(http, url) == 700
     assert server.file_of(url).read_bytes() == source[:700]
 
 
@@ -97,12 +91,12 @@ async def test_a_small_patch_with_a_wrong_checksum_is_460_and_keeps_nothing(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     source = os.urandom(6000)
-    url = await create(http, server.url, len(source))
+    url = await create_upload(http, server.url, len(source))
     assert (await patch(http, url, 0, source[:1000])).status == 204
     wrong = "sha1 " + base64.b64encode(hashlib.sha1(b"other").digest()).decode()  # noqa: S324
     answer = await patch(http, url, 1000, source[1000:], **{"Upload-Checksum": wrong})
     assert answer.status == 460
-    assert await offset_of(http, url) == 1000
+    assert await head_offset(http, url) == 1000
     assert server.file_of(url).read_bytes() == source[:1000]
     right = "sha1 " + base64.b64encode(hashlib.sha1(source[1000:]).digest()).decode()  # noqa: S324
     answer = await patch(http, url, 1000, source[1000:], **{"Upload-Checksum": right})
@@ -115,7 +109,7 @@ async def test_a_checksummed_small_patch_that_ends_early_keeps_nothing(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     source = os.urandom(5000)
-    url = await create(http, server.url, len(source))
+    url = await create_upload(http, server.url, len(source))
     checksum = "md5 " + base64.b64encode(hashlib.md5(source).digest()).decode()  # noqa: S324
     request = await RawRequest.start(
         url, "PATCH", {**patch_headers(0), "Content-Length": "5000", "Upload-Checksum": checksum}
@@ -137,7 +131,7 @@ async def test_a_file_shorter_than_its_offset_moves_the_offset_back_with_409(
     the file shorter than the committed offset, moves the offset back to what the file
     holds and answers 409 with it; resuming from there completes with the right SHA-256."""
     source = os.urandom(12_000)
-    url = await create(http, server.url, len(source))
+    url = await create_upload(http, server.url, len(source))
     assert (await patch(http, url, 0, source[:5000])).status == 204
     path = server.file_of(url)
     with path.open("r+b") as file:
@@ -146,7 +140,7 @@ async def test_a_file_shorter_than_its_offset_moves_the_offset_back_with_409(
     assert answer.status == 409
     assert answer.headers["Upload-Offset"] == "3000"
     assert path.read_bytes() == source[:3000]
-    assert await offset_of(http, url) == 3000
+    assert await head_offset(http, url) == 3000
     assert (await patch(http, url, 3000, source[3000:])).status == 204
     assert await completed_digest(http, url) == repr_digest_of(source)
 
@@ -155,7 +149,7 @@ async def test_bytes_past_the_committed_offset_are_cut_before_a_small_patch(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     source = os.urandom(10_000)
-    url = await create(http, server.url, len(source))
+    url = await create_upload(http, server.url, len(source))
     assert (await patch(http, url, 0, source[:5000])).status == 204
     path = server.file_of(url)
     with path.open("ab") as file:
@@ -171,12 +165,12 @@ async def test_a_small_patch_on_a_disk_below_the_minimum_is_507_and_keeps_the_up
 ) -> None:
     roomy = await make_server()
     source = os.urandom(8000)
-    url = await create(http, roomy.url, len(source))
+    url = await create_upload(http, roomy.url, len(source))
     assert (await patch(http, url, 0, source[:3000])).status == 204
     full = await make_server(min_free_disk_bytes=2**60)  # the same data dir and Redis
     url_on_full = full.url + url.rsplit("/", 1)[1]
     assert (await patch(http, url_on_full, 3000, source[3000:])).status == 507
-    assert await offset_of(http, url) == 3000
+    assert await head_offset(http, url) == 3000
     assert roomy.file_of(url).read_bytes() == source[:3000]
     assert (await patch(http, url, 3000, source[3000:])).status == 204
     async with http.head(url, headers=TUS) as response:
@@ -187,7 +181,7 @@ async def test_a_new_request_takes_over_a_stalled_small_patch_which_keeps_what_a
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     source = os.urandom(10_000)
-    url = await create(http, server.url, len(source))
+    url = await create_upload(http, server.url, len(source))
     stalled = await RawRequest.patch(url, 0, 10_000)
     try:
         await stalled.send(source[:4000])
@@ -201,7 +195,7 @@ async def test_a_new_request_takes_over_a_stalled_small_patch_which_keeps_what_a
         await stalled.close()
     assert answer.status == 400
     assert b"interrupted" in answer.body
-    assert await offset_of(http, url) == 4000
+    assert await head_offset(http, url) == 4000
     assert server.file_of(url).read_bytes() == source[:4000]
     assert (await patch(http, url, 4000, source[4000:])).status == 204
     async with http.head(url, headers=TUS) as response:
@@ -216,13 +210,13 @@ async def test_sigterm_during_a_small_patch_answers_503_and_keeps_what_arrived(
     data_dir = tmp_path_factory.mktemp("small-patch-term") / "data"
     server = await start_server(processes, data_dir)
     source = os.urandom(10_000)
-    url = await create(http, server.url, len(source))
+    url = await create_upload(http, server.url, len(source))
     headers = {**patch_headers(0), "Content-Length": "10000"}
     _answer, kept = await sigterm_mid_small_body(server, url, "PATCH", headers, source[:3000])
 
     server = await start_server(processes, data_dir)
     url = on(server, url)
-    assert await offset_of(http, url) == kept
+    assert await head_offset(http, url) == kept
     assert file_of(data_dir, url).read_bytes() == source[:kept]
     assert (await patch(http, url, kept, source[kept:])).status == 204  # no stale lock
     assert await completed_digest(http, url) == repr_digest_of(source)
@@ -232,7 +226,7 @@ async def test_a_body_over_the_small_size_streams_to_the_same_bytes(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     source = os.urandom(2 * SMALL_BODY_BYTES + 1)
-    url = await create(http, server.url, len(source))
+    url = await create_upload(http, server.url, len(source))
     sizes = [SMALL_BODY_BYTES, SMALL_BODY_BYTES + 1]  # one small, one streamed
     offset = 0
     for size in sizes:

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import aiohttp
 
-from tests.conftest import Server, create_upload, head_offset, patch_headers
+from tests.support.servers import Server
+from tests.support.tus import create_upload, head_offset, patch_headers
 
 
 async def test_create_patch_head_round_trip(server: Server, http: aiohttp.ClientSession) -> None:
-    url = await create_upload(http, server, 6)
+    url = await create_upload(http, server.url, 6)
     async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
         assert response.status == 204
         assert response.headers["Upload-Offset"] == "3"

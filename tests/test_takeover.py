@@ -17,29 +17,27 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from tests.conftest import ServerProcess, patch_headers
-from tests.test_faults import (
-    MiB,
-    StartProcess,
+from tests.support.faults import MiB, finish_upload, seeded_random, wait_lock_held
+from tests.support.files import file_of
+from tests.support.processes import ServerProcess, StartProcess, on, start_server
+from tests.support.raw_http import raw_patch, send_until_answered
+from tests.support.tus import (
     completed_digest,
-    create,
-    file_of,
-    finish_upload,
+    create_upload,
     head,
-    offset_of,
-    raw_patch,
+    head_offset,
+    patch_headers,
     repr_digest_of,
-    seeded_random,
-    send_until_answered,
-    start_server,
-    wait_lock_held,
 )
-from tests.test_faults import http as http
-from tests.test_faults import own_redis as own_redis
+from tests.support.waiting import wait_until
 from tusserver.store.embedded import EmbeddedRedis
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
+
+# a server killed mid-test must leave no stale pooled connection behind
+pytestmark = pytest.mark.fresh_connections
 
 
 async def two_servers(
@@ -50,10 +48,6 @@ async def two_servers(
         start_server(processes, data_dir, "--redis-url", redis_url),
     )
     return first, second
-
-
-def on(server: ServerProcess, url: str) -> str:
-    return server.url + url.rstrip("/").rsplit("/", 1)[1]
 
 
 # -- 3: PATCHes alternate between two processes ------------------------------------------
@@ -68,7 +62,7 @@ async def test_patches_alternating_between_two_processes_give_the_exact_bytes(
     rng, seed = seeded_random()
     servers = await two_servers(processes, tmp_path / "data", own_redis.url)
     source = rng.randbytes(9 * MiB + rng.randrange(MiB))
-    url = await create(http, servers[0].url, len(source))
+    url = await create_upload(http, servers[0].url, len(source))
     cuts = [*sorted(rng.sample(range(1, len(source)), 7)), len(source)]
     offset = 0
     for turn, cut in enumerate(cuts):
@@ -78,7 +72,7 @@ async def test_patches_alternating_between_two_processes_give_the_exact_bytes(
             assert answer.status == 204, (await answer.text(), seed)
             assert int(answer.headers["Upload-Offset"]) == cut
         # both processes see the same committed offset
-        assert [await offset_of(http, on(each, url)) for each in servers] == [cut, cut]
+        assert [await head_offset(http, on(each, url)) for each in servers] == [cut, cut]
         offset = cut
     for server in servers:
         assert await completed_digest(http, on(server, url)) == repr_digest_of(source), seed
@@ -100,7 +94,7 @@ async def test_racing_patches_on_two_processes_keep_a_prefix_of_one_body(
     bodies = (b"\x01" * length, b"\x02" * length)  # any mix of the two would show
     outcomes: set[tuple[int, int]] = set()
     for _ in range(6):
-        url = await create(http, servers[0].url, length)
+        url = await create_upload(http, servers[0].url, length)
         # both requests are open before either sends a body byte
         async with (
             raw_patch(on(servers[0], url), 0, length) as first,
@@ -114,7 +108,7 @@ async def test_racing_patches_on_two_processes_keep_a_prefix_of_one_body(
         statuses = [answer.status if answer else 0 for answer in answers]
         assert all(status in (204, 400, 409, 423) for status in statuses), (statuses, seed)
         assert statuses.count(204) <= 1, (statuses, seed)
-        committed = await offset_of(http, on(servers[0], url))
+        committed = await head_offset(http, on(servers[0], url))
         kept = file_of(tmp_path / "data", url).read_bytes()[:committed]
         assert kept in (bodies[0][:committed], bodies[1][:committed]), (statuses, seed)
         for answer, body in zip(answers, bodies, strict=True):
@@ -141,14 +135,14 @@ async def test_a_new_patch_takes_over_from_a_half_dead_connection(
     old_answer_s: list[float] = []
     for attempt in range(5):
         source = os.urandom(8 * MiB)
-        url = await create(http, servers[0].url, len(source))
+        url = await create_upload(http, servers[0].url, len(source))
         old_server, new_server = servers[attempt % 2], servers[1 - attempt % 2]
         sent = 1536 * 1024
         # the old client sent part of a long body, then went silent without closing
         async with raw_patch(on(old_server, url), 0, len(source)) as old:
             await old.send(source[:sent])
             await wait_lock_held(own_redis.url, url)
-            resume_at = await offset_of(http, on(new_server, url))
+            resume_at = await head_offset(http, on(new_server, url))
             started = time.monotonic()
             # a short PATCH (64 KiB, whole) so its answer times the takeover, not a transfer
             async with raw_patch(on(new_server, url), resume_at, 64 * 1024) as new:
@@ -187,17 +181,19 @@ async def test_head_during_a_running_patch_shows_the_bytes_that_arrived(
 ) -> None:
     server = await start_server(processes, tmp_path / "data", "--redis-url", own_redis.url)
     source = os.urandom(16 * MiB)
-    url = await create(http, server.url, len(source))
+    url = await create_upload(http, server.url, len(source))
     async with raw_patch(url, 0, len(source)) as running:
         await running.send(source[: 2 * MiB])
         await wait_lock_held(own_redis.url, url)
         # each HEAD asks the running PATCH to commit and waits for its answer
-        deadline = time.monotonic() + 3
-        while True:
-            offset = await offset_of(http, url)
-            if offset > 0 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        assert 0 < offset <= 2 * MiB, f"HEAD says {offset} after 2 MiB were sent"
+        offset = 0
+
+        async def shows_bytes() -> bool:
+            nonlocal offset
+            offset = await head_offset(http, url)
+            return offset > 0
+
+        await wait_until(shows_bytes, 3, every_s=0.05, what="HEAD showed bytes that arrived")
+        assert offset <= 2 * MiB, f"HEAD says {offset} after 2 MiB were sent"
         response = await head(http, url)
         assert response.headers["Cache-Control"] == "no-store"

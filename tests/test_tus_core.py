@@ -16,23 +16,22 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 import aiohttp
 import pytest
 from yarl import URL
 
-from tests.conftest import (
+from tests.support.raw_http import RawResponse
+from tests.support.servers import Server, ServerFactory
+from tests.support.tus import (
     OFFSET_STREAM,
     TUS,
-    Server,
-    ServerFactory,
     create_upload,
     head_offset,
     patch_headers,
-    wait_until,
 )
+from tests.support.waiting import wait_until
 from tusserver import protocol
 from tusserver.uploads import expiry
 
@@ -61,23 +60,12 @@ async def assert_refusal(response: aiohttp.ClientResponse, status: int) -> str:
     return reason.strip()
 
 
-def upload_id_of(url: str) -> str:
-    return URL(url).path.rsplit("/", 1)[1]
-
-
 def files_in(server: Server) -> list[str]:
     root = server.settings.data_dir / "uploads"
     return [path.name for path in root.rglob("*") if path.is_file()]
 
 
 # -- raw HTTP/1.1, for what a high-level client hides --------------------------------------
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: dict[str, str]  # names lower-cased
-    body: bytes
 
 
 def request_head(method: str, path: str, headers: dict[str, str]) -> bytes:
@@ -120,15 +108,6 @@ async def raw_connection(
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
-
-
-async def is_locked(server: Server, url: str) -> bool:
-    """Whether a request holds the upload (taking the free lock for an instant to know)."""
-    state, upload_id = server.uploads.state, upload_id_of(url)
-    token = await state.try_lock(upload_id, 1000)
-    if token is not None:
-        await state.release(upload_id, token)
-    return token is None
 
 
 # -- OPTIONS and the endpoint --------------------------------------------------------------
@@ -187,7 +166,7 @@ async def test_endpoint_answers_with_and_without_its_trailing_slash(
 async def test_missing_or_unsupported_tus_resumable_is_412_and_changes_nothing(
     server: Server, http: aiohttp.ClientSession, method: str, version: str | None
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     headers = {"Upload-Length": "10"} if method == "POST" else {}
     if method == "PATCH":
         headers = {"Upload-Offset": "0", "Content-Type": OFFSET_STREAM}
@@ -213,7 +192,7 @@ async def test_missing_or_unsupported_tus_resumable_is_412_and_changes_nothing(
 async def test_patch_with_wrong_content_type_is_415(
     server: Server, http: aiohttp.ClientSession, content_type: str
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     headers = patch_headers(0, **{"Content-Type": content_type})
     async with http.patch(url, data=b"abc", headers=headers) as response:
         await assert_refusal(response, 415)
@@ -223,7 +202,7 @@ async def test_patch_with_wrong_content_type_is_415(
 async def test_patch_content_type_with_parameters_is_accepted(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 3)
+    url = await create_upload(http, server.url, 3)
     headers = patch_headers(0, **{"Content-Type": "Application/Offset+Octet-Stream; x=1"})
     async with http.patch(url, data=b"abc", headers=headers) as response:
         assert response.status == 204
@@ -233,7 +212,7 @@ async def test_patch_content_type_with_parameters_is_accepted(
 async def test_patch_at_wrong_offset_is_409_with_current_offset_and_keeps_bytes(
     server: Server, http: aiohttp.ClientSession, wrong_offset: int
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
         assert response.status == 204
     async with http.patch(url, data=b"xyz", headers=patch_headers(wrong_offset)) as response:
@@ -250,14 +229,14 @@ async def test_upload_length_over_max_size_is_413(
     async with http.post(server.url, headers={**TUS, "Upload-Length": "101"}) as response:
         await assert_refusal(response, 413)
     assert files_in(server) == []
-    await create_upload(http, server, 100)
+    await create_upload(http, server.url, 100)
 
 
 async def test_deferred_length_declared_over_max_size_is_413(
     make_server: ServerFactory, http: aiohttp.ClientSession
 ) -> None:
     server = await make_server(max_size_bytes=100)
-    url = await create_upload(http, server, None, **DEFERRED)
+    url = await create_upload(http, server.url, None, **DEFERRED)
     headers = patch_headers(0, **{"Upload-Length": "101"})
     async with http.patch(url, data=b"abc", headers=headers) as response:
         await assert_refusal(response, 413)
@@ -267,7 +246,7 @@ async def test_deferred_length_declared_over_max_size_is_413(
 async def test_patch_whose_content_length_passes_upload_length_is_refused_unread(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 5)
+    url = await create_upload(http, server.url, 5)
     path = URL(url).path
     async with raw_connection(server) as (reader, writer):
         # Only the headers go out: the 413 must come before any byte of the body.
@@ -282,7 +261,7 @@ async def test_patch_whose_content_length_passes_upload_length_is_refused_unread
 async def test_chunked_patch_running_past_upload_length_is_413_and_keeps_nothing(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
 
     async def body() -> AsyncIterator[bytes]:
         yield b"aaaaaa"
@@ -300,7 +279,7 @@ async def test_chunked_patch_running_past_upload_length_is_413_and_keeps_nothing
 async def test_chunked_patch_within_upload_length_is_kept(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
 
     async def body() -> AsyncIterator[bytes]:
         yield b"01234"
@@ -331,7 +310,7 @@ UNKNOWN_IDS = [
 async def test_unknown_upload_is_404(
     server: Server, http: aiohttp.ClientSession, method: str, upload_id: str
 ) -> None:
-    await create_upload(http, server, 3)  # something exists, and must stay untouched
+    await create_upload(http, server.url, 3)  # something exists, and must stay untouched
     url = URL(server.url + upload_id, encoded=True)
     data = b"abc" if method == "PATCH" else None
     async with http.request(method, url, headers=patch_headers(0), data=data) as response:
@@ -346,7 +325,7 @@ async def test_terminated_upload_is_410_for_its_owner_then_404_once_the_tombston
     make_server: ServerFactory, http: aiohttp.ClientSession
 ) -> None:
     server = await make_server(tombstone_ttl_s=1.0)
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     async with http.delete(url, headers=TUS) as response:
         assert response.status == 204
     async with http.head(url, headers=TUS) as response:
@@ -382,7 +361,7 @@ async def test_post_with_malformed_upload_length_is_400(
 async def test_patch_with_malformed_upload_offset_is_400(
     server: Server, http: aiohttp.ClientSession, value: str
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     headers = {**TUS, "Content-Type": OFFSET_STREAM, "Upload-Offset": value}
     async with http.patch(url, data=b"abc", headers=headers) as response:
         reason = await assert_refusal(response, 400)
@@ -393,7 +372,7 @@ async def test_patch_with_malformed_upload_offset_is_400(
 async def test_patch_without_upload_offset_is_400(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     headers = {**TUS, "Content-Type": OFFSET_STREAM}
     async with http.patch(url, data=b"abc", headers=headers) as response:
         await assert_refusal(response, 400)
@@ -404,7 +383,7 @@ async def test_patch_without_upload_offset_is_400(
 async def test_patch_with_malformed_upload_length_is_400(
     server: Server, http: aiohttp.ClientSession, value: str
 ) -> None:
-    url = await create_upload(http, server, None, **DEFERRED)
+    url = await create_upload(http, server.url, None, **DEFERRED)
     headers = patch_headers(0, **{"Upload-Length": value})
     async with http.patch(url, data=b"abc", headers=headers) as response:
         await assert_refusal(response, 400)
@@ -468,7 +447,7 @@ async def test_post_with_upload_defer_length_other_than_1_is_400(
 async def test_head_of_a_new_upload_shows_offset_0_length_and_no_store(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     async with http.head(url, headers=TUS) as response:
         assert response.status == 200
         assert response.headers["Tus-Resumable"] == "1.0.0"
@@ -482,7 +461,7 @@ async def test_head_of_a_new_upload_shows_offset_0_length_and_no_store(
 async def test_head_of_a_complete_upload_still_shows_its_offset(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 3)
+    url = await create_upload(http, server.url, 3)
     async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
         assert response.status == 204
     async with http.head(url, headers=TUS) as response:
@@ -496,7 +475,7 @@ async def test_head_of_a_complete_upload_still_shows_its_offset(
 
 
 async def test_head_answer_has_no_body(server: Server, http: aiohttp.ClientSession) -> None:
-    url = await create_upload(http, server, 10, **{"Upload-Metadata": "name YWJj"})
+    url = await create_upload(http, server.url, 10, **{"Upload-Metadata": "name YWJj"})
     async with raw_connection(server) as (reader, writer):
         writer.write(request_head("HEAD", URL(url).path, {**TUS, "Connection": "close"}))
         answer = await asyncio.wait_for(reader.read(), RAW_TIMEOUT_S)
@@ -508,7 +487,7 @@ async def test_head_answer_has_no_body(server: Server, http: aiohttp.ClientSessi
 async def test_head_of_a_deferred_upload_shows_defer_length_until_the_length_is_set(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, None, **DEFERRED)
+    url = await create_upload(http, server.url, None, **DEFERRED)
     async with http.head(url, headers=TUS) as response:
         assert response.headers["Upload-Defer-Length"] == "1"
         assert "Upload-Length" not in response.headers
@@ -534,7 +513,7 @@ async def test_metadata_round_trips_with_binary_values_and_keys_without_values(
         "filetype": b"application/pdf",
     }
     sent = protocol.format_metadata(metadata)
-    url = await create_upload(http, server, 3, **{"Upload-Metadata": sent})
+    url = await create_upload(http, server.url, 3, **{"Upload-Metadata": sent})
     async with http.head(url, headers=TUS) as response:
         echoed = response.headers["Upload-Metadata"]
     assert echoed == sent
@@ -545,7 +524,7 @@ async def test_metadata_in_another_valid_spelling_keeps_its_meaning(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
     sent = "name YQ, size  MTA=,flag"  # unpadded base64, spaces around pairs, a bare key
-    url = await create_upload(http, server, 3, **{"Upload-Metadata": sent})
+    url = await create_upload(http, server.url, 3, **{"Upload-Metadata": sent})
     async with http.head(url, headers=TUS) as response:
         echoed = response.headers["Upload-Metadata"]
     assert protocol.parse_metadata(echoed) == {"name": b"a", "size": b"10", "flag": None}
@@ -597,7 +576,7 @@ async def test_creation_with_a_body_past_upload_length_is_413_and_keeps_none_of_
 async def test_deferred_length_is_set_by_a_later_patch(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, None, **DEFERRED)
+    url = await create_upload(http, server.url, None, **DEFERRED)
     async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
         assert response.status == 204
         assert response.headers["Upload-Offset"] == "3"
@@ -616,7 +595,7 @@ async def test_deferred_length_is_set_by_a_later_patch(
 async def test_a_later_contradicting_upload_length_is_400(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, None, **DEFERRED)
+    url = await create_upload(http, server.url, None, **DEFERRED)
     headers = patch_headers(0, **{"Upload-Length": "5"})
     async with http.patch(url, data=b"ab", headers=headers) as response:
         assert response.status == 204
@@ -631,7 +610,7 @@ async def test_a_later_contradicting_upload_length_is_400(
 async def test_upload_length_on_patch_of_a_known_length_upload_must_agree(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 5)
+    url = await create_upload(http, server.url, 5)
     headers = patch_headers(0, **{"Upload-Length": "5"})
     async with http.patch(url, data=b"ab", headers=headers) as response:
         assert response.status == 204
@@ -644,7 +623,7 @@ async def test_upload_length_on_patch_of_a_known_length_upload_must_agree(
 async def test_deferred_length_shorter_than_the_bytes_received_is_400(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, None, **DEFERRED)
+    url = await create_upload(http, server.url, None, **DEFERRED)
     async with http.patch(url, data=b"abcd", headers=patch_headers(0)) as response:
         assert response.status == 204
     headers = patch_headers(4, **{"Upload-Length": "2"})
@@ -657,7 +636,7 @@ async def test_deferred_length_shorter_than_the_bytes_received_is_400(
 async def test_zero_length_upload_is_complete_at_once(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 0)
+    url = await create_upload(http, server.url, 0)
     async with http.head(url, headers=TUS) as response:
         assert response.status == 200
         assert response.headers["Upload-Offset"] == "0"
@@ -695,7 +674,7 @@ async def test_unfinished_upload_is_removed_once_it_expires(
     make_server: ServerFactory, http: aiohttp.ClientSession
 ) -> None:
     server = await make_server(expire_after_s=0.5)
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
         assert response.status == 204
     assert server.file_of(url).exists()
@@ -711,7 +690,7 @@ async def test_upload_not_yet_expired_is_left_alone_by_the_sweeper(
     make_server: ServerFactory, http: aiohttp.ClientSession
 ) -> None:
     server = await make_server(expire_after_s=60)
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     assert await expiry.sweep_once(server.uploads, now=time.time() + 1) == 0
     assert await head_offset(http, url) == 0
 
@@ -720,7 +699,7 @@ async def test_completed_upload_does_not_expire(
     make_server: ServerFactory, http: aiohttp.ClientSession
 ) -> None:
     server = await make_server(expire_after_s=0.5)
-    url = await create_upload(http, server, 3)
+    url = await create_upload(http, server.url, 3)
     async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
         assert response.status == 204
         assert "Upload-Expires" not in response.headers
@@ -733,7 +712,7 @@ async def test_completed_upload_does_not_expire(
 
 
 async def test_delete_terminates_the_upload(server: Server, http: aiohttp.ClientSession) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
         assert response.status == 204
     async with http.delete(url, headers=TUS) as response:
@@ -751,7 +730,7 @@ async def test_delete_terminates_the_upload(server: Server, http: aiohttp.Client
 async def test_delete_of_a_completed_upload_terminates_it(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 3)
+    url = await create_upload(http, server.url, 3)
     async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
         assert response.status == 204
     async with http.delete(url, headers=TUS) as response:
@@ -767,7 +746,7 @@ async def test_delete_of_a_completed_upload_terminates_it(
 async def test_post_with_method_override_patch_appends(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     headers = patch_headers(0, **{"X-HTTP-Method-Override": "PATCH"})
     async with http.post(url, data=b"abc", headers=headers) as response:
         assert response.status == 204
@@ -778,7 +757,7 @@ async def test_post_with_method_override_patch_appends(
 async def test_post_with_method_override_delete_terminates(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     async with http.post(url, headers={**TUS, "X-HTTP-Method-Override": "DELETE"}) as response:
         assert response.status == 204
     assert not server.file_of(url).exists()
@@ -789,7 +768,7 @@ async def test_post_with_method_override_delete_terminates(
 async def test_method_override_is_checked_for_tus_resumable_as_the_effective_method(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     headers = {"Upload-Offset": "0", "Content-Type": OFFSET_STREAM}
     headers["X-HTTP-Method-Override"] = "PATCH"
     async with http.post(url, data=b"abc", headers=headers) as response:
@@ -803,7 +782,7 @@ async def test_method_override_is_checked_for_tus_resumable_as_the_effective_met
 async def test_patch_cut_short_keeps_the_bytes_the_server_read(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 8 * 2**20)
+    url = await create_upload(http, server.url, 8 * 2**20)
     sent = os.urandom(5 * 2**20)
     headers = patch_headers(0, **{"Content-Length": str(8 * 2**20)})
 
@@ -811,7 +790,7 @@ async def test_patch_cut_short_keeps_the_bytes_the_server_read(
         return await head_offset(http, url) >= 4 * 2**20
 
     async def is_over() -> bool:
-        return not await is_locked(server, url)
+        return not await server.is_locked(url)
 
     async with raw_connection(server) as (_reader, writer):
         writer.write(request_head("PATCH", URL(url).path, headers) + sent)
@@ -829,7 +808,7 @@ async def test_patch_cut_short_keeps_the_bytes_the_server_read(
 async def test_patch_cut_short_keeps_every_byte_that_reached_the_server(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 2**20)
+    url = await create_upload(http, server.url, 2**20)
     sent = os.urandom(300 * 1024)
     headers = patch_headers(0, **{"Content-Length": str(2**20)})
     async with raw_connection(server) as (_reader, writer):
@@ -846,7 +825,7 @@ async def test_patch_cut_short_keeps_every_byte_that_reached_the_server(
 async def test_checksummed_patch_cut_short_keeps_nothing(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 2**20)
+    url = await create_upload(http, server.url, 2**20)
     whole = os.urandom(2**20)
     digest = base64.b64encode(hashlib.sha256(whole).digest()).decode()
     headers = patch_headers(
@@ -854,10 +833,10 @@ async def test_checksummed_patch_cut_short_keeps_nothing(
     )
 
     async def is_running() -> bool:
-        return await is_locked(server, url)
+        return await server.is_locked(url)
 
     async def is_over() -> bool:
-        return not await is_locked(server, url)
+        return not await server.is_locked(url)
 
     async with raw_connection(server) as (_reader, writer):
         writer.write(request_head("PATCH", URL(url).path, headers) + whole[: 300 * 1024])
@@ -877,7 +856,7 @@ async def test_checksummed_patch_cut_short_keeps_nothing(
 async def test_expect_continue_at_a_wrong_offset_is_refused_before_the_body(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
         assert response.status == 204
     headers = patch_headers(0, **{"Content-Length": "3", "Expect": "100-continue"})
@@ -893,7 +872,7 @@ async def test_expect_continue_at_a_wrong_offset_is_refused_before_the_body(
 async def test_expect_continue_at_the_right_offset_gets_100_then_204(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     headers = patch_headers(0, **{"Content-Length": "3", "Expect": "100-continue"})
     async with raw_connection(server) as (reader, writer):
         writer.write(request_head("PATCH", URL(url).path, headers))
@@ -910,7 +889,7 @@ async def test_expect_continue_at_the_right_offset_gets_100_then_204(
 async def test_expect_continue_gets_an_early_refusal(
     server: Server, http: aiohttp.ClientSession, refusal: str
 ) -> None:
-    url = await create_upload(http, server, 10)
+    url = await create_upload(http, server.url, 10)
     path = URL(url).path
     headers = patch_headers(0, **{"Content-Length": "3", "Expect": "100-continue"})
     if refusal == "unknown upload":
@@ -934,7 +913,7 @@ async def test_upload_metadata_of_30_kb_is_accepted_and_echoed(server: Server) -
     sent = protocol.format_metadata(metadata)
     assert len(sent) > 29_000
     async with aiohttp.ClientSession(max_field_size=128 * 1024) as http:
-        url = await create_upload(http, server, 3, **{"Upload-Metadata": sent})
+        url = await create_upload(http, server.url, 3, **{"Upload-Metadata": sent})
         async with http.head(url, headers=TUS) as response:
             assert response.status == 200
             assert response.headers["Upload-Metadata"] == sent

@@ -14,19 +14,14 @@ from tusclient.client import TusClient
 from tusclient.exceptions import TusCommunicationError
 from tusclient.storage.filestorage import FileStorage
 
-from tests.conftest import ServerProcess
-from tests.test_js_client import (
-    MiB,
-    assert_stored_exactly,
-    bearer,
-    head,
-    metadata_of,
-    random_file,
-    tusserver_process,
-)
+from tests.support.files import random_file
+from tests.support.processes import ServerProcess, tusserver_process
+from tests.support.sync_http import assert_stored_exactly, head, metadata_of
+from tests.support.tus import bearer
 from tusserver.auth import issue_token
 
 SECRET = "tuspy-secret"
+MiB = 2**20
 
 
 @pytest.fixture(scope="module")

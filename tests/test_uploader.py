@@ -12,7 +12,6 @@ import random
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.support.processes import ServerProcess, free_port
+from tests.support.waiting import wait_until_sync
 from tusserver import cli
 from tusserver.auth import issue_token
 from tusserver.uploader.files import ResumeState, find_files, resume_key
@@ -138,19 +138,7 @@ def state_entry(state_file: Path, path: Path) -> dict[str, object] | None:
     return None
 
 
-def wait_for(check: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
-    """Poll with a deadline (never a fixed sleep)."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached in {timeout_s} s: {what}")
-        time.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+WAIT_S = 30.0  # for an uploader process to reach a point the test watches for
 
 
 # -- uploads of a folder -------------------------------------------------------------------
@@ -259,9 +247,11 @@ def test_interrupted_runs_resume_from_the_server_offset(
 
     # Ctrl-C once the small file is done and the big one has bytes on the server
     first = uploaders(*args, "--chunk-size", "16KiB")
-    wait_for(lambda: bool(big_url()) and small_is_done(), what="small done, big created")
+    wait_until_sync(
+        lambda: bool(big_url()) and small_is_done(), WAIT_S, what="small done, big created"
+    )
     url = big_url()
-    wait_for(lambda: server_offset(url) > 0, what="big has bytes")
+    wait_until_sync(lambda: server_offset(url) > 0, WAIT_S, what="big has bytes")
     first.send_signal(signal.SIGINT)
     assert first.wait(20) == 130
     assert "run the same command again" in (tmp_path / "upload-0.err").read_text()
@@ -271,10 +261,10 @@ def test_interrupted_runs_resume_from_the_server_offset(
     # the same command again, killed hard once it has moved the offset further
     second = uploaders(*args, "--chunk-size", "16KiB")
     second_out = tmp_path / "upload-1.out"
-    wait_for(lambda: "start tree/big.bin (16.0 MiB, resuming at " in second_out.read_text(),
-             what="second run resumed")  # fmt: skip
+    resumed = "start tree/big.bin (16.0 MiB, resuming at "
+    wait_until_sync(lambda: resumed in second_out.read_text(), WAIT_S, what="second run resumed")
     resumed_at = server_offset(url)
-    wait_for(lambda: server_offset(url) > resumed_at, what="second run sent bytes")
+    wait_until_sync(lambda: server_offset(url) > resumed_at, WAIT_S, what="second run sent bytes")
     second.send_signal(signal.SIGKILL)
     assert second.wait(20) == -signal.SIGKILL
     offset_after_sigkill = server_offset(url)
@@ -304,9 +294,9 @@ def test_a_server_restart_mid_upload_is_retried_until_done(
     uploader = uploaders(str(big), "--endpoint", server.url, "--chunk-size", "16KiB",
                          "--state-file", str(state_file), "--retry-delay", "0.2",
                          "--retries", "20")  # fmt: skip
-    wait_for(lambda: state_entry(state_file, big) is not None, what="upload created")
+    wait_until_sync(lambda: state_entry(state_file, big) is not None, WAIT_S, what="upload created")
     url = str(state_entry(state_file, big)["url"])  # type: ignore[index]
-    wait_for(lambda: server_offset(url) > 0, what="bytes on the server")
+    wait_until_sync(lambda: server_offset(url) > 0, WAIT_S, what="bytes on the server")
 
     server.stop(signal.SIGTERM)  # running PATCHes get 503, then connections are refused
     processes(tmp_path / "data", "--port", port)

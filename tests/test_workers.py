@@ -22,26 +22,24 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import TUS, ServerProcess, wait_until
-from tests.test_faults import (
-    MiB,
+from tests.support.faults import MiB
+from tests.support.files import file_of
+from tests.support.processes import ServerProcess, StartProcess, pid_is_gone, start_server
+from tests.support.raw_http import (
+    TCP_ESTABLISHED,
+    TCP_LISTEN,
     RawRequest,
-    StartProcess,
-    completed_digest,
-    create,
-    file_of,
-    offset_of,
-    pid_is_gone,
     raw_patch,
-    repr_digest_of,
     send_until_answered,
-    start_server,
+    tcp_sockets,
 )
-from tests.test_faults import http as http
+from tests.support.tus import TUS, completed_digest, create_upload, head_offset, repr_digest_of
+from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-
-TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="reads /proc"),
+    pytest.mark.fresh_connections,  # as in the fault suites: no pooled connection is reused
+]
 
 
 def children_of(pid: int) -> set[int]:
@@ -73,28 +71,22 @@ def tcp_socket_inodes(local_port: int, remote_port: int | None) -> set[int]:
     """The inodes of the IPv4 sockets on 127.0.0.1:`local_port`: the listening ones (remote
     None) or the one connected to 127.0.0.1:`remote_port`."""
     inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote, state, inode = fields[1], fields[2], fields[3], int(fields[9])
-        if int(local.split(":")[1], 16) != local_port:
+    for socket in tcp_sockets():
+        if socket.local_port != local_port:
             continue
-        if remote_port is None and state == TCP_LISTEN:
-            inodes.add(inode)
-        if remote_port is not None and state == TCP_ESTABLISHED:
-            if int(remote.split(":")[1], 16) == remote_port:
-                inodes.add(inode)
+        if remote_port is None and socket.state == TCP_LISTEN:
+            inodes.add(socket.inode)
+        if remote_port is not None and socket.state == TCP_ESTABLISHED:
+            if socket.remote_port == remote_port:
+                inodes.add(socket.inode)
     assert inodes, f"no socket on port {local_port} (peer {remote_port})"
     return inodes
-
-
-def port_of(server: ServerProcess) -> int:
-    return int(server.url.split("/")[2].rsplit(":", 1)[1])
 
 
 def worker_of(server: ServerProcess, request: RawRequest, workers: set[int]) -> int:
     """The pid of the worker holding the server side of `request`'s open connection."""
     client_port = request.writer.get_extra_info("sockname")[1]
-    (inode,) = tcp_socket_inodes(port_of(server), client_port)
+    (inode,) = tcp_socket_inodes(server.port, client_port)
     owners = [pid for pid in workers if inode in socket_inodes_of(pid)]
     assert len(owners) == 1, owners
     return owners[0]
@@ -111,15 +103,14 @@ async def test_two_workers_listen_each_on_its_own_socket_share_connections_and_s
     valkey = int((data_dir / "redis" / "valkey.pid").read_text())
 
     # the listener is announced before the workers are forked: wait for them to exist
-    async def workers_forked() -> bool:
-        return len(children_of(supervisor)) >= 3
-
-    await wait_until(workers_forked, timeout_s=20)
+    await wait_until(
+        lambda: len(children_of(supervisor)) >= 3, timeout_s=20, what="two workers forked"
+    )
     children = children_of(supervisor)
     assert valkey in children  # the supervisor owns the embedded Valkey
     workers = children - {valkey}
     assert len(workers) == 2, children
-    listening = tcp_socket_inodes(port_of(server), None)
+    listening = tcp_socket_inodes(server.port, None)
     assert len(listening) == 2, listening  # one socket per worker, on the same port
     owned = [listening & socket_inodes_of(pid) for pid in workers]
     assert all(len(inodes) == 1 for inodes in owned) and owned[0] != owned[1], owned
@@ -141,7 +132,7 @@ async def test_two_workers_listen_each_on_its_own_socket_share_connections_and_s
 
     # another server on the same port is refused, never let into the workers' group
     other = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tusserver", "--port", str(port_of(server)), "--workers", "2",
+        sys.executable, "-m", "tusserver", "--port", str(server.port), "--workers", "2",
         "--data-dir", str(tmp_path_factory.mktemp("other") / "data"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
@@ -151,7 +142,7 @@ async def test_two_workers_listen_each_on_its_own_socket_share_connections_and_s
 
     # an upload in pieces, each PATCH on a new connection, to whichever worker accepts it
     source = os.urandom(5 * MiB + 7)
-    url = await create(http, server.url, len(source))
+    url = await create_upload(http, server.url, len(source))
     served: collections.Counter[int] = collections.Counter()
     cuts = [0, MiB, 2 * MiB + 3, 4 * MiB, len(source)]
     for start, end in itertools.pairwise(cuts):
@@ -173,13 +164,13 @@ async def test_two_workers_listen_each_on_its_own_socket_share_connections_and_s
     print(f"requests answered per worker: {dict(served)}")
 
     # --idle-timeout 1s: a body that stalls gets 408, and what arrived is committed
-    stalled = await create(http, server.url, MiB)
+    stalled = await create_upload(http, server.url, MiB)
     async with raw_patch(stalled, 0, MiB) as request:
         await request.send(source[: 100 * 1024])
         answer = await request.response(timeout_s=15)
     assert answer.status == 408, answer
     assert b"stalled" in answer.body
-    assert await offset_of(http, stalled) == 100 * 1024
+    assert await head_offset(http, stalled) == 100 * 1024
 
     server.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(server.process.wait, 30) == 0, server.log()

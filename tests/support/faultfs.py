@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import ServerProcess, listening_url
+from tests.support.processes import ServerProcess, listening_url
 
 # $1: tmpfs size, $2: mount point, then the command to run inside the new namespaces
 _MOUNT_THEN_EXEC = 'mount -t tmpfs -o size="$1",mode=0700 tmpfs "$2" && shift 2 && exec "$@"'

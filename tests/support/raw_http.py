@@ -1,0 +1,157 @@
+"""HTTP/1.1 over a plain socket, for what a high-level client hides: the test decides every
+byte of a body and when (or whether) the connection closes; and the kernel's view of this
+machine's TCP sockets (Linux: /proc/net/tcp)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from tests.support.tus import patch_headers
+
+TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+
+
+@dataclass
+class RawRequest:
+    """One HTTP/1.1 request on a plain socket: the test decides every byte of the body and
+    when (or whether) the connection closes."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    sent: int = 0  # body bytes handed to the kernel
+    answered: bool = False
+    _response: RawResponse | None = field(default=None, repr=False)
+
+    @classmethod
+    async def start(cls, url: str, method: str, headers: Mapping[str, str]) -> RawRequest:
+        parts = urlsplit(url)
+        assert parts.hostname is not None and parts.port is not None
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        lines = [f"{method} {parts.path} HTTP/1.1", f"Host: {parts.netloc}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await writer.drain()
+        return cls(reader, writer)
+
+    @classmethod
+    async def patch(cls, url: str, offset: int, content_length: int) -> RawRequest:
+        headers = {**patch_headers(offset), "Content-Length": str(content_length)}
+        return await cls.start(url, "PATCH", headers)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+        self.sent += len(data)
+
+    async def response(self, timeout_s: float = 10.0) -> RawResponse:
+        """Read the answer (status line, headers, Content-Length body)."""
+        async with asyncio.timeout(timeout_s):
+            status_line = await self.reader.readline()
+            if not status_line:
+                raise ConnectionResetError("the server closed the connection without answering")
+            status = int(status_line.split()[1])
+            headers: dict[str, str] = {}
+            while line := (await self.reader.readline()).rstrip(b"\r\n"):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        self.answered = True
+        return RawResponse(status, headers, body)
+
+    async def close(self) -> None:
+        """Close after every byte sent (FIN); at once (RST) if the server answered without
+        reading all of them, or does not take them within seconds."""
+        transport = self.writer.transport
+        if self.answered and transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            self.writer.close()
+        try:
+            async with asyncio.timeout(5):
+                await self.writer.wait_closed()
+        except TimeoutError:
+            transport.abort()
+        except (OSError, asyncio.CancelledError):
+            pass
+
+
+@contextlib.asynccontextmanager
+async def raw_patch(url: str, offset: int, content_length: int) -> AsyncIterator[RawRequest]:
+    request = await RawRequest.patch(url, offset, content_length)
+    try:
+        yield request
+    finally:
+        await request.close()
+
+
+async def stream_paced(
+    request: RawRequest, data: bytes, *, chunk: int = 64 * 1024, pause_s: float = 0.0
+) -> None:
+    """Send `data` in chunks with a pause between them (a slow client)."""
+    for start in range(0, len(data), chunk):
+        await request.send(data[start : start + chunk])
+        if pause_s:
+            await asyncio.sleep(pause_s)
+
+
+async def send_until_answered(
+    request: RawRequest, data: bytes, *, chunk: int = 256 * 1024, pause_s: float = 0.0
+) -> RawResponse | None:
+    """Send `data` until the server answers or closes; its answer (None if it closed the
+    connection without one)."""
+    answer = asyncio.create_task(request.response(timeout_s=30))
+    sender = asyncio.create_task(stream_paced(request, data, chunk=chunk, pause_s=pause_s))
+    await asyncio.wait({answer, sender}, return_when=asyncio.FIRST_COMPLETED)
+    sender.cancel()  # the server answered: it reads no more
+    # OSError: the server answered and closed while we were still sending
+    await asyncio.gather(sender, return_exceptions=True)
+    try:
+        return await answer
+    except (OSError, asyncio.IncompleteReadError):
+        return None
+
+
+# -- the kernel's view of TCP sockets on this machine (Linux) ------------------------------
+
+
+@dataclass(frozen=True)
+class TcpSocket:
+    """One IPv4 TCP socket, as a line of /proc/net/tcp shows it."""
+
+    local_port: int
+    remote_port: int
+    state: str  # TCP_LISTEN, TCP_ESTABLISHED, ...
+    send_queue: int  # bytes not yet acknowledged by the peer
+    receive_queue: int  # bytes received, not yet read by the process
+    inode: int
+
+
+def tcp_sockets() -> list[TcpSocket]:
+    """Every IPv4 TCP socket of this network namespace."""
+    sockets = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        send_queue, receive_queue = (int(queue, 16) for queue in fields[4].split(":"))
+        sockets.append(
+            TcpSocket(
+                local_port=int(fields[1].split(":")[1], 16),
+                remote_port=int(fields[2].split(":")[1], 16),
+                state=fields[3],
+                send_queue=send_queue,
+                receive_queue=receive_queue,
+                inode=int(fields[9]),
+            )
+        )
+    return sockets
