@@ -213,6 +213,7 @@ async def test_sigterm_during_a_small_patch_answers_503_and_keeps_what_arrived(
     url = await create_upload(http, server.url, len(source))
     headers = {**patch_headers(0), "Content-Length": "10000"}
     _answer, kept = await sigterm_mid_small_body(server, url, "PATCH", headers, source[:3000])
+    assert kept == 3000  # every byte the server had read
 
     server = await start_server(processes, data_dir)
     url = on(server, url)

@@ -84,12 +84,14 @@ async def sigterm_mid_small_body(
     server: ServerProcess, url: str, method: str, headers: Mapping[str, str], sent: bytes
 ) -> tuple[RawResponse, int]:
     """Start a small-body request with `Expect: 100-continue`, send `sent` once the handler
-    reads the body, SIGTERM the server; its answer (a 503, checked) and the bytes it says it
-    committed. The server has stopped cleanly when this returns."""
+    reads the body, and SIGTERM the server once it has read every byte of `sent`; its answer
+    (a 503, checked) and the bytes it says it committed, all of `sent` (checked). The server
+    has stopped cleanly when this returns."""
     request = await RawRequest.start(url, method, {**headers, "Expect": "100-continue"})
     try:
         assert (await request.response()).status == 100  # the handler is reading the body
         await request.send(sent)
+        await wait_until(request.is_read_by_server, what="the server read the bytes sent")
         server.process.send_signal(signal.SIGTERM)
         answer = await request.response(timeout_s=30)
     finally:
@@ -97,6 +99,6 @@ async def sigterm_mid_small_body(
     assert answer.status == 503, answer
     assert int(answer.headers["retry-after"]) > 0
     kept = int(answer.body.split(b"; ")[1].split()[0])  # "...; N bytes are committed"
-    assert 0 <= kept <= len(sent)
+    assert kept == len(sent), f"{kept} of the {len(sent)} bytes the server had read were kept"
     assert await asyncio.to_thread(server.process.wait, 20) == 0, server.log()
     return answer, kept

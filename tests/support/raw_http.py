@@ -1,6 +1,6 @@
 """HTTP/1.1 over a plain socket, for what a high-level client hides: the test decides every
-byte of a body and when (or whether) the connection closes; and the kernel's view of this
-machine's TCP sockets (Linux: /proc/net/tcp)."""
+byte of a body, when (or whether) the connection closes, and can see (Linux: /proc/net/tcp)
+whether the server has read what was sent."""
 
 from __future__ import annotations
 
@@ -69,6 +69,19 @@ class RawRequest:
             body = await self.reader.readexactly(int(headers.get("content-length", "0")))
         self.answered = True
         return RawResponse(status, headers, body)
+
+    def is_read_by_server(self) -> bool:
+        """Whether the server process has read every byte sent so far: none is left in this
+        side's buffers or unacknowledged, none waits unread in the server's receive queue.
+        (Linux only: the queues are read from /proc/net/tcp.)"""
+        if self.writer.transport.get_write_buffer_size():
+            return False
+        client_port = int(self.writer.get_extra_info("sockname")[1])
+        server_port = int(self.writer.get_extra_info("peername")[1])
+        # this side first: once nothing is unacknowledged, every byte is in the server's queue
+        if _connection(client_port, server_port).send_queue:
+            return False
+        return _connection(server_port, client_port).receive_queue == 0
 
     async def close(self) -> None:
         """Close after every byte sent (FIN); at once (RST) if the server answered without
@@ -155,3 +168,14 @@ def tcp_sockets() -> list[TcpSocket]:
             )
         )
     return sockets
+
+
+def _connection(local_port: int, remote_port: int) -> TcpSocket:
+    found = [
+        socket
+        for socket in tcp_sockets()
+        if (socket.local_port, socket.remote_port, socket.state)
+        == (local_port, remote_port, TCP_ESTABLISHED)
+    ]
+    assert len(found) == 1, f"connections from port {local_port} to {remote_port}: {found}"
+    return found[0]
