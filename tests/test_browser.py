@@ -1,7 +1,7 @@
 """The demo page: served from the package's static files, and used for real in Debian's headless
 Chromium (driven by playwright-core from tests/js) against real tusserver processes, from
-another origin than the endpoint so that CORS is really exercised. Screenshots land in
-tests/artifacts/.
+another origin than the endpoint so that CORS is really exercised. Screenshots land in the
+test's tmp_path, where the test checks them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from tusserver.auth import issue_token
 from tusserver.http import demo
 from tusserver.settings import Settings
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
 MiB = 2**20
 CHROMIUM = Path("/usr/bin/chromium")
 SECRET = "browser-secret"
@@ -126,7 +125,6 @@ def require_browser() -> None:
 
 def run_browser(**options: Any) -> Run:
     """Run tests/js/browser_demo.mjs with `options`; its JSON events."""
-    ARTIFACTS.mkdir(exist_ok=True)
     return run_script("browser_demo.mjs", options, timeout_s=180)
 
 
@@ -186,7 +184,7 @@ def test_demo_page_uploads_across_origins_and_resumes_after_a_reload(
     way the upload goes on from the bytes the server kept (tus-js-client's stored URL + HEAD)."""
     data = random_file(tmp_path / "holiday.mp4", size)
     port = page_server.port
-    screenshot = ARTIFACTS / f"demo-page-resumed-after-reload-{size // MiB}MiB.png"
+    screenshot = tmp_path / f"demo-page-resumed-after-reload-{size // MiB}MiB.png"
     run = run_browser(
         # the page's origin is localhost, the endpoint's 127.0.0.1: every request is CORS
         pageUrl=f"http://localhost:{port}/?endpoint=http://127.0.0.1:{port}/files/",
@@ -220,7 +218,7 @@ def test_secured_page_takes_its_token_from_the_fragment(
     secured_server: ServerProcess, tmp_path: Path
 ) -> None:
     data = random_file(tmp_path / "report.pdf", MiB + 17)
-    screenshot = ARTIFACTS / "demo-page-secured.png"
+    screenshot = tmp_path / "demo-page-secured.png"
     fragment = f"#token={token('ada', 'create', 'upload')}"
     run = run_browser(
         pageUrl=f"http://127.0.0.1:{secured_server.port}/{fragment}",
@@ -251,7 +249,7 @@ def test_secured_endpoint_serves_its_configured_origin_only(
     allowed = run_browser(
         pageUrl=f"http://localhost:{page_server.port}/?endpoint={endpoint}{fragment}",
         file=str(tmp_path / "notes.txt"),
-        screenshot=str(ARTIFACTS / "demo-page-secured-cross-origin.png"),
+        screenshot=str(tmp_path / "demo-page-secured-cross-origin.png"),
     )
     assert allowed.returncode == 0, allowed
     assert_no_page_faults(allowed)
@@ -261,7 +259,7 @@ def test_secured_endpoint_serves_its_configured_origin_only(
     refused = run_browser(  # 127.0.0.1:PORT is another origin than localhost:PORT
         pageUrl=f"http://127.0.0.1:{page_server.port}/?endpoint={endpoint}{fragment}",
         file=str(tmp_path / "notes.txt"),
-        screenshot=str(ARTIFACTS / "demo-page-secured-other-origin.png"),
+        screenshot=str(tmp_path / "demo-page-secured-other-origin.png"),
         expectBlocked=True,
     )
     assert refused.returncode == 0, refused

@@ -2,8 +2,8 @@
 racing at one offset, and a new PATCH taking an upload over from a half-dead connection.
 
 Two `tusserver` processes share one Redis (--redis-url) and one --data-dir, as an operator
-runs them behind a load balancer. The takeover times measured here are written to
-tests/artifacts/takeover.json (they are reported, never asserted).
+runs them behind a load balancer. The takeover times measured here are printed and written to
+takeover.json in the test's tmp_path (they are reported, never asserted).
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from tests.support.tus import (
 )
 from tests.support.waiting import wait_until
 from tusserver.store.embedded import EmbeddedRedis
-
-ARTIFACTS = Path(__file__).parent / "artifacts"
 
 # a server killed mid-test must leave no stale pooled connection behind
 pytestmark = pytest.mark.fresh_connections
@@ -161,7 +159,6 @@ async def test_a_new_patch_takes_over_from_a_half_dead_connection(
             assert int(answer.headers["upload-offset"]) == committed
         assert await finish_upload(http, on(new_server, url), source)
         assert await completed_digest(http, on(new_server, url)) == repr_digest_of(source)
-    ARTIFACTS.mkdir(exist_ok=True)
     record = {
         "what": "a new PATCH on another process, from its start to its answer, while the old "
         "PATCH's connection is open but silent (5 runs)",
@@ -169,7 +166,7 @@ async def test_a_new_patch_takes_over_from_a_half_dead_connection(
         "takeover_median_s": round(statistics.median(takeover_s), 4),
         "old_connection_answered_median_s": round(statistics.median(old_answer_s), 4),
     }
-    (ARTIFACTS / "takeover.json").write_text(json.dumps(record, indent=2) + "\n")
+    (tmp_path / "takeover.json").write_text(json.dumps(record, indent=2) + "\n")
     print(record)
 
 
