@@ -23,7 +23,7 @@ from aiohttp import web
 from tests.support.processes import ServerProcess, start_process
 from tests.support.servers import Server, ServerFactory
 from tusserver.http.access_log import AccessLogger
-from tusserver.http.app import build_app
+from tusserver.http.app import build_app, make_runner
 from tusserver.settings import Settings
 from tusserver.store.embedded import EmbeddedRedis
 
@@ -77,11 +77,11 @@ async def make_server(flushed_redis: str, tmp_path: Path) -> AsyncIterator[Serve
     runners: list[web.AppRunner] = []
 
     async def start(**overrides: Any) -> Server:
-        settings = replace(Settings(data_dir=tmp_path / "data", port=0), **overrides)
+        # Upload URLs are made for the address the tests use (a secured server needs this).
+        base = Settings(data_dir=tmp_path / "data", port=0, allowed_hosts=("127.0.0.1",))
+        settings = replace(base, **overrides)
         app = build_app(settings, flushed_redis)
-        runner = web.AppRunner(
-            app, handle_signals=False, shutdown_timeout=2, access_log_class=AccessLogger
-        )
+        runner = make_runner(app, AccessLogger, shutdown_timeout_s=2)  # as the CLI serves it
         await runner.setup()
         runners.append(runner)
         await web.TCPSite(runner, "127.0.0.1", 0).start()

@@ -26,7 +26,7 @@ from tests.support.tus import TUS, bearer, create_upload, head_offset, patch_hea
 from tests.support.waiting import wait_until
 from tusserver.auth import ACTIONS, issue_token
 from tusserver.http.access_log import AccessLogger, JsonAccessLogger
-from tusserver.http.app import build_app
+from tusserver.http.app import build_app, make_runner
 from tusserver.settings import Settings
 
 SECRET = "current-secret"
@@ -412,10 +412,15 @@ async def test_deferred_creation_with_upload_past_the_tokens_max_is_413(
 ) -> None:
     limited = bearer(token(max_size_bytes=4))
     headers = {**TUS, "Upload-Defer-Length": "1", "Content-Type": "application/offset+octet-stream"}
+    listed = bearer(token())
+    async with http.get(secured.url, headers=listed) as response:
+        before = (await response.json())["uploads"]
     async with http.post(secured.url, data=b"abcde", headers={**headers, **limited}) as response:
         assert response.status == 413
-        url = response.headers["Location"]  # the upload exists, empty: it can be resumed
-    await assert_unchanged(http, secured, url, b"")
+        assert "Location" not in response.headers  # the size was known: nothing was created
+    async with http.get(secured.url, headers=listed) as response:
+        assert (await response.json())["uploads"] == before
+    assert not list((secured.settings.data_dir / "uploads").glob("*/*"))
 
 
 # -- 403: metadata the token does not allow ------------------------------------------------
@@ -606,10 +611,10 @@ async def test_tokens_never_appear_in_the_logs(
     caplog.set_level(logging.DEBUG, logger="aiohttp.access")
     caplog.set_level(logging.DEBUG, logger="tusserver")
     # served as the CLI serves it: with tusserver's own access logger
-    settings = Settings(data_dir=tmp_path / "data", port=0, secrets=(SECRET,))
-    runner = web.AppRunner(
-        build_app(settings, flushed_redis), access_log_class=access_logger, handle_signals=False
+    settings = Settings(
+        data_dir=tmp_path / "data", port=0, secrets=(SECRET,), allowed_hosts=("127.0.0.1",)
     )
+    runner = make_runner(build_app(settings, flushed_redis), access_logger, shutdown_timeout_s=2)
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()

@@ -21,7 +21,7 @@ from tusserver.http.app import build_app
 from tusserver.settings import Settings, build_settings
 from tusserver.store.embedded import EmbeddedRedis
 
-APP = "https://app.example"
+APP = "http://localhost:5173"  # a page on the developer's machine (dev mode allows loopback)
 OTHER = "https://evil.example"
 TUS_METHODS = ("POST", "HEAD", "PATCH", "DELETE", "GET")
 TUS_REQUEST_HEADERS = (
@@ -251,14 +251,22 @@ async def test_the_demo_page_and_health_carry_cors(
 # -- which origins -------------------------------------------------------------------------
 
 
-async def test_development_mode_allows_any_origin_without_credentials(
+async def test_development_mode_allows_loopback_origins_only_without_credentials(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    for origin in (APP, OTHER, "http://localhost:3000", "null"):
-        sent = {"Origin": origin, **TUS, "Upload-Length": "1"}
-        async with http.post(server.url, headers=sent) as response:
+    """Without a secret nothing asks for a token, so a page from anywhere else must not be
+    able to read a developer's uploads: only pages served from this machine get CORS."""
+    sent = {**TUS, "Upload-Length": "1"}
+    for origin in (APP, "http://127.0.0.1:3000", "http://[::1]:8080", "https://localhost"):
+        async with http.post(server.url, headers={"Origin": origin, **sent}) as response:
             assert response.headers["Access-Control-Allow-Origin"] == origin
             assert "Access-Control-Allow-Credentials" not in response.headers
+    for origin in (OTHER, "https://app.example", "null", "http://localhost.evil.example"):
+        async with http.post(server.url, headers={"Origin": origin, **sent}) as response:
+            assert response.status == 201  # CORS is the browser's gate, not an access check
+            assert_no_cors(response.headers)
+        async with http.options(server.url, headers=preflight("POST", origin)) as response:
+            assert_no_cors(response.headers)
 
 
 async def test_no_origin_no_cors_headers(server: Server, http: aiohttp.ClientSession) -> None:

@@ -1,15 +1,24 @@
 """Every use of aiohttp's private details, in one module.
 
 aiohttp has no public way to take the bytes a failed body stream still buffers, to clear an
-error set on that stream, or to keep an interim `100 Continue` out of the response's byte
-count. These functions do it through private fields; `tests/test_aiohttp_private.py` fails
-the day an aiohttp upgrade renames or changes them, instead of the server quietly losing
-bytes or miscounting.
+error set on that stream, to keep an interim `100 Continue` out of the response's byte
+count, or to bound what a connection may cost before its request is known (the total size
+of a header block, the time it takes to arrive, the number of open connections). These
+functions and classes do it through private fields and methods; `tests/test_aiohttp_private.py`
+fails the day an aiohttp upgrade renames or changes them, instead of the server quietly
+losing bytes, miscounting or letting strangers pin memory.
 """
 
 from __future__ import annotations
 
-from aiohttp import StreamReader, web
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import StreamReader, web, web_protocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -36,3 +45,152 @@ async def send_continue(request: web.BaseRequest) -> None:
     writer = request.writer
     await writer.write(CONTINUE)
     writer.output_size = 0
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one connection may cost before its request is known."""
+
+    max_header_bytes: int  # a header block past this is answered 431 and closed
+    header_timeout_s: float  # a header block not complete by then is answered 408 and closed
+    max_connections: int  # connections past this many open in the process are closed at once
+
+
+def _plain_answer(status: int, reason: str, text: str) -> bytes:
+    body = text.encode() + b"\n"
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _head_size(message: object) -> int:
+    """The bytes of a parsed request's header block (request line and header lines); 0 for
+    what the parser handed on as an error."""
+    if not isinstance(message, RawRequestMessage):
+        return 0
+    line = len(message.method) + len(message.path) + len("  HTTP/1.1\r\n")
+    return line + sum(len(name) + len(value) + 4 for name, value in message.raw_headers)
+
+
+class GuardedRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, with the limits of `ConnectionLimits` on the bytes and
+    the time a header block may take, and with ordinary parse errors (a malformed request is
+    an everyday sight on the internet) logged in one line instead of a traceback."""
+
+    def __init__(self, manager: web.Server, *, limits: ConnectionLimits, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = limits
+        self._head_bytes = 0  # bytes of the header block being received
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._last_payload: StreamReader | None = None  # the body of the last request
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        manager = self._manager
+        if manager is not None and len(manager.connections) > self._limits.max_connections:
+            self._answer_and_close(503, "Service Unavailable", "too many open connections")
+            return
+        self._start_head_timer()  # a connection that never sends its request is closed
+
+    def data_received(self, data: bytes) -> None:
+        payload = self._last_payload
+        is_awaiting_head = payload is None or payload.is_eof()
+        if is_awaiting_head and self._head_timer is None:
+            self._start_head_timer()
+        requests_before = self._request_count
+        super().data_received(data)
+        completed = self._request_count - requests_before
+        if completed > 0:  # header blocks were completed (start() has not taken them yet)
+            self._head_bytes = 0
+            self._stop_head_timer()
+            new = list(self._messages)[-completed:]
+            if any(_head_size(message) > self._limits.max_header_bytes for message, _ in new):
+                # start() is already woken for them: it answers this error in their place
+                # (431, closing the connection), as it answers the parser's own errors.
+                for _ in new:
+                    self._messages.pop()
+                limit = self._limits.max_header_bytes
+                reason = f"the request's headers are over {limit} bytes"
+                error = HttpProcessingError(code=431, message=reason)
+                self._messages.append((web_protocol._ErrInfo(431, error, reason), EMPTY_PAYLOAD))
+                return
+            if new:
+                self._last_payload = new[-1][1]
+        elif is_awaiting_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self._limits.max_header_bytes:
+                self._refuse_large_head()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        error = kw.get("exc_info")
+        if isinstance(error, HttpProcessingError):
+            self.logger.info("refused a malformed request: %s", error.message or error)
+            return
+        super().log_exception(*args, **kw)
+
+    def _refuse_large_head(self) -> None:
+        limit = self._limits.max_header_bytes
+        self._answer_and_close(
+            431, "Request Header Fields Too Large", f"the request's headers are over {limit} bytes"
+        )
+
+    def _start_head_timer(self) -> None:
+        self._stop_head_timer()
+        self._head_timer = self._loop.call_later(self._limits.header_timeout_s, self._head_late)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        payload = self._last_payload
+        if payload is not None and not payload.is_eof():
+            return  # a request is being read: its body has its own stall timeout
+        if self._head_bytes == 0 and self._request_count > 0:
+            return  # idle between requests: the keep-alive timeout governs
+        seconds = self._limits.header_timeout_s
+        self._answer_and_close(
+            408, "Request Timeout", f"the request's headers took longer than {seconds:g} s"
+        )
+
+    def _answer_and_close(self, status: int, reason: str, text: str) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(_plain_answer(status, reason, text))
+        self.force_close()
+
+
+class GuardedServer(web.Server):
+    """aiohttp's connection factory, making `GuardedRequestHandler`s."""
+
+    def __init__(self, inner: web.Server, limits: ConnectionLimits) -> None:
+        super().__init__(
+            inner.request_handler,
+            request_factory=inner.request_factory,
+            handler_cancellation=inner.handler_cancellation,
+            loop=inner._loop,
+            **inner._kwargs,
+        )
+        self.limits = limits
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        return GuardedRequestHandler(self, limits=self.limits, loop=self._loop, **self._kwargs)
+
+
+class GuardedAppRunner(web.AppRunner):
+    """`web.AppRunner` whose connections keep `ConnectionLimits`."""
+
+    def __init__(self, app: web.Application, *, limits: ConnectionLimits, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.limits = limits
+
+    async def _make_server(self) -> web.Server:
+        return GuardedServer(await super()._make_server(), self.limits)

@@ -40,6 +40,9 @@ _QUERY_TOKEN_METHODS = frozenset({"GET", "HEAD"})
 _TOKEN_SHAPE = re.compile(r"\.?[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{27}")
 _MAX_TOKEN_CHARS = 8192
 _INVALID = "token payload is invalid"
+_MAX_SUBJECT_CHARS = 256
+_MAX_TIME = 253_402_300_799  # 9999-12-31T23:59:59Z
+_MAX_INTEGER = 2**63 - 1
 
 
 class _TokenSerializer(URLSafeSerializer):
@@ -193,17 +196,21 @@ def _grant_from_payload(payload: object) -> tuple[Grant, int, int | None]:
     subject, expires, acts = payload.get("sub"), payload.get("exp"), payload.get("act")
     issued_at, max_size, upload_id = payload.get("iat"), payload.get("max"), payload.get("uid")
     constraints = {} if payload.get("md") is None else payload["md"]
-    if not isinstance(subject, str) or not subject:
-        raise Unauthorized(f"{_INVALID}: sub must be a non-empty string")
-    if not _is_int(expires) or not (issued_at is None or _is_int(issued_at)):
+    if not _is_text(subject, _MAX_SUBJECT_CHARS) or not subject:
+        raise Unauthorized(
+            f"{_INVALID}: sub must be a non-empty string of at most {_MAX_SUBJECT_CHARS} characters"
+        )
+    if not _is_time(expires) or not (issued_at is None or _is_time(issued_at)):
         raise Unauthorized(f"{_INVALID}: exp and iat must be integers (unix seconds)")
     if not (_is_str_list(acts) and acts and ACTIONS.issuperset(acts)):
         raise Unauthorized(f"{_INVALID}: act must be a non-empty list of {sorted(ACTIONS)}")
-    if max_size is not None and not (_is_int(max_size) and max_size >= 0):
+    if max_size is not None and not (_is_int(max_size) and 0 <= max_size <= _MAX_INTEGER):
         raise Unauthorized(f"{_INVALID}: max must be a non-negative integer")
-    if upload_id is not None and not (isinstance(upload_id, str) and upload_id):
+    if upload_id is not None and not (_is_text(upload_id, _MAX_SUBJECT_CHARS) and upload_id):
         raise Unauthorized(f"{_INVALID}: uid must be a non-empty string")
-    if not isinstance(constraints, dict) or not all(map(_is_str_list, constraints.values())):
+    if not isinstance(constraints, dict) or not all(
+        _is_text(key) and _is_str_list(values) for key, values in constraints.items()
+    ):
         raise Unauthorized(f"{_INVALID}: md must map keys to lists of strings")
     grant = Grant(
         subject=subject,
@@ -220,8 +227,25 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_time(value: object) -> TypeGuard[int]:
+    """Unix seconds a float holds exactly, up to the year 9999."""
+    return _is_int(value) and 0 <= value <= _MAX_TIME
+
+
+def _is_text(value: object, max_chars: int = _MAX_TOKEN_CHARS) -> TypeGuard[str]:
+    """A string that is valid UTF-8 text (JSON allows lone surrogates; Redis, logs and
+    headers do not) and not longer than `max_chars`."""
+    if not isinstance(value, str) or len(value) > max_chars:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_str_list(value: object) -> TypeGuard[list[str]]:
-    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    return isinstance(value, list) and all(_is_text(item) for item in value)
 
 
 def token_from_request(

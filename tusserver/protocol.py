@@ -12,7 +12,7 @@ import base64
 import binascii
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from urllib.parse import quote, urlsplit
@@ -262,6 +262,103 @@ def require_offset_stream(content_type: str | None) -> None:
     """Return if has_offset_stream(content_type); raise UnsupportedMediaType (415) otherwise."""
     if not has_offset_stream(content_type):
         raise UnsupportedMediaType(f"Content-Type must be {OFFSET_CONTENT_TYPE}")
+
+
+def require_identity_encoding(content_encoding: str | None) -> None:
+    """Return if the body is sent as it is (no Content-Encoding, or `identity`); raise
+    UnsupportedMediaType (415) otherwise: an upload's bytes are raw, and a decompressed body
+    would not be the bytes the client's offsets count."""
+    if content_encoding is None:
+        return
+    codings = [c.strip(_OWS).lower() for c in content_encoding.split(",") if c.strip(_OWS)]
+    if any(coding != "identity" for coding in codings):
+        raise UnsupportedMediaType("Content-Encoding is not accepted: send the bytes as they are")
+
+
+# Headers of the protocol that carry one value: a request that sends one twice with different
+# values is ambiguous (which one would the server use?), so it is refused.
+SINGLE_VALUE_HEADERS = (
+    "Tus-Resumable",
+    "Upload-Offset",
+    "Upload-Length",
+    "Upload-Defer-Length",
+    "Upload-Metadata",
+    "Upload-Concat",
+    "Upload-Checksum",
+    "Content-Type",
+    "Content-Encoding",
+    "X-HTTP-Method-Override",
+)
+
+
+def check_single_values(values_of: Callable[[str], list[str]]) -> None:
+    """Raise BadRequest (400) if a SINGLE_VALUE_HEADERS header comes with two different
+    values; `values_of(name)` gives every value sent for `name`."""
+    for name in SINGLE_VALUE_HEADERS:
+        if len(set(values_of(name))) > 1:
+            raise BadRequest(f"{name} is sent more than once, with different values")
+
+
+_LIST_LIMIT = re.compile(r"[0-9]{1,7}")
+_LIST_CURSOR = re.compile(r"([0-9]{1,12}\.[0-9]{6})_([0-9a-f]{32})")
+
+
+def parse_list_limit(value: str | None, default: int, maximum: int) -> int:
+    """A listing's `?limit=`: ASCII digits from 1 to `maximum` (`default` when absent);
+    BadRequest (400) otherwise."""
+    if value is None:
+        return default
+    if not _LIST_LIMIT.fullmatch(value) or not 1 <= int(value) <= maximum:
+        raise BadRequest(f"limit must be a whole number from 1 to {maximum}")
+    return int(value)
+
+
+def parse_list_cursor(value: str | None) -> tuple[float, str] | None:
+    """A listing's `?cursor=` as given out (`<created>_<upload id>`); None when absent or
+    empty; BadRequest (400) for anything else."""
+    if not value:
+        return None
+    match = _LIST_CURSOR.fullmatch(value)
+    if match is None:
+        raise BadRequest("cursor is not one this server gave out")
+    return float(match.group(1)), match.group(2)
+
+
+def format_list_cursor(created_at: float, upload_id: str) -> str:
+    return f"{created_at:.6f}_{upload_id}"
+
+
+_SCHEMES = frozenset({"http", "https"})
+_PREFIX = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*")
+
+
+def endpoint_template(scheme: str, host: str, prefix: str, base_path: str) -> str:
+    """The absolute URL of the endpoint with an `{id}` placeholder, from the request's (or a
+    proxy's) scheme, host and path prefix; BadRequest (400) for a scheme other than http(s),
+    a host that is not an ASCII name or IP literal with an optional port, or a prefix that is
+    not a plain path."""
+    scheme = scheme.split(",")[0].strip(_OWS).lower()
+    host = host.split(",")[0].strip(_OWS)
+    prefix = prefix.strip(_OWS).rstrip("/")
+    if scheme not in _SCHEMES:
+        raise BadRequest("the request's scheme must be http or https")
+    if not split_host(host)[0]:
+        raise BadRequest("the Host header is not a host name or address")
+    if not _PREFIX.fullmatch(prefix):
+        raise BadRequest("X-Forwarded-Prefix is not a plain path")
+    return f"{scheme}://{host}{prefix}{base_path}{{id}}"
+
+
+_HOST = re.compile(r"([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?")
+
+
+def split_host(host: str) -> tuple[str, str]:
+    """A Host header's name and port ("" when absent); ("", "") when it is not an ASCII
+    host name or IP literal with an optional port."""
+    match = _HOST.fullmatch(host)
+    if match is None:
+        return "", ""
+    return match.group(1), match.group(2) or ""
 
 
 def parse_method_override(value: str | None) -> str | None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tusserver.protocol import split_host
+
 FsyncPolicy = Literal["always", "complete", "never"]
 
 _SIZE_UNITS = {
@@ -81,6 +83,7 @@ class Settings:
     port: int = 1080
     base_path: str = "/files/"
     public_url: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
     behind_proxy: bool = False
     data_dir: Path = Path("tus-data")
     redis_url: str | None = None
@@ -108,6 +111,12 @@ class Settings:
     webhook_backoff_max_s: float = 600.0
     pre_create_url: str | None = None
     pre_create_timeout_s: float = 3.0
+    max_header_bytes: int = 96 * 2**10
+    header_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 75.0
+    max_connections: int = 4096
+    max_concat_parts: int = 128
+    orphan_grace_s: float = 3600.0
 
     @property
     def is_secured(self) -> bool:
@@ -146,12 +155,46 @@ class Settings:
             raise SettingError("--webhook-timeout and --pre-create-timeout must be positive")
         if self.webhook_max_tries < 1:
             raise SettingError("--webhook-max-tries must be at least 1")
+        if self.max_header_bytes < 8 * 2**10:
+            raise SettingError("--max-header-size must be at least 8KiB")
+        for flag, seconds in (
+            ("header-timeout", self.header_timeout_s),
+            ("keepalive-timeout", self.keepalive_timeout_s),
+            ("orphan-grace", self.orphan_grace_s),
+        ):
+            if seconds <= 0:
+                raise SettingError(f"--{flag} must be positive")
+        if self.max_connections < 1 or self.max_concat_parts < 1:
+            raise SettingError("--max-connections and --max-concat-parts must be at least 1")
+        for allowed in self.allowed_hosts:
+            if not split_host(allowed)[0]:
+                raise SettingError(f"--allowed-hosts: {allowed!r} is not a host or host:port")
         if not self.secrets and (self.production or not is_loopback_host(self.host)):
             why = "--production" if self.production else f"--host {self.host} (not loopback)"
             raise SettingError(
                 f"{why} needs a secret: set --secret or TUS_SECRET "
                 "(without one anybody could upload)"
             )
+        if self.secrets and self.public_url is None and not self.allowed_hosts:
+            raise SettingError(
+                "a secured server needs --public-url or --allowed-hosts: upload URLs (stored, "
+                "and sent to the parent in events) must not come from any client's Host header"
+            )
+
+    def is_allowed_host(self, host: str) -> bool:
+        """Whether upload URLs may be built from this Host (or X-Forwarded-Host): one of
+        --allowed-hosts (a name alone allows any port), or in development mode a loopback
+        name."""
+        name, port = split_host(host.strip())
+        if not name:
+            return False
+        if not self.allowed_hosts:
+            return not self.is_secured and is_loopback_host(name)
+        for allowed in self.allowed_hosts:
+            allowed_name, allowed_port = split_host(allowed)
+            if allowed_name.lower() == name.lower() and allowed_port in ("", port):
+                return True
+        return False
 
 
 # name -> (parser from text, help, metavar). The names are the flags (--name) and, upper-cased
@@ -162,6 +205,13 @@ OPTIONS: tuple[Option, ...] = (
     ("port", parse_int, "port to listen on", "PORT"),
     ("base-path", str, "path of the upload endpoint", "PATH"),
     ("public-url", str, "absolute URL of the endpoint as clients see it (for Location)", "URL"),
+    (
+        "allowed-hosts",
+        str,
+        "Host names (or host:port) upload URLs may be built from when there is no "
+        "--public-url, comma-separated (required with a secret unless --public-url is set)",
+        "HOSTS",
+    ),
     ("behind-proxy", parse_bool, "trust X-Forwarded-*/Forwarded headers from a proxy", None),
     ("data-dir", Path, "folder for upload files and the embedded Redis", "DIR"),
     (
@@ -211,7 +261,7 @@ OPTIONS: tuple[Option, ...] = (
     (
         "cors-origins",
         str,
-        "origins allowed by CORS, comma-separated (default: any in "
+        "origins allowed by CORS, comma-separated (default: loopback origins in "
         "development mode, none when secured)",
         "ORIGINS",
     ),
@@ -233,6 +283,32 @@ OPTIONS: tuple[Option, ...] = (
     ("webhook-max-age", parse_duration, "retry an event no longer than this", "DURATION"),
     ("pre-create-url", str, "ask this URL before creating an upload (2xx: accept)", "URL"),
     ("pre-create-timeout", parse_duration, "answer 503 if pre-create is slower", "DURATION"),
+    (
+        "max-header-size",
+        parse_size,
+        "largest header block of a request (431 past it); Upload-Metadata takes up to 64KiB",
+        "SIZE",
+    ),
+    (
+        "header-timeout",
+        parse_duration,
+        "close a connection whose request headers take longer than this",
+        "DURATION",
+    ),
+    (
+        "keepalive-timeout",
+        parse_duration,
+        "close a keep-alive connection idle this long",
+        "DURATION",
+    ),
+    ("max-connections", parse_int, "open connections a worker keeps (new ones are closed)", "N"),
+    ("max-concat-parts", parse_int, "partial uploads one final upload may name", "N"),
+    (
+        "orphan-grace",
+        parse_duration,
+        "remove upload files that no record names once they are this old",
+        "DURATION",
+    ),
 )
 
 _DEFAULT = Settings.__dataclass_fields__
@@ -248,6 +324,10 @@ _FIELD_OF_OPTION = {
     "webhook-timeout": "webhook_timeout_s",
     "webhook-max-age": "webhook_max_age_s",
     "pre-create-timeout": "pre_create_timeout_s",
+    "max-header-size": "max_header_bytes",
+    "header-timeout": "header_timeout_s",
+    "keepalive-timeout": "keepalive_timeout_s",
+    "orphan-grace": "orphan_grace_s",
 }
 
 
@@ -266,7 +346,9 @@ def default_text(option: str) -> str:
         "max-size": "none", "retention": "keep until deleted", "redis-url": "embedded Valkey",
         "public-url": "from the request", "expire-after": "24h", "idle-timeout": "60s",
         "min-free-disk": "0", "body-memory": "64MiB", "secret": "none (development mode)",
-        "cors-origins": "see above",
+        "cors-origins": "see above", "allowed-hosts": "loopback names without a secret",
+        "max-header-size": "96KiB", "header-timeout": "30s", "keepalive-timeout": "75s",
+        "orphan-grace": "1h",
         "demo-page": "on without a secret",
         "webhook-url": "none", "webhook-secret": "each --secret", "webhook-timeout": "10s",
         "webhook-max-age": "24h", "pre-create-url": "none (off)", "pre-create-timeout": "3s",
@@ -298,5 +380,7 @@ def build_settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Sett
             continue
         if option == "cors-origins":
             flag_value = tuple(o.strip().rstrip("/") for o in str(flag_value).split(",") if o)
+        if option == "allowed-hosts":
+            flag_value = tuple(h.strip() for h in str(flag_value).split(",") if h.strip())
         values[name] = flag_value
     return Settings(**values)

@@ -53,7 +53,7 @@ def start_process(data_dir: Path, *args: str, env: dict[str, str] | None = None)
     log_file = open(log_path, "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "tusserver", "--host", "127.0.0.1", "--port", "0",
-         "--data-dir", str(data_dir), *args],
+         "--data-dir", str(data_dir), "--allowed-hosts", "127.0.0.1", *args],
         stdout=log_file, stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )  # fmt: skip

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,8 @@ WRITE_PIECE_BYTES = 256 * 2**10
 HASH_BESIDE_BYTES = 2**20  # blocks this large are hashed in a second thread while written
 BULK_THREADS = max(2, os.cpu_count() or 1)  # one block written and hashed per core at once
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FAN_OUT = re.compile(r"[0-9a-f]{2}")
+_UPLOAD_FILE = re.compile(r"[0-9a-f]{32}")  # the shape of an upload id: nothing else is ours
 
 
 def _storage_error(error: OSError) -> InsufficientStorage | StorageFailure:
@@ -272,6 +275,27 @@ class Storage:
             os.close(fd)
             raise
         return fd, size
+
+    async def files_older_than(self, before: float) -> list[str]:
+        """The names (upload ids) of upload files last changed before `before` (unix time),
+        read off the event loop; a file that vanishes meanwhile is left out."""
+
+        def scan() -> list[str]:
+            names = []
+            for folder in os.scandir(self.root):
+                if not (folder.is_dir(follow_symlinks=False) and _FAN_OUT.fullmatch(folder.name)):
+                    continue
+                for entry in os.scandir(folder.path):
+                    if not _UPLOAD_FILE.fullmatch(entry.name):
+                        continue
+                    try:
+                        if entry.stat(follow_symlinks=False).st_mtime < before:
+                            names.append(entry.name)
+                    except FileNotFoundError:
+                        continue
+            return names
+
+        return await _in_thread(scan, self.bulk)
 
     async def delete(self, upload_id: str) -> None:
         """Remove the upload's file; a file already gone is fine."""

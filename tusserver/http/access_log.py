@@ -8,6 +8,8 @@ import time
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from tusserver.http.keys import UPLOAD_ID
+
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: method, path without its query (tokens live there), status,
@@ -16,14 +18,16 @@ class AccessLogger(AbstractAccessLogger):
     json_lines = False
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_s: float) -> None:
+        """Log one line; also for a request the HTTP parser refused, which has no route and
+        may have no readable Content-Length."""
         fields = {
             "method": request.method,
             "path": request.path,
             "status": response.status,
-            "bytes_in": request.content_length or 0,
+            "bytes_in": _bytes_in(request),
             "bytes_out": response.body_length,
             "ms": round(time_s * 1000, 1),
-            "upload_id": getattr(request, "match_info", {}).get("upload_id", ""),
+            "upload_id": request.get(UPLOAD_ID, ""),
         }
         if self.json_lines:
             self.logger.info(json.dumps({"time": time.time(), **fields}))
@@ -33,6 +37,13 @@ class AccessLogger(AbstractAccessLogger):
                 "%(ms)sms %(upload_id)s",
                 fields,
             )
+
+
+def _bytes_in(request: web.BaseRequest) -> int:
+    try:
+        return request.content_length or 0
+    except ValueError:  # a Content-Length the parser refused
+        return 0
 
 
 class JsonAccessLogger(AccessLogger):

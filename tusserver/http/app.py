@@ -8,7 +8,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
+from tusserver.aiohttp_private import ConnectionLimits, GuardedAppRunner
 from tusserver.events import delivery as events
 from tusserver.events import parent
 from tusserver.http import demo, handlers
@@ -17,6 +19,7 @@ from tusserver.http.middleware import (
     auth_middleware,
     cors_middleware,
     error_middleware,
+    expect_handler,
     method_override_middleware,
     tus_resumable_middleware,
 )
@@ -25,17 +28,9 @@ from tusserver.tasks import cancel_and_wait
 from tusserver.uploads import expiry
 from tusserver.uploads.service import open_uploads
 
-# aiohttp refuses header lines past this itself; protocol.py refuses Upload-Metadata and
-# Upload-Concat values past its own (smaller) documented limit with a clear 400.
-MAX_HEADER_FIELD_BYTES = 128 * 1024
 # Bytes a request body may buffer before aiohttp pauses the socket (twice this at most):
 # larger reads mean fewer wake-ups per MiB; memory per request stays a few MiB.
 READ_BUFFER_BYTES = 512 * 1024
-
-
-async def _no_automatic_continue(request: web.Request) -> None:
-    """aiohttp answers `Expect: 100-continue` before any check; handlers do it themselves
-    after their checks (handlers.continue_body)."""
 
 
 async def health(request: web.Request) -> web.Response:
@@ -62,6 +57,26 @@ async def _sweeper_context(app: web.Application) -> AsyncIterator[None]:
     await cancel_and_wait(task)
 
 
+def make_runner(
+    app: web.Application, access_log_class: type[AbstractAccessLogger], shutdown_timeout_s: float
+) -> web.AppRunner:
+    """The runner that serves `app` with the connection limits of its settings (header size
+    and time, open connections), as the supervisor and the tests serve it."""
+    settings = app[SETTINGS]
+    limits = ConnectionLimits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections,
+    )
+    return GuardedAppRunner(
+        app,
+        limits=limits,
+        access_log_class=access_log_class,
+        handle_signals=False,
+        shutdown_timeout=shutdown_timeout_s,
+    )
+
+
 def build_app(settings: Settings, redis_url: str) -> web.Application:
     """The tus application for `settings`, using the Redis at `redis_url`."""
     app = web.Application(
@@ -72,12 +87,19 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
             tus_resumable_middleware,
             auth_middleware,
         ],
-        handler_args={"max_field_size": MAX_HEADER_FIELD_BYTES, "read_bufsize": READ_BUFFER_BYTES},
+        handler_args={
+            # No header line may be longer than a whole header block (--max-header-size);
+            # protocol.py refuses Upload-Metadata and Upload-Concat values past its own
+            # (smaller) documented limit with a clear 400.
+            "max_field_size": settings.max_header_bytes,
+            "keepalive_timeout": settings.keepalive_timeout_s,
+            "read_bufsize": READ_BUFFER_BYTES,
+        },
     )
     app[SETTINGS] = settings
     app[REDIS_URL] = redis_url
     base = settings.base_path
-    continue_handler = _no_automatic_continue
+    continue_handler = expect_handler
     app.router.add_route(
         "*", base.rstrip("/") or "/", handlers.collection, name="tus-collection-bare",
         expect_handler=continue_handler,
@@ -89,7 +111,7 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
         "*", base + "{upload_id}", handlers.upload, name="tus-upload",
         expect_handler=continue_handler,
     )  # fmt: skip
-    app.router.add_get("/health", health, name="health")
+    app.router.add_get("/health", health, name="health", expect_handler=expect_handler)
     demo.add_demo_routes(app, settings)
     app.on_shutdown.append(_stop_writers)
     app.cleanup_ctx.append(_uploads_context)

@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from tusserver.http.middleware import expect_handler
 from tusserver.settings import Settings
 
 log = logging.getLogger("tusserver")
@@ -68,5 +69,7 @@ def add_demo_routes(app: web.Application, settings: Settings) -> None:
     if not (STATIC_DIR / "vendor" / "uppy" / "uppy.min.js").is_file():
         log.warning("no demo page: its files are missing from %s", STATIC_DIR)
         return
-    app.router.add_get("/", page_handler(settings), name="demo-page")
-    app.router.add_static(STATIC_PREFIX, STATIC_DIR, name="demo-static")
+    app.router.add_get("/", page_handler(settings), name="demo-page", expect_handler=expect_handler)
+    app.router.add_static(
+        STATIC_PREFIX, STATIC_DIR, name="demo-static", expect_handler=expect_handler
+    )

@@ -7,7 +7,6 @@ in `errors`, state and bytes behind `Uploads`. The method is the effective one, 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -22,7 +21,7 @@ from tusserver.errors import (
     MethodNotAllowed,
     OffsetMismatch,
 )
-from tusserver.http.keys import GRANT, PRE_CREATE, SETTINGS, UPLOADS
+from tusserver.http.keys import GRANT, PRE_CREATE, SETTINGS, UPLOAD_ID, UPLOADS
 from tusserver.uploads.service import Body, NewUpload, SizeLimit, Upload, Uploads
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -72,6 +71,7 @@ def body_of(request: web.Request) -> Body:
         if request.headers.get("Expect", "").lower() == "100-continue":
             await send_continue(request)
 
+    protocol.require_identity_encoding(request.headers.get("Content-Encoding"))
     return Body(
         stream=request.content,
         content_length=request.content_length,
@@ -86,18 +86,23 @@ def size_limit(request: web.Request) -> SizeLimit:
 
 
 def location_of(request: web.Request) -> str:
-    """The absolute URL of the endpoint with an `{id}` placeholder, as the client sees it."""
+    """The absolute URL of the endpoint with an `{id}` placeholder, as the client sees it: from
+    --public-url, else from the Host (or a trusted proxy's forwarded host) when it is one of
+    --allowed-hosts (loopback names in development mode). 400 for any other host: the URL is
+    stored and sent to the parent in events, so no client may choose where it points."""
     settings = request.app[SETTINGS]
     if settings.public_url:
         return settings.public_url.rstrip("/") + "/{id}"
-    scheme, host, prefix = request.scheme, request.host, ""
+    scheme, host, prefix = request.scheme, request.headers.get("Host", ""), ""
     if settings.behind_proxy:
         forwarded = request.forwarded[0] if request.forwarded else {}
         scheme = forwarded.get("proto") or request.headers.get("X-Forwarded-Proto") or scheme
         host = forwarded.get("host") or request.headers.get("X-Forwarded-Host") or host
-        prefix = request.headers.get("X-Forwarded-Prefix", "").rstrip("/")
-        scheme, host = scheme.split(",")[0].strip(), host.split(",")[0].strip()
-    return f"{scheme}://{host}{prefix}{settings.base_path}{{id}}"
+        prefix = request.headers.get("X-Forwarded-Prefix", "")
+    template = protocol.endpoint_template(scheme, host, prefix, settings.base_path)
+    if not settings.is_allowed_host(template.split("://", 1)[1].split("/", 1)[0]):
+        raise BadRequest("this server does not make upload URLs for that Host (--allowed-hosts)")
+    return template
 
 
 # -- the collection: OPTIONS, POST ---------------------------------------------------------
@@ -123,26 +128,28 @@ async def post(request: web.Request) -> web.Response:
     concat = protocol.parse_concat(request.headers.get("Upload-Concat"))
     metadata = protocol.parse_metadata(request.headers.get("Upload-Metadata"))
     who.check_metadata(metadata)
+    url_of = location_of(request)  # 400 for a Host this server makes no URLs for
     pre_create = request.app[PRE_CREATE]
     if concat is not None and concat.is_final:
+        partial_ids = _partial_ids(request, concat)
         await pre_create.check(who.subject, length, metadata, concat)
-        return await _post_final(request, concat, metadata)
+        return await _post_final(request, partial_ids, metadata, url_of)
     if length is None and not is_deferred:
         raise BadRequest("Upload-Length or Upload-Defer-Length: 1 is required")
     if length is not None and is_deferred:
         raise BadRequest("send either Upload-Length or Upload-Defer-Length, not both")
     limit = size_limit(request)
     limit.check(length)
-    await pre_create.check(who.subject, length, metadata, concat)  # the parent's say: 403/503
     has_body = protocol.has_offset_stream(request.headers.get("Content-Type"))
+    body = body_of(request) if has_body and request.body_exists else None
+    await pre_create.check(who.subject, length, metadata, concat)  # the parent's say: 403/503
     new = NewUpload(
         owner=who.subject,
         length=length,
         metadata=protocol.format_metadata(metadata),
         concat="partial" if concat is not None else "",
-        url_of=location_of(request),
+        url_of=url_of,
     )
-    body = body_of(request) if has_body and request.body_exists else None
     created = await uploads(request).create(new, body, limit)
     upload = created.upload
     if created.refusal is not None:  # the upload exists: the client may resume it
@@ -159,23 +166,34 @@ async def post(request: web.Request) -> web.Response:
     )
 
 
-async def _post_final(
-    request: web.Request, concat: protocol.Concat, metadata: dict[str, bytes | None]
-) -> web.Response:
-    """Concatenation: a final upload made of complete partial uploads of the same owner."""
+def _partial_ids(request: web.Request, concat: protocol.Concat) -> list[str]:
+    """The ids of a final upload's parts: uploads of this server, each named once, at most
+    --max-concat-parts of them (400 otherwise)."""
     if request.headers.get("Upload-Length") is not None:
         raise BadRequest("a final upload takes its length from its partial uploads")
-    base_path = request.app[SETTINGS].base_path
+    settings = request.app[SETTINGS]
+    base_path = settings.base_path
+    if len(concat.partial_paths) > settings.max_concat_parts:
+        raise BadRequest(f"a final upload may name at most {settings.max_concat_parts} parts")
     partial_ids = []
     for path in concat.partial_paths:
         if not path.startswith(base_path) or "/" in path[len(base_path) :]:
             raise BadRequest(f"{path} is not an upload of this server")
         partial_ids.append(path[len(base_path) :])
+    if len(set(partial_ids)) < len(partial_ids):
+        raise BadRequest("a final upload may name each partial upload once")
+    return partial_ids
+
+
+async def _post_final(
+    request: web.Request, partial_ids: list[str], metadata: dict[str, bytes | None], url_of: str
+) -> web.Response:
+    """Concatenation: a final upload made of complete partial uploads of the same owner."""
     upload = await uploads(request).concatenate(
         owner=grant(request).subject,
         partial_ids=partial_ids,
         metadata=protocol.format_metadata(metadata),
-        url_of=location_of(request),
+        url_of=url_of,
         limit=size_limit(request),
     )
     return web.Response(
@@ -183,16 +201,18 @@ async def _post_final(
         headers=tus_headers(
             location=upload.url,
             upload_offset=upload.offset,
-            upload_concat=concat_header(request, upload),
+            upload_concat=concat_header(upload),
         ),
     )
 
 
-def concat_header(request: web.Request, upload: Upload) -> str | None:
+def concat_header(upload: Upload) -> str | None:
+    """Upload-Concat of a stored upload; a final upload's parts are named by URLs made like
+    its own (its URL, stored at creation, with each part's id in place of its own)."""
     if not upload.is_final:
         return "partial" if upload.is_partial else None
-    template = location_of(request)
-    urls = [template.replace("{id}", pid) for pid in upload.concat.removeprefix("final;").split()]
+    endpoint = upload.url.removesuffix(upload.upload_id)
+    urls = [endpoint + pid for pid in upload.concat.removeprefix("final;").split()]
     return protocol.format_concat(protocol.Concat(True, ()), urls)
 
 
@@ -209,7 +229,7 @@ async def head(request: web.Request) -> web.Response:
         upload_defer_length=1 if upload.length is None else None,
         upload_metadata=upload.metadata or None,
         upload_expires=expires_header(upload),
-        upload_concat=concat_header(request, upload),
+        upload_concat=concat_header(upload),
         cache_control="no-store",
     )
     if upload.sha256:
@@ -274,13 +294,13 @@ async def listing(request: web.Request) -> web.Response:
     """The requester's uploads as JSON, oldest first, `limit` at a time with a `cursor`."""
     who = grant(request)
     who.require("read")
-    limit = _parse_limit(request.query.get("limit"))
-    after = _parse_cursor(request.query.get("cursor"))
+    limit = protocol.parse_list_limit(request.query.get("limit"), LIST_PAGE_DEFAULT, LIST_PAGE_MAX)
+    after = protocol.parse_list_cursor(request.query.get("cursor"))
     page = await uploads(request).list_owned(who.subject, after, limit)
     next_cursor = None
     if len(page) == limit:
         last = page[-1]
-        next_cursor = f"{last.created_at:.6f}_{last.upload_id}"
+        next_cursor = protocol.format_list_cursor(last.created_at, last.upload_id)
     return web.json_response(
         {"uploads": [_listed(upload) for upload in page], "next_cursor": next_cursor},
         headers={"Cache-Control": "no-store"},
@@ -306,27 +326,6 @@ def _text_or_none(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", errors="replace")
 
 
-def _parse_limit(value: str | None) -> int:
-    if value is None:
-        return LIST_PAGE_DEFAULT
-    if not value.isdigit() or not 1 <= int(value) <= LIST_PAGE_MAX:
-        raise BadRequest(f"limit must be a whole number from 1 to {LIST_PAGE_MAX}")
-    return int(value)
-
-
-def _parse_cursor(value: str | None) -> tuple[float, str] | None:
-    if not value:
-        return None
-    created, _, upload_id = value.partition("_")
-    try:
-        created_at = float(created)
-    except ValueError:
-        created_at = math.nan
-    if not math.isfinite(created_at) or not upload_id.isalnum():
-        raise BadRequest("cursor is not one this server gave out")
-    return created_at, upload_id
-
-
 # -- dispatch ------------------------------------------------------------------------------
 
 COLLECTION_METHODS: dict[str, Handler] = {"OPTIONS": options, "POST": post, "GET": listing}
@@ -344,6 +343,7 @@ async def collection(request: web.Request) -> web.StreamResponse:
 
 
 async def upload(request: web.Request) -> web.StreamResponse:
+    request[UPLOAD_ID] = request.match_info["upload_id"]
     return await _dispatch(request, UPLOAD_METHODS)
 
 

@@ -14,3 +14,5 @@ REDIS_URL = web.AppKey("redis_url", str)
 UPLOADS = web.AppKey("uploads", Uploads)
 PRE_CREATE = web.AppKey("pre_create", PreCreateCheck)
 GRANT = web.RequestKey("grant", Grant)
+# The upload a request is about, once routing named one (for the access log).
+UPLOAD_ID = web.RequestKey("upload_id", str)

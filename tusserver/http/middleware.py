@@ -16,7 +16,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tusserver import auth, protocol
 from tusserver.errors import ServiceUnavailable, TusError
 from tusserver.http.keys import GRANT, SETTINGS
-from tusserver.settings import Settings
+from tusserver.protocol import split_host
+from tusserver.settings import Settings, is_loopback_host
 
 log = logging.getLogger("tusserver")
 
@@ -41,9 +42,17 @@ def _is_tus_route(request: web.Request) -> bool:
 
 
 def _allowed_origin(settings: Settings, origin: str) -> bool:
+    """--cors-origins, or without them in development mode the loopback origins only (a web
+    page from elsewhere must not reach a developer's uploads)."""
     if "*" in settings.cors_origins or origin.rstrip("/") in settings.cors_origins:
         return True
-    return not settings.is_secured and not settings.cors_origins
+    return not settings.is_secured and not settings.cors_origins and _is_loopback_origin(origin)
+
+
+def _is_loopback_origin(origin: str) -> bool:
+    scheme, _, rest = origin.partition("://")
+    name = split_host(rest.rstrip("/"))[0]
+    return scheme in ("http", "https") and bool(name) and is_loopback_host(name)
 
 
 @web.middleware
@@ -119,6 +128,8 @@ async def method_override_middleware(request: web.Request, handler: Handler) -> 
 
 @web.middleware
 async def tus_resumable_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if _is_tus_route(request):
+        protocol.check_single_values(lambda name: request.headers.getall(name, []))
     if _is_tus_route(request) and request.method in TUS_METHODS:
         protocol.check_tus_resumable(request.headers.get("Tus-Resumable"))
     return await handler(request)
@@ -133,3 +144,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             request.method, request.headers, request.query, request.app[SETTINGS].secrets
         )
     return await handler(request)
+
+
+async def expect_handler(request: web.Request) -> None:
+    """The answer to `Expect`, on every route: 417 for anything but `100-continue`, and no
+    `100 Continue` yet: the tus handlers send it once every check before the body passed
+    (handlers.body_of), so a refusal never invites the body; other routes take no body."""
+    if request.headers.get("Expect", "").strip().lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")

@@ -19,7 +19,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from tusserver.http.access_log import AccessLogger, JsonAccessLogger
-from tusserver.http.app import build_app
+from tusserver.http.app import build_app, make_runner
 from tusserver.server.memory import tune_malloc
 from tusserver.settings import Settings
 from tusserver.store.client import connect as connect_redis
@@ -138,12 +138,8 @@ async def _serve_worker(
     """Serve on `sock` until told to stop; 1 if the embedded Redis died meanwhile."""
     tune_malloc()
     app = build_app(settings, redis_url)
-    runner = web.AppRunner(
-        app,
-        access_log_class=JsonAccessLogger if settings.log_json else AccessLogger,
-        handle_signals=False,
-        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-    )
+    access_log_class = JsonAccessLogger if settings.log_json else AccessLogger
+    runner = make_runner(app, access_log_class, SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()

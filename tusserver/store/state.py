@@ -338,6 +338,14 @@ class UploadState:
         raw = await self.redis.hgetall(key)
         return upload_from_hash(upload_id, raw) if raw else None
 
+    async def unknown(self, upload_ids: list[str]) -> list[str]:
+        """Those of `upload_ids` that no upload record names (one round trip)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for upload_id in upload_ids:
+                pipe.exists(keys_of(upload_id, "upload")[0])
+            found: list[int] = await pipe.execute()
+        return [upload_id for upload_id, n in zip(upload_ids, found, strict=True) if not n]
+
     async def postpone(self, upload_id: str, until: float) -> None:
         (key,) = keys_of(upload_id, "expiry")
         await self.redis.zadd(key, {upload_id: until}, xx=True)

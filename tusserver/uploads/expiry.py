@@ -3,7 +3,8 @@
 One index serves three jobs, by the upload's status when its time comes: an `uploading` upload
 has expired (state, then file, removed; `expired` event); a `received` upload was not hashed by
 the process that received it (it crashed or stopped), so it is hashed now and completed; a
-`completed` upload has passed its --retention and is removed. Any number of processes may
+`completed` upload has passed its --retention and is removed. Now and then it also removes
+upload files that no record names (`Uploads.remove_orphans`). Any number of processes may
 sweep at once: each step is atomic in Redis and takes the upload's lock where it works on it.
 """
 
@@ -34,12 +35,18 @@ async def sweep_once(uploads: Uploads, now: float | None = None) -> int:
 
 
 async def sweep_forever(uploads: Uploads, interval_s: float) -> None:
-    """Sweep now and then every `interval_s`, logging (not dying on) failures."""
+    """Sweep now and then every `interval_s`, logging (not dying on) failures; look for
+    orphaned files (`Uploads.remove_orphans`) at start and then every quarter of
+    --orphan-grace, since that reads every folder of the data directory."""
+    orphans_due = 0.0
     while not was_cancelled():
         try:
             handled = await sweep_once(uploads)
             if handled:
                 log.info("sweeper handled %d uploads", handled)
+            if time.monotonic() >= orphans_due:
+                orphans_due = time.monotonic() + uploads.orphan_grace_s / 4
+                await uploads.remove_orphans(time.time())
         except asyncio.CancelledError:
             raise
         except Exception:

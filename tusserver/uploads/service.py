@@ -21,7 +21,7 @@ from typing import Literal
 
 from aiohttp import StreamReader
 
-from tusserver.errors import BadRequest, TusError, UploadGone, UploadNotFound
+from tusserver.errors import BadRequest, PayloadTooLarge, TusError, UploadGone, UploadNotFound
 from tusserver.files.storage import Storage
 from tusserver.settings import Settings
 from tusserver.store.client import connect as connect_redis
@@ -45,6 +45,8 @@ from tusserver.uploads.lifetimes import RECEIVED_GRACE_S, Lifetimes
 __all__ = ["Body", "NewUpload", "SizeLimit", "Upload", "Uploads", "open_uploads"]
 
 log = logging.getLogger("tusserver.uploads")
+ORPHAN_BATCH = 1000  # ids checked in one Redis round trip
+ORPHANS_WITHOUT_DOUBT = 10  # more orphans than this, and no file with a record: suspect Redis
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Uploads:
         self.storage = storage
         self.lifetimes = Lifetimes.of(settings)
         self.idle_timeout_s = settings.idle_timeout_s
+        self.orphan_grace_s = settings.orphan_grace_s
         self.hashes = RunningHashes()
         self.body_memory = BodyMemory(settings.body_memory_bytes)
         self.leases = Leases(state)
@@ -98,8 +101,13 @@ class Uploads:
         a longer one streams onto the new upload's file. An upload whose length is 0, or
         whose body is all of it, is `completed` at once with its SHA-256 and events. Raises
         507/500 (nothing is created) and 503 (the server is stopping); a body that stops
-        early or fails its checks comes back as `Created.refusal` (see AppendSession.append)."""
+        early or fails its checks comes back as `Created.refusal` (see AppendSession.append).
+        A body of known size that cannot fit is refused (413) before anything is created."""
         self.leases.refuse_if_stopping()
+        if body is not None and body.content_length is not None:  # refused before creating
+            if new.length is not None and body.content_length > new.length:
+                raise PayloadTooLarge("the body would run past Upload-Length")
+            limit.check(body.content_length, "the body")
         if body is None:
             upload = self._new_upload(new)
             await self.storage.create(upload.upload_id)
@@ -251,6 +259,28 @@ class Uploads:
         if removed:
             await self.storage.delete(upload.upload_id)
         return removed
+
+    async def remove_orphans(self, now: float) -> int:
+        """Remove the upload files that no record names and that have not changed for
+        --orphan-grace (a crash between a file and its record, or between a record's removal
+        and its file's): how many were removed. When no old file at all has a record (more
+        than a few of them), nothing is removed: that is a Redis that lost its state, not a
+        crash, and the operator is told so."""
+        old = await self.storage.files_older_than(now - self.orphan_grace_s)
+        orphans: list[str] = []
+        for start in range(0, len(old), ORPHAN_BATCH):
+            orphans += await self.state.unknown(old[start : start + ORPHAN_BATCH])
+        if len(orphans) > ORPHANS_WITHOUT_DOUBT and len(orphans) == len(old):
+            log.error(
+                "none of the %d upload files older than --orphan-grace has a record in Redis: "
+                "is this the Redis that holds their state? Nothing was removed.",
+                len(old),
+            )
+            return 0
+        for upload_id in orphans:
+            log.warning("removing upload file %s: no record names it", upload_id)
+            await self.storage.delete(upload_id)
+        return len(orphans)
 
     # -- concatenation ---------------------------------------------------------------------
 
