@@ -155,15 +155,7 @@ async def post(request: web.Request) -> web.Response:
     if created.refusal is not None:  # the upload exists: the client may resume it
         created.refusal.headers["Location"] = upload.url
         raise created.refusal
-    return web.Response(
-        status=201,
-        headers=tus_headers(
-            location=upload.url,
-            upload_offset=upload.offset,
-            upload_expires=expires_header(upload),
-            upload_concat="partial" if concat is not None else None,
-        ),
-    )
+    return _created(upload)
 
 
 def _partial_ids(request: web.Request, concat: protocol.Concat) -> list[str]:
@@ -196,11 +188,17 @@ async def _post_final(
         url_of=url_of,
         limit=size_limit(request),
     )
+    return _created(upload)
+
+
+def _created(upload: Upload) -> web.Response:
+    """201 for a new upload: where it is, its offset, expiry and Upload-Concat."""
     return web.Response(
         status=201,
         headers=tus_headers(
             location=upload.url,
             upload_offset=upload.offset,
+            upload_expires=expires_header(upload),
             upload_concat=concat_header(upload),
         ),
     )
