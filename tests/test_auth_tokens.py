@@ -30,6 +30,7 @@ from tusserver.auth import (
     verify_token,
 )
 from tusserver.errors import Forbidden, PayloadTooLarge, TusError, Unauthorized, UploadNotFound
+from tusserver.uploads.body import SizeLimit
 
 SECRET = "test-secret-0123456789abcdef"
 NOW = 1_700_000_000.0
@@ -295,14 +296,19 @@ def test_other_upload_id_is_404() -> None:
     verify_token(token(), [SECRET], now=NOW).check_upload("anything")
 
 
-def test_over_max_size_is_413() -> None:
+def test_the_size_limit_is_the_smaller_of_the_servers_and_the_tokens() -> None:
     grant = verify_token(token(max_size_bytes=1000), [SECRET], now=NOW)
-    grant.check_size(1000)
-    grant.check_size(None)  # deferred length: checked later, once known
+    limit = SizeLimit.of(server_max=5000, token_max=grant.max_size_bytes)
+    limit.check(1000)
+    limit.check(None)  # deferred length: checked later, once known
     with pytest.raises(PayloadTooLarge) as error:
-        grant.check_size(1001)
-    assert "1000" in refused(error, PayloadTooLarge, 413)
-    verify_token(token(), [SECRET], now=NOW).check_size(10**15)
+        limit.check(1001)
+    assert "this token's maximum of 1000" in refused(error, PayloadTooLarge, 413)
+    with pytest.raises(PayloadTooLarge) as error:
+        SizeLimit.of(server_max=500, token_max=1000).check(501)
+    assert "this server's maximum of 500" in refused(error, PayloadTooLarge, 413)
+    unlimited = verify_token(token(), [SECRET], now=NOW).max_size_bytes
+    SizeLimit.of(server_max=None, token_max=unlimited).check(10**15)
 
 
 def test_metadata_constraints() -> None:

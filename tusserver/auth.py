@@ -18,7 +18,7 @@ from typing import TypeGuard
 
 from itsdangerous import BadPayload, BadSignature, URLSafeSerializer, base64_encode
 
-from tusserver.errors import Forbidden, PayloadTooLarge, Unauthorized, UploadNotFound
+from tusserver.errors import Forbidden, Unauthorized, UploadNotFound
 
 ACTIONS: frozenset[str] = frozenset({"create", "upload", "read", "delete"})
 TOKEN_SALT = "tusserver.token.v1"  # noqa: S105 (a salt, public by design)
@@ -79,15 +79,6 @@ class Grant:
         """Raise UploadNotFound (404) if the grant is bound to a different upload id."""
         if self.upload_id is not None and self.upload_id != upload_id:
             raise UploadNotFound()
-
-    def check_size(self, length: int | None) -> None:
-        """Raise PayloadTooLarge (413) if `length` exceeds max_size_bytes.
-
-        A None length (Upload-Defer-Length) passes here; the caller checks it once known.
-        """
-        limit = self.max_size_bytes
-        if limit is not None and length is not None and length > limit:
-            raise PayloadTooLarge(f"Upload-Length {length} exceeds this token's limit of {limit}")
 
     def check_metadata(self, metadata: Mapping[str, bytes | None]) -> None:
         """Raise Forbidden (403) unless every constrained key is present with an allowed value.
