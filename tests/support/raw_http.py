@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -46,6 +46,15 @@ class RawRequest:
         return cls(reader, writer)
 
     @classmethod
+    async def connect(cls, url: str) -> RawRequest:
+        """A connection to the server of `url` on which nothing is sent yet: the test sends
+        every byte itself (`send`), malformed ones included."""
+        parts = urlsplit(url)
+        assert parts.hostname is not None and parts.port is not None
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        return cls(reader, writer)
+
+    @classmethod
     async def patch(cls, url: str, offset: int, content_length: int) -> RawRequest:
         headers = {**patch_headers(offset), "Content-Length": str(content_length)}
         return await cls.start(url, "PATCH", headers)
@@ -55,8 +64,9 @@ class RawRequest:
         await self.writer.drain()
         self.sent += len(data)
 
-    async def response(self, timeout_s: float = 10.0) -> RawResponse:
-        """Read the answer (status line, headers, Content-Length body)."""
+    async def response(self, timeout_s: float = 10.0, *, has_body: bool = True) -> RawResponse:
+        """Read the answer (status line, headers, Content-Length body; no body when
+        `has_body` is False, as for the answer to a HEAD)."""
         async with asyncio.timeout(timeout_s):
             status_line = await self.reader.readline()
             if not status_line:
@@ -66,9 +76,22 @@ class RawRequest:
             while line := (await self.reader.readline()).rstrip(b"\r\n"):
                 name, _, value = line.decode("latin-1").partition(":")
                 headers[name.strip().lower()] = value.strip()
-            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+            size = int(headers.get("content-length", "0")) if has_body else 0
+            body = await self.reader.readexactly(size)
         self.answered = True
         return RawResponse(status, headers, body)
+
+    async def rest_until_closed(self, timeout_s: float = 10.0) -> bytes:
+        """Every byte the server sends until it closes the connection (a reset counts as a
+        close); TimeoutError if it keeps the connection open past `timeout_s`."""
+        received = b""
+        async with asyncio.timeout(timeout_s):
+            try:
+                while chunk := await self.reader.read(65536):
+                    received += chunk
+            except ConnectionError:  # reset, or a write that met the close
+                pass
+        return received
 
     def is_read_by_server(self) -> bool:
         """Whether the server process has read every byte sent so far: none is left in this
@@ -82,6 +105,25 @@ class RawRequest:
         if _connection(client_port, server_port).send_queue:
             return False
         return _connection(server_port, client_port).receive_queue == 0
+
+    def is_read_or_closed_by_server(self) -> bool:
+        """Whether the server has read every byte sent so far, or has closed its side of the
+        connection (it reads no more); from one look at the kernel's sockets, so a close
+        between two looks cannot go unseen. (Linux only, as is_read_by_server.)"""
+        client_port = int(self.writer.get_extra_info("sockname")[1])
+        server_port = int(self.writer.get_extra_info("peername")[1])
+        established = {
+            (socket.local_port, socket.remote_port): socket
+            for socket in tcp_sockets()
+            if socket.state == TCP_ESTABLISHED
+        }
+        server_side = established.get((server_port, client_port))
+        if server_side is None:
+            return True
+        client_side = established.get((client_port, server_port))
+        if self.writer.transport.get_write_buffer_size() or client_side is None:
+            return False
+        return client_side.send_queue == 0 and server_side.receive_queue == 0
 
     async def close(self) -> None:
         """Close after every byte sent (FIN); at once (RST) if the server answered without
@@ -98,6 +140,36 @@ class RawRequest:
             transport.abort()
         except (OSError, asyncio.CancelledError):
             pass
+
+
+def request_bytes(
+    method: str,
+    target: str | bytes,
+    headers: Iterable[tuple[str | bytes, str | bytes]],
+    body: bytes = b"",
+) -> bytes:
+    """One HTTP/1.1 request exactly as given: the header lines in order, repeats kept, text as
+    UTF-8 and bytes as they are; nothing is added (not even Host or Content-Length)."""
+
+    def raw(text: str | bytes) -> bytes:
+        return text if isinstance(text, bytes) else text.encode()
+
+    lines = [raw(method) + b" " + raw(target) + b" HTTP/1.1"]
+    lines += [raw(name) + b": " + raw(value) for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+async def exchange(
+    url: str, data: bytes, *, timeout_s: float = 10.0, has_body: bool = True
+) -> RawResponse:
+    """Send `data` (one or more requests, as bytes) on a new connection to the server of `url`;
+    its first answer (ConnectionResetError if it closes the connection without one)."""
+    request = await RawRequest.connect(url)
+    try:
+        await request.send(data)
+        return await request.response(timeout_s, has_body=has_body)
+    finally:
+        await request.close()
 
 
 @contextlib.asynccontextmanager
