@@ -410,16 +410,6 @@ async def test_an_expectation_other_than_100_continue_is_417_on_every_route(
     await assert_health(server)
 
 
-UNROUTED_REASON = (
-    "requests no route matches (404) or whose route has no such method (405) get aiohttp's "
-    "default expect handler (web_urldispatcher._default_expect_handler), whose "
-    "HTTPExpectationFailed(text='Unknown Expect: ' + value) cannot encode a non-UTF-8 value: "
-    "UnicodeEncodeError, a 500 with a traceback. tusserver/http/app.py sets its "
-    "expect_handler on its own routes only"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=UNROUTED_REASON)
 @pytest.mark.parametrize(
     ("method", "target"),
     [("GET", "/nope"), ("GET", "/files/a/b"), ("PUT", "/health"), ("PATCH", "/")],
@@ -551,12 +541,6 @@ async def test_a_malformed_request_is_400_with_one_log_record_and_its_access_lin
     assert [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tusserver/aiohttp_private.py GuardedRequestHandler.log_exception logs "
-    "error.message as it is; aiohttp's BadHttpMessage for a bad character carries the raw "
-    "request line and a caret under it on further lines, so the record spans four lines",
-)
 async def test_a_malformed_request_is_logged_on_one_line(
     server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:

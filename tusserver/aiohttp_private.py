@@ -12,6 +12,7 @@ losing bytes, miscounting or letting strangers pin memory.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+MAX_LOGGED_REASON_CHARS = 300
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def unread_chunks(body: StreamReader) -> list[bytes]:
@@ -66,12 +69,45 @@ def _plain_answer(status: int, reason: str, text: str) -> bytes:
 
 
 def _head_size(message: object) -> int:
-    """The bytes of a parsed request's header block (request line and header lines); 0 for
-    what the parser handed on as an error."""
+    """The bytes of a parsed request's header block (request line, header lines and the empty
+    line that ends them); 0 for what the parser handed on as an error."""
     if not isinstance(message, RawRequestMessage):
         return 0
     line = len(message.method) + len(message.path) + len("  HTTP/1.1\r\n")
-    return line + sum(len(name) + len(value) + 4 for name, value in message.raw_headers)
+    fields = sum(len(name) + len(value) + len(": \r\n") for name, value in message.raw_headers)
+    return line + fields + len("\r\n")
+
+
+def _message_bytes(message: object) -> int:
+    """The bytes of a parsed request: its header block and a body of known length."""
+    if not isinstance(message, RawRequestMessage):
+        return 0
+    length = message.headers.get("Content-Length", "")
+    return _head_size(message) + (int(length) if length.isdigit() else 0)
+
+
+def _refusal(status: int, reason: str) -> tuple[web_protocol._ErrInfo, StreamReader]:
+    """A parsed request replaced by the answer `status`: start() answers it as it answers the
+    parser's own errors (and closes the connection)."""
+    error = HttpProcessingError(code=status, message=reason)
+    return web_protocol._ErrInfo(status, error, reason), EMPTY_PAYLOAD
+
+
+def _refused_or_kept(
+    message: tuple[Any, StreamReader], limits: ConnectionLimits
+) -> tuple[Any, StreamReader]:
+    """A request as parsed, or the refusal to answer it with: 431 for a header block over the
+    limit, 417 for an `Expect` other than `100-continue` (answered here, for every route, so
+    no handler ever sees a value it cannot encode)."""
+    parsed, _payload = message
+    if not isinstance(parsed, RawRequestMessage):
+        return message
+    if _head_size(parsed) > limits.max_header_bytes:
+        return _refusal(431, f"the request's headers are over {limits.max_header_bytes} bytes")
+    expect = parsed.headers.get("Expect")
+    if expect is not None and expect.strip().lower() != "100-continue":
+        return _refusal(417, "only Expect: 100-continue is understood")
+    return message
 
 
 class GuardedRequestHandler(web_protocol.RequestHandler):
@@ -99,29 +135,35 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         is_awaiting_head = payload is None or payload.is_eof()
         if is_awaiting_head and self._head_timer is None:
             self._start_head_timer()
+        head_bytes_before = self._head_bytes if is_awaiting_head else None
         requests_before = self._request_count
         super().data_received(data)
         completed = self._request_count - requests_before
-        if completed > 0:  # header blocks were completed (start() has not taken them yet)
-            self._head_bytes = 0
-            self._stop_head_timer()
-            new = list(self._messages)[-completed:]
-            if any(_head_size(message) > self._limits.max_header_bytes for message, _ in new):
-                # start() is already woken for them: it answers this error in their place
-                # (431, closing the connection), as it answers the parser's own errors.
-                for _ in new:
-                    self._messages.pop()
-                limit = self._limits.max_header_bytes
-                reason = f"the request's headers are over {limit} bytes"
-                error = HttpProcessingError(code=431, message=reason)
-                self._messages.append((web_protocol._ErrInfo(431, error, reason), EMPTY_PAYLOAD))
-                return
-            if new:
-                self._last_payload = new[-1][1]
-        elif is_awaiting_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > self._limits.max_header_bytes:
-                self._refuse_large_head()
+        if completed == 0:
+            if is_awaiting_head:
+                self._count_head_bytes(len(data))
+            return
+        # Header blocks were completed; start() has not taken them yet, so they may still be
+        # answered in another way.
+        new = list(self._messages)[-completed:]
+        for _ in new:
+            self._messages.pop()
+        self._messages.extend(_refused_or_kept(message, self._limits) for message in new)
+        self._stop_head_timer()
+        self._head_bytes = 0
+        self._last_payload = new[-1][1]
+        if head_bytes_before is not None and self._last_payload.is_eof():
+            # The rest of this read, if any, is the start of the next (pipelined) block.
+            spent = sum(_message_bytes(message) for message, _ in new)
+            rest = len(data) + head_bytes_before - spent
+            if rest > 0:
+                self._start_head_timer()
+                self._count_head_bytes(rest)
+
+    def _count_head_bytes(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self._limits.max_header_bytes:
+            self._refuse_large_head()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_head_timer()
@@ -130,7 +172,11 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
     def log_exception(self, *args: Any, **kw: Any) -> None:
         error = kw.get("exc_info")
         if isinstance(error, HttpProcessingError):
-            self.logger.info("refused a malformed request: %s", error.message or error)
+            # aiohttp's message may quote the request over several lines (a caret under the
+            # bad byte): one line, bounded, and with control characters escaped
+            text = " ".join(str(error.message or error).split())[:MAX_LOGGED_REASON_CHARS]
+            text = _CONTROL.sub("?", text).encode("ascii", "backslashreplace").decode()
+            self.logger.info("refused a malformed request: %s", text)
             return
         super().log_exception(*args, **kw)
 

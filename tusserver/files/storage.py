@@ -277,8 +277,9 @@ class Storage:
         return fd, size
 
     async def files_older_than(self, before: float) -> list[str]:
-        """The names (upload ids) of upload files last changed before `before` (unix time),
-        read off the event loop; a file that vanishes meanwhile is left out."""
+        """The names (upload ids) of upload files (regular files named like an upload id)
+        last changed before `before` (unix time), read off the event loop; a file that
+        vanishes meanwhile is left out."""
 
         def scan() -> list[str]:
             names = []
@@ -286,7 +287,8 @@ class Storage:
                 if not (folder.is_dir(follow_symlinks=False) and _FAN_OUT.fullmatch(folder.name)):
                     continue
                 for entry in os.scandir(folder.path):
-                    if not _UPLOAD_FILE.fullmatch(entry.name):
+                    is_ours = _UPLOAD_FILE.fullmatch(entry.name)
+                    if not (is_ours and entry.is_file(follow_symlinks=False)):
                         continue
                     try:
                         if entry.stat(follow_symlinks=False).st_mtime < before:
