@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
 
 from tusserver.errors import OffsetMismatch, PayloadTooLarge, UploadGone, UploadNotFound
+from tusserver.store.embedded import EmbeddedRedis
 from tusserver.store.records import Upload, new_upload_id, redis_key
 from tusserver.store.state import LockLost, UploadState
 
@@ -252,3 +254,49 @@ async def test_renew_extends_the_lock_only_once_it_has_run_down(state: UploadSta
     await state.redis.pexpire(lock_key, 2000)
     assert await state.renew(upload.upload_id, token, LOCK_MS) == ""
     assert await state.redis.pttl(lock_key) > 2000  # by default, every renewal extends it
+
+
+async def test_renew_many_answers_each_lock_in_one_round_trip(state: UploadState) -> None:
+    held, taken = new_upload(), new_upload()
+    for upload in (held, taken):
+        await state.create(upload)
+    acquired = await state.acquire(held.upload_id, "alice", LOCK_MS)
+    other = await state.acquire(taken.upload_id, "alice", LOCK_MS)
+    assert acquired is not None and other is not None
+    await state.ask_holder(held.upload_id, "stop", LOCK_MS)
+    answers = await state.renew_many(
+        [(held.upload_id, acquired[1]), (taken.upload_id, "not-the-token")],
+        LOCK_MS,
+        extend_below_ms=LOCK_MS + 1,
+    )
+    assert answers[0] == "stop"
+    assert isinstance(answers[1], LockLost)
+
+
+async def test_lock_traffic_never_reaches_the_append_only_file(tmp_path: Path) -> None:
+    """Locks and requests to their holders are volatile: under `appendfsync always` a write of
+    theirs would cost an fsync on Valkey's only thread (every reply of that turn waits for
+    the disk), so the scripts keep them out of the AOF, while the upload itself is in it."""
+    embedded = EmbeddedRedis(tmp_path, appendfsync="always")
+    client = aioredis.Redis.from_url(embedded.start())
+    try:
+        state = UploadState(client, tombstone_ttl_s=60, path_of=lambda upload_id: upload_id)
+        upload = new_upload()
+        token = state.new_lock_token()
+        await state.create(upload, lock_token=token, ttl_ms=LOCK_MS)
+        await state.renew(upload.upload_id, token, LOCK_MS)  # extends: a write
+        await state.ask_holder(upload.upload_id, f"commit:{new_upload_id()}", LOCK_MS)
+        await state.read(upload.upload_id, "alice", ask="commit:x", ttl_ms=LOCK_MS)
+        upload = await state.commit(upload, token, 0, now=time.time(), expires_at=None)
+        await state.release(upload.upload_id, token)
+        again = await state.acquire(upload.upload_id, "alice", LOCK_MS)
+        assert again is not None
+        await state.commit(upload, again[1], 5, now=time.time(), expires_at=None, release=True)
+        assert not await client.exists(redis_key(upload.shard, "lock", upload.upload_id))
+    finally:
+        await client.aclose()
+        embedded.stop()
+    logged = b"".join(path.read_bytes() for path in (tmp_path / "redis").rglob("*.aof"))
+    assert f"upload:{upload.upload_id}".encode() in logged  # the AOF is the one we read
+    assert b":lock:" not in logged
+    assert b":release:" not in logged

@@ -28,6 +28,9 @@ from tusserver.store.state import check_layout
 
 log = logging.getLogger("tusserver")
 SHUTDOWN_TIMEOUT_S = 10.0
+# Connections the kernel queues before a worker accepts them: thousands of phones may connect
+# within a second (the kernel caps it at net.core.somaxconn, 4096 on current Linux).
+LISTEN_BACKLOG = 4096
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -59,7 +62,7 @@ def _bind(settings: Settings) -> list[socket.socket]:
             if one_each:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((settings.host, port))
-            sock.listen(1024)
+            sock.listen(LISTEN_BACKLOG)
             sock.set_inheritable(True)
     except OSError:
         for sock in sockets:

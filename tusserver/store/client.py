@@ -9,12 +9,22 @@ from redis.asyncio.cluster import RedisCluster
 
 RedisClient = aioredis.Redis | RedisCluster
 _CLIENT_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 3, "socket_timeout": 10}
+# Connections one process keeps to Redis. When all are busy a command waits for one (up to
+# POOL_WAIT_S) instead of failing: thousands of open uploads share them (their lock renewals
+# go in one pipeline), so a burst queues for a moment rather than answering 503.
+MAX_CONNECTIONS = 64
+POOL_WAIT_S = 10.0
 
 
 async def connect(url: str) -> RedisClient:
-    """A client for the Redis at `url`: a cluster-aware one when that server is a node of a
-    Redis Cluster (every step of ours touches one slot, so the layout works unchanged)."""
-    client = aioredis.Redis.from_url(url, health_check_interval=30, **_CLIENT_OPTIONS)
+    """A client for the Redis at `url`, with a bounded pool whose users wait for a free
+    connection: a cluster-aware one when that server is a node of a Redis Cluster (every
+    step of ours touches one slot, so the layout works unchanged)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S,
+        health_check_interval=30, **_CLIENT_OPTIONS,
+    )  # fmt: skip
+    client = aioredis.Redis.from_pool(pool)  # closing the client closes its pool
     try:
         info = await client.info("cluster")
     except aioredis.ResponseError:  # INFO restricted on some hosted Redis: a single node

@@ -26,6 +26,17 @@ end
 local function append_event(stream, fields)
   return redis.call('XADD', stream, 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(fields))
 end
+-- Locks, requests to their holders and acknowledgements are volatile: from here on this
+-- script's writes stay out of the AOF (and replicas), so they neither cause an fsync under
+-- `appendfsync always` nor wait for one. After a Redis restart no lock exists, which is
+-- right: a holder that still runs loses its lock at its next renewal and stops.
+local function volatile_writes_from_here()
+  redis.set_repl(redis.REPL_NONE)
+end
+-- the writes from here on are propagated again
+local function durable_writes_from_here()
+  redis.set_repl(redis.REPL_ALL)
+end
 """
 
 
@@ -88,7 +99,11 @@ local event = argv_from(7, 6 + n * 2)
 redis.call('HSET', KEYS[1], unpack(argv_from(7 + n * 2)))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
-if ARGV[4] ~= '' then redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5]) end
+if ARGV[4] ~= '' then
+  volatile_writes_from_here()
+  redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
+  durable_writes_from_here()
+end
 append_event(KEYS[4], {'type', 'created', unpack(event)})
 if redis.call('HGET', KEYS[1], 'status') == 'completed' then
   append_event(KEYS[4], {'type', 'completed', unpack(event)})
@@ -134,6 +149,7 @@ elseif ARGV[5] ~= '' then
   redis.call('HSET', KEYS[1], 'expires', ARGV[5])
   redis.call('ZADD', KEYS[3], ARGV[5], id)
 end
+volatile_writes_from_here()
 if ARGV[7] ~= '' and redis.call('GET', KEYS[5]) == 'commit:' .. ARGV[7] then
   redis.call('DEL', KEYS[5])
 end
@@ -217,6 +233,7 @@ ACQUIRE = script(
     Owned,
     _OWNED
     + """
+volatile_writes_from_here()
 if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then return {LOCKED} end
 redis.call('DEL', KEYS[4])
 return {FOUND, redis.call('HGETALL', KEYS[1])}
@@ -231,6 +248,7 @@ READ = script(
     Owned,
     _OWNED
     + """
+volatile_writes_from_here()
 local asked = 0
 if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[3]) == 1
     and redis.call('HGET', KEYS[1], 'status') == 'uploading' then
@@ -244,12 +262,12 @@ return {FOUND, redis.call('HGETALL', KEYS[1]), asked}
 # KEYS: lock, release-request key. ARGV: lock token, ttl (ms), time left (ms) below which
 #       the lock is extended back to its ttl.
 # Result: Renew.LOCK_NOT_HELD if the lock is not ours any more; else the pending request
-#         ("stop" or "commit:<nonce>") or "" for none. Most renewals only read: a write goes
-#         to the AOF, which `appendfsync always` fsyncs, and every reply of that turn of
-#         Valkey's loop waits for that fsync.
+#         ("stop" or "commit:<nonce>") or "" for none. Most renewals only read (and no lock
+#         write reaches the AOF).
 RENEW = script(
     Renew,
     """
+volatile_writes_from_here()
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return LOCK_NOT_HELD end
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -265,6 +283,7 @@ return request
 RELEASE = script(
     Release,
     """
+volatile_writes_from_here()
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return NOT_OURS end
 redis.call('DEL', KEYS[1])
 local request = redis.call('GET', KEYS[2])
@@ -278,6 +297,7 @@ return RELEASED
 ASK_HOLDER = script(
     AskHolder,
     """
+volatile_writes_from_here()
 if redis.call('EXISTS', KEYS[1]) == 0 then return LOCK_FREE end
 if ARGV[1] == 'stop' then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])

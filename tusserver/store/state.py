@@ -9,6 +9,7 @@ the shard's stream in the same step.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -396,9 +397,35 @@ class UploadState:
             keys=keys_of(upload_id, "lock", "release"),
             args=[token, ttl_ms, extend_below_ms],
         )
-        if result == lua.Renew.LOCK_NOT_HELD:
-            raise LockLost()
-        return result.decode() if isinstance(result, bytes) else str(result)
+        renewal = _renewal(result)
+        if isinstance(renewal, LockLost):
+            raise renewal
+        return renewal
+
+    async def renew_many(
+        self, locks: list[tuple[str, str]], ttl_ms: int, *, extend_below_ms: int
+    ) -> list[str | LockLost]:
+        """`renew` for many (upload id, token) locks in one round trip (a pipeline; on a
+        cluster, whose pipelines may not carry scripts, one call each, concurrently): for
+        each, its pending request, or LockLost. Raises the Redis error if the round trip
+        fails."""
+        args = [ttl_ms, extend_below_ms]
+        client = self.redis
+        if not isinstance(client, aioredis.Redis):
+            results = await asyncio.gather(
+                *(
+                    self._renew(keys=keys_of(upload_id, "lock", "release"), args=[token, *args])
+                    for upload_id, token in locks
+                )
+            )
+        else:
+            async with client.pipeline(transaction=False) as pipe:
+                for upload_id, token in locks:
+                    await self._renew(
+                        keys=keys_of(upload_id, "lock", "release"), args=[token, *args], client=pipe
+                    )
+                results = await pipe.execute()
+        return [_renewal(result) for result in results]
 
     async def release(self, upload_id: str, token: str) -> None:
         await self._release(
@@ -411,3 +438,10 @@ class UploadState:
             await self.redis.ping()
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as error:
             raise ServiceUnavailable("the state store (Redis) is unreachable") from error
+
+
+def _renewal(result: object) -> str | LockLost:
+    """A RENEW script's answer: the pending request ("" for none), or LockLost."""
+    if result == lua.Renew.LOCK_NOT_HELD:
+        return LockLost()
+    return result.decode() if isinstance(result, bytes) else str(result)

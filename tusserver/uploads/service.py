@@ -26,7 +26,7 @@ from tusserver.files.storage import Storage
 from tusserver.settings import Settings
 from tusserver.store.client import connect as connect_redis
 from tusserver.store.records import Upload, new_upload_id
-from tusserver.store.state import UploadState
+from tusserver.store.state import UploadState, check_layout
 from tusserver.tasks import cancel_and_wait
 from tusserver.uploads.append import AppendContext, AppendSession
 from tusserver.uploads.body import (
@@ -382,6 +382,7 @@ class Uploads:
     async def close(self) -> None:
         for task in list(self._background):
             await cancel_and_wait(task)
+        await self.leases.close()
 
 
 @contextlib.asynccontextmanager
@@ -395,10 +396,12 @@ async def open_uploads(settings: Settings, redis_url: str) -> AsyncIterator[Uplo
             fsync=settings.fsync,
             min_free_disk_bytes=settings.min_free_disk_bytes,
         )
+        await check_layout(client)
         state = UploadState(
-            client, tombstone_ttl_s=settings.tombstone_ttl_s, path_of=storage.relative_path
+            client,
+            tombstone_ttl_s=settings.tombstone_ttl_s,
+            path_of=storage.relative_path,
         )
-        await state.check_layout()
         storage.prepare()
         uploads = Uploads(state, storage, settings)
         try:

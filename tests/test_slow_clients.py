@@ -1,0 +1,60 @@
+"""Many slow clients at once, as phones on bad networks are: one server process keeps every
+upload going. Their lock renewals share one Redis round trip per tick and a bounded pool of
+connections that waits for a free connection instead of failing (before, a few hundred open
+uploads ran the Redis pool dry and got 503 "Too many connections")."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from tests.support.processes import ServerProcess
+from tests.support.tus import create_upload, head_offset, patch_headers
+from tusserver.store.client import MAX_CONNECTIONS
+
+UPLOADS = 400
+PIECES = 4  # bytes each upload sends, one at a time
+PAUSE_S = 0.4  # between two bytes: a body that lasts over a second, so locks are renewed
+
+
+async def slow_body(first: int) -> AsyncIterator[bytes]:
+    """PIECES bytes, one at a time, with a pause before each but the first (pacing a slow
+    client, not waiting for the server)."""
+    for index in range(PIECES):
+        if index:
+            await asyncio.sleep(PAUSE_S)
+        yield bytes([first + index])
+
+
+@pytest.mark.slow
+async def test_hundreds_of_slow_uploads_at_once_all_complete(
+    processes: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = processes(tmp_path / "data", "--fsync", "never")
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        urls = await asyncio.gather(
+            *(create_upload(http, server.url, PIECES) for _ in range(UPLOADS))
+        )
+
+        async def send(index: int, url: str) -> int:
+            body = slow_body(index % 200)
+            async with http.patch(url, data=body, headers=patch_headers(0)) as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(send(i, url) for i, url in enumerate(urls)))
+        assert statuses == [204] * UPLOADS
+        offsets = await asyncio.gather(*(head_offset(http, url) for url in urls))
+        assert offsets == [PIECES] * UPLOADS
+    valkey = aioredis.Redis.from_url(f"unix://{server.data_dir / 'redis' / 'valkey.sock'}")
+    try:
+        clients = await valkey.info("clients")
+    finally:
+        await valkey.aclose()
+    # the server's pool, the sweeper's and event reader's own, and this one
+    assert clients["connected_clients"] <= MAX_CONNECTIONS + 4
