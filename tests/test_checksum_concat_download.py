@@ -436,3 +436,40 @@ async def test_a_refused_final_leaves_a_running_partial_upload_alone(
             status_line = await reader.readline()
     assert status_line.startswith(b"HTTP/1.1 204"), status_line
     assert await head_offset(http, running) == 2 * BLOCK_BYTES
+
+
+# -- cases of the public tus conformance suite ----------------------------------------------
+
+
+async def test_a_creation_body_of_another_content_type_is_415_and_creates_nothing(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    headers = {**TUS, "Upload-Length": "3", "Content-Type": "text/plain"}
+    async with http.post(server.url, data=b"abc", headers=headers) as response:
+        assert response.status == 415
+        assert "Location" not in response.headers
+    assert await listed_ids(http, server) == []
+    assert files_on_disk(server) == set()
+
+
+async def test_a_checksum_of_the_wrong_length_is_460_and_keeps_nothing(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    url = await create_upload(http, server.url, 3)
+    short = base64.b64encode(bytes(10)).decode()
+    response = await patch(http, url, 0, b"abc", **{"Upload-Checksum": f"sha1 {short}"})
+    assert response.status == 460
+    assert await head_offset(http, url) == 0
+
+
+async def test_a_final_upload_with_a_body_is_refused(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    first, second = await upload_partials(http, server, [b"ab", b"cd"])
+    ids_before, files_before = await listed_ids(http, server), files_on_disk(server)
+    headers = {**TUS, "Upload-Concat": f"final;{first} {second}", "Content-Type": OFFSET_STREAM}
+    async with http.post(server.url, data=b"xyz", headers=headers) as response:
+        assert response.status == 400
+        assert "Location" not in response.headers
+    assert await listed_ids(http, server) == ids_before
+    assert files_on_disk(server) == files_before

@@ -14,7 +14,13 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from tusserver import protocol
-from tusserver.errors import BadRequest, PreconditionFailed, TusError, UnsupportedMediaType
+from tusserver.errors import (
+    BadRequest,
+    ChecksumMismatch,
+    PreconditionFailed,
+    TusError,
+    UnsupportedMediaType,
+)
 from tusserver.protocol import Checksum, Concat
 
 KEY_ALPHABET = "".join(c for c in map(chr, range(0x21, 0x7F)) if c != ",")
@@ -383,17 +389,30 @@ def test_checksum_unsupported_algorithm_is_400() -> None:
         "sha1",
         "sha1 ",
         "sha1 not*base64",
-        "sha1 " + b64(bytes(19)),  # too short
-        "sha1 " + b64(bytes(21)),  # too long
-        "sha256 " + b64(bytes(20)),  # a sha1-sized digest
         "sha1 " + b64(bytes(20)) + " extra",
-        "sha1 " + bytes(20).hex(),  # hex, not base64
     ],
 )
 def test_checksum_malformed_is_400(value: str) -> None:
     with pytest.raises(BadRequest) as caught:
         protocol.parse_checksum(value)
     assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "sha1 " + b64(bytes(19)),  # too short
+        "sha1 " + b64(bytes(21)),  # too long
+        "sha256 " + b64(bytes(20)),  # a sha1-sized digest
+        "sha1 " + bytes(20).hex(),  # hex read as base64: 30 bytes
+    ],
+)
+def test_checksum_of_the_wrong_length_is_a_mismatch_460(value: str) -> None:
+    """No body can match a digest of another length than its algorithm's (the tus
+    conformance suite expects 460, as for any other mismatch)."""
+    with pytest.raises(ChecksumMismatch) as caught:
+        protocol.parse_checksum(value)
+    assert caught.value.status == 460
 
 
 # --- Content-Type, method override -------------------------------------------------------

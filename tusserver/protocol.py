@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from urllib.parse import quote, urlsplit
 
-from tusserver.errors import BadRequest, PreconditionFailed, UnsupportedMediaType
+from tusserver.errors import (
+    BadRequest,
+    ChecksumMismatch,
+    PreconditionFailed,
+    UnsupportedMediaType,
+)
 
 TUS_VERSION = "1.0.0"
 SUPPORTED_VERSIONS: tuple[str, ...] = ("1.0.0",)
@@ -230,7 +235,8 @@ def parse_checksum(value: str | None) -> Checksum | None:
     """Return Upload-Checksum ("<algorithm> <base64 digest>"), or None if the header is absent.
 
     Raises BadRequest (400) for another shape, an algorithm outside CHECKSUM_ALGORITHMS, or a
-    digest that is not base64 or not of the algorithm's length.
+    digest that is not base64; ChecksumMismatch (460) for a digest not of the algorithm's
+    length, which no body can match.
     """
     if value is None:
         return None
@@ -245,7 +251,7 @@ def parse_checksum(value: str | None) -> Checksum | None:
         )
     digest = _decode_base64(encoded.strip(_OWS), "Upload-Checksum digest")
     if len(digest) != _DIGEST_SIZES[algorithm]:
-        raise BadRequest(f"an {algorithm} digest is {_DIGEST_SIZES[algorithm]} bytes long")
+        raise ChecksumMismatch(algorithm)  # no body can match it: refused before it is read
     return Checksum(algorithm=algorithm, digest=digest)
 
 

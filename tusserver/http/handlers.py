@@ -130,7 +130,10 @@ async def post(request: web.Request) -> web.Response:
     who.check_metadata(metadata)
     url_of = location_of(request)  # 400 for a Host this server makes no URLs for
     pre_create = request.app[PRE_CREATE]
+    has_body = _has_body(request)
     if concat is not None and concat.is_final:
+        if has_body:
+            raise BadRequest("a final upload takes no body: its bytes are its partial uploads'")
         partial_ids = _partial_ids(request, concat)
         await pre_create.check(who.subject, length, metadata, concat)
         return await _post_final(request, partial_ids, metadata, url_of)
@@ -140,8 +143,9 @@ async def post(request: web.Request) -> web.Response:
         raise BadRequest("send either Upload-Length or Upload-Defer-Length, not both")
     limit = size_limit(request)
     limit.check(length)
-    has_body = protocol.has_offset_stream(request.headers.get("Content-Type"))
-    body = body_of(request) if has_body and request.body_exists else None
+    if has_body:  # creation with upload: the body is the upload's first bytes
+        protocol.require_offset_stream(request.headers.get("Content-Type"))
+    body = body_of(request) if has_body else None
     await pre_create.check(who.subject, length, metadata, concat)  # the parent's say: 403/503
     new = NewUpload(
         owner=who.subject,
@@ -156,6 +160,11 @@ async def post(request: web.Request) -> web.Response:
         created.refusal.headers["Location"] = upload.url
         raise created.refusal
     return _created(upload)
+
+
+def _has_body(request: web.Request) -> bool:
+    """Whether the request carries a body (a Content-Length above 0, or a chunked one)."""
+    return request.body_exists and request.content_length != 0
 
 
 def _partial_ids(request: web.Request, concat: protocol.Concat) -> list[str]:
