@@ -9,13 +9,14 @@ import logging
 
 import aiohttp
 import pytest
-from aiohttp import StreamReader
+from aiohttp import StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.test_utils import make_mocked_request
 
 from tests.support.servers import Server
 from tests.support.tus import create_upload, patch_headers
 from tests.support.waiting import wait_until
-from tusserver.aiohttp_private import CONTINUE, clear_error, unread_chunks
+from tusserver.aiohttp_private import CONTINUE, clear_error, send_interim, unread_chunks
 
 
 def _stream() -> StreamReader:
@@ -96,3 +97,41 @@ async def test_the_interim_100_continue_is_not_counted_as_response_bytes(
     with_continue = await _patch_logged_bytes_out(server, caplog, expect_continue=True)
     assert plain > 0
     assert with_continue == plain
+
+
+async def test_send_interim_writes_a_1xx_before_the_answer_and_counts_none_of_it() -> None:
+    counted: list[int] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        await send_interim(request, 104, {"Location": "/files/x", "Upload-Limit": "max-age=5"})
+        counted.append(request.writer.output_size)
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_post("/", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        interim = await reader.readuntil(b"\r\n\r\n")
+        final = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert interim == (
+        b"HTTP/1.1 104 Upload Resumption Supported\r\n"
+        b"Location: /files/x\r\nUpload-Limit: max-age=5\r\n\r\n"
+    )
+    assert final.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert counted == [0]
+
+
+async def test_send_interim_refuses_what_is_not_one_interim_answer() -> None:
+    request = make_mocked_request("POST", "/")
+    with pytest.raises(ValueError, match="1xx"):
+        await send_interim(request, 200, {})
+    with pytest.raises(ValueError, match="one line"):
+        await send_interim(request, 104, {"Location": "a\r\nSet-Cookie: x"})

@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "tusserver"
 # The top-level modules every layer may use: pure parsing, settings, errors, tokens, tasks,
 # and the one module that touches aiohttp's private details.
-FOUNDATION = {"errors", "protocol", "settings", "auth", "tasks", "aiohttp_private"}
+FOUNDATION = {"errors", "protocol", "draft", "settings", "auth", "tasks", "aiohttp_private"}
 # What each part may import from the package, besides itself and the foundation.
 MAY_IMPORT: dict[str, set[str]] = {
     "foundation": set(),
@@ -30,8 +30,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "__init__": set(),
 }
 # Besides the service, the parsers and the errors: the grant (auth), the app keys (http) and
-# the 100 Continue (aiohttp_private), all of the HTTP layer's own business.
-HANDLERS_MAY_IMPORT = {"uploads", "protocol", "errors", "auth", "http", "aiohttp_private"}
+# the 100 Continue and the 104 (aiohttp_private), all of the HTTP layer's own business; and
+# the resumable-upload draft's pure parsing (draft).
+HANDLERS_MAY_IMPORT = {"uploads", "protocol", "draft", "errors", "auth", "http", "aiohttp_private"}
 HANDLERS_NEVER_IMPORT = {"redis", "aiofiles", "os", "pathlib"}
 
 
@@ -87,8 +88,9 @@ def test_each_module_imports_only_downward(module: str, path: Path) -> None:
     assert not wrong, f"{module} ({part}) imports {wrong}; {part} may import {sorted(allowed)}"
 
 
-def test_handlers_import_only_the_service_protocol_and_errors() -> None:
-    path = PACKAGE / "http" / "handlers.py"
+@pytest.mark.parametrize("name", ["handlers.py", "draft_handlers.py"])
+def test_handlers_import_only_the_service_protocol_and_errors(name: str) -> None:
+    path = PACKAGE / "http" / name
     ours = {name.split(".")[0] for name in _package_imports(path)}
     assert ours <= HANDLERS_MAY_IMPORT, ours - HANDLERS_MAY_IMPORT
     assert "store" not in ours and "files" not in ours

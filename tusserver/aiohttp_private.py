@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,24 @@ async def send_continue(request: web.BaseRequest) -> None:
     aiohttp's own expect handler does, so the access log's `bytes_out` stays the answer's."""
     writer = request.writer
     await writer.write(CONTINUE)
+    writer.output_size = 0
+
+
+INTERIM_REASONS = {100: "Continue", 103: "Early Hints", 104: "Upload Resumption Supported"}
+
+
+async def send_interim(request: web.BaseRequest, status: int, headers: Mapping[str, str]) -> None:
+    """Send an interim (1xx) response with `headers` now, kept out of the response's byte
+    count as `send_continue` does (aiohttp has no public way to send one)."""
+    if not 100 <= status < 200:
+        raise ValueError("an interim response has a 1xx status")
+    lines = [f"HTTP/1.1 {status} {INTERIM_REASONS.get(status, 'Informational')}"]
+    for name, value in headers.items():
+        if any(char in name + value for char in "\r\n"):
+            raise ValueError("a header of an interim response must be one line")
+        lines.append(f"{name}: {value}")
+    writer = request.writer
+    await writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     writer.output_size = 0
 
 

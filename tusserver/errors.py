@@ -13,6 +13,9 @@ class TusError(Exception):
     """A refusal the client should see: `status`, a one-line `reason`, extra `headers`."""
 
     status = 400
+    # An RFC 9457 problem body (the resumable-upload draft's problem types): rendered as
+    # `application/problem+json` instead of the plain-text reason.
+    problem: dict[str, object] | None = None
 
     def __init__(self, reason: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(reason)
@@ -95,6 +98,8 @@ class OffsetMismatch(Conflict):
     """Upload-Offset differs from the committed offset (409, with the right offset)."""
 
     def __init__(self, expected: int, got: int) -> None:
+        self.expected = expected
+        self.got = got
         super().__init__(
             f"Upload-Offset is {got}, the upload is at {expected}",
             {"Upload-Offset": str(expected)},

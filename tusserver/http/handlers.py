@@ -1,4 +1,6 @@
 """One function per HTTP method of the tus endpoint; each reads as the protocol's steps.
+Requests of the resumable-upload draft (told apart by the protocol middleware) go to
+`draft_handlers`, which uses the helpers here.
 
 No Redis command, file path or status arithmetic here: parsing lives in `protocol`, refusals
 in `errors`, state and bytes behind `Uploads`. The method is the effective one, after
@@ -21,7 +23,8 @@ from tusserver.errors import (
     MethodNotAllowed,
     OffsetMismatch,
 )
-from tusserver.http.keys import GRANT, PRE_CREATE, SETTINGS, UPLOAD_ID, UPLOADS
+from tusserver.http import draft_handlers
+from tusserver.http.keys import DRAFT, GRANT, PRE_CREATE, SETTINGS, UPLOAD_ID, UPLOADS
 from tusserver.uploads.service import Body, NewUpload, SizeLimit, Upload, Uploads
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -116,6 +119,7 @@ async def options(request: web.Request) -> web.Response:
         tus_max_size=settings.max_size_bytes,
         tus_checksum_algorithm=",".join(protocol.CHECKSUM_ALGORITHMS),
     )
+    headers |= draft_handlers.options_headers(request)  # the same endpoint speaks the draft
     return web.Response(status=204, headers=headers)
 
 
@@ -346,11 +350,15 @@ UPLOAD_METHODS: dict[str, Handler] = {
 
 
 async def collection(request: web.Request) -> web.StreamResponse:
+    if DRAFT in request:
+        return await draft_handlers.collection(request)
     return await _dispatch(request, COLLECTION_METHODS)
 
 
 async def upload(request: web.Request) -> web.StreamResponse:
     request[UPLOAD_ID] = request.match_info["upload_id"]
+    if DRAFT in request:
+        return await draft_handlers.upload(request)
     return await _dispatch(request, UPLOAD_METHODS)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from tusserver.auth import Grant
+from tusserver.draft import Version
 from tusserver.events.parent import PreCreateCheck
 from tusserver.settings import Settings
 from tusserver.uploads.service import Uploads
@@ -16,3 +17,5 @@ PRE_CREATE = web.AppKey("pre_create", PreCreateCheck)
 GRANT = web.RequestKey("grant", Grant)
 # The upload a request is about, once routing named one (for the access log).
 UPLOAD_ID = web.RequestKey("upload_id", str)
+# The resumable-upload draft version a request speaks (absent: tus 1.0.0).
+DRAFT = web.RequestKey("draft", Version)

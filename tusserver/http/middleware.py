@@ -1,11 +1,12 @@
 """The middlewares, outermost first: CORS (every answer, errors included, reaches the
-browser) -> errors (a TusError becomes its plain-text answer) -> method override ->
-Tus-Resumable -> auth -> handler.
+browser) -> errors (a TusError becomes its plain-text answer, or its problem+json body) ->
+method override -> protocol (tus 1.0.0 or the resumable-upload draft) -> auth -> handler.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from aiohttp import web
@@ -13,9 +14,9 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tusserver import auth, protocol
+from tusserver import auth, draft, protocol
 from tusserver.errors import ServiceUnavailable, TusError
-from tusserver.http.keys import GRANT, SETTINGS
+from tusserver.http.keys import DRAFT, GRANT, SETTINGS
 from tusserver.protocol import split_host
 from tusserver.settings import Settings, is_loopback_host
 
@@ -26,13 +27,16 @@ TUS_METHODS = frozenset({"POST", "HEAD", "PATCH", "DELETE"})
 CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Offset, "
     "Upload-Metadata, Upload-Defer-Length, Upload-Concat, Upload-Checksum, "
-    "X-HTTP-Method-Override, X-Requested-With, Cache-Control"
+    "X-HTTP-Method-Override, X-Requested-With, Cache-Control, Upload-Complete, "
+    "Upload-Incomplete, Upload-Draft-Interop-Version, Content-Digest, Repr-Digest, "
+    "Want-Repr-Digest, Content-Disposition"
 )
 CORS_EXPOSE_HEADERS = (
     "Location, Upload-Offset, Upload-Length, Upload-Metadata, Upload-Defer-Length, "
     "Upload-Expires, Upload-Concat, Repr-Digest, Tus-Resumable, Tus-Version, Tus-Extension, "
     "Tus-Max-Size, Tus-Checksum-Algorithm, Retry-After, Content-Disposition, Content-Range, "
-    "ETag, WWW-Authenticate"
+    "ETag, WWW-Authenticate, Upload-Complete, Upload-Incomplete, Upload-Limit, "
+    "Upload-Draft-Interop-Version, Accept-Patch"
 )
 CORS_ALLOW_METHODS = "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
 
@@ -88,7 +92,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except TusError as error:
-        return _refusal(request, error.status, error.reason, error.headers)
+        return _refusal(request, error.status, error.reason, error.headers, error.problem)
     except (RedisConnectionError, RedisTimeoutError, ConnectionRefusedError) as error:
         log.warning("Redis unreachable: %s", error)
         unavailable = ServiceUnavailable("the state store (Redis) is unreachable; retry later")
@@ -105,10 +109,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def _refusal(
-    request: web.Request, status: int, reason: str, headers: dict[str, str]
+    request: web.Request,
+    status: int,
+    reason: str,
+    headers: dict[str, str],
+    problem: dict[str, object] | None = None,
 ) -> web.Response:
-    response = web.Response(status=status, text=reason + "\n", headers=headers)
-    if _is_tus_route(request):
+    if problem is None:
+        response = web.Response(status=status, text=reason + "\n", headers=headers)
+    else:  # the draft's problem types (RFC 9457)
+        body = json.dumps({**problem, "detail": reason})
+        response = web.Response(
+            status=status, text=body, content_type="application/problem+json", headers=headers
+        )
+    if _is_tus_route(request) and DRAFT not in request:
         response.headers["Tus-Resumable"] = protocol.TUS_VERSION
     expects_continue = request.headers.get("Expect", "").lower() == "100-continue"
     if expects_continue or status >= 500 or not request.content.is_eof():
@@ -128,9 +142,16 @@ async def method_override_middleware(request: web.Request, handler: Handler) -> 
 
 @web.middleware
 async def tus_resumable_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if _is_tus_route(request):
-        protocol.check_single_values(lambda name: request.headers.getall(name, []))
-    if _is_tus_route(request) and request.method in TUS_METHODS:
+    """Tells the protocols apart before anything else: a request with `Tus-Resumable` (or
+    none of the draft's fields) is tus 1.0.0 and must name a supported version (412); one
+    with the draft's fields and no `Tus-Resumable` is the resumable-upload draft."""
+    if not _is_tus_route(request):
+        return await handler(request)
+    protocol.check_single_values(lambda name: request.headers.getall(name, []))
+    version = draft.classify(request.headers)
+    if version is not None:
+        request[DRAFT] = version
+    elif request.method in TUS_METHODS:
         protocol.check_tus_resumable(request.headers.get("Tus-Resumable"))
     return await handler(request)
 

@@ -58,6 +58,9 @@ class NewUpload:
     metadata: str  # the Upload-Metadata header as stored
     concat: str  # "partial" or ""
     url_of: str  # the upload URL with "{id}" for its id
+    # An id chosen ahead (`Uploads.new_id`), so an interim answer can name the upload before
+    # its body is read; "" lets `create` choose.
+    upload_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -171,8 +174,13 @@ class Uploads:
             return Created(upload, mismatch)
         return Created(upload, refusal_for(stop, upload.offset, self.idle_timeout_s))
 
+    @staticmethod
+    def new_id() -> str:
+        """A fresh upload id, for a `NewUpload` whose URL must be known before it exists."""
+        return new_upload_id()
+
     def _new_upload(self, new: NewUpload) -> Upload:
-        upload_id = new_upload_id()
+        upload_id = new.upload_id or new_upload_id()
         now = time.time()
         status: Literal["uploading", "completed"] = "completed" if new.length == 0 else "uploading"
         return Upload(
