@@ -351,3 +351,28 @@ async def test_a_method_override_passes_through_a_preflight(
         assert response.status == 204
         assert response.headers["Upload-Offset"] == "3"
         assert_cors(response.headers)
+
+
+# -- the resumable-upload draft --------------------------------------------------------------
+
+DRAFT_REQUEST_HEADERS = ("Upload-Complete", "Upload-Incomplete", "Upload-Draft-Interop-Version",
+                         "Content-Digest", "Repr-Digest", "Content-Disposition")  # fmt: skip
+DRAFT_RESPONSE_HEADERS = ("Upload-Complete", "Upload-Incomplete", "Upload-Limit",
+                          "Upload-Draft-Interop-Version", "Accept-Patch")  # fmt: skip
+
+
+async def test_draft_requests_pass_preflights_and_expose_their_answers(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    sent = preflight("POST", headers=", ".join(h.lower() for h in DRAFT_REQUEST_HEADERS))
+    async with http.options(server.url, headers=sent) as response:
+        assert response.status in (200, 204)
+        allowed = listed(response.headers["Access-Control-Allow-Headers"])
+        assert {h.lower() for h in DRAFT_REQUEST_HEADERS} <= allowed
+    created = {"Origin": APP, "Upload-Complete": "?0", "Upload-Draft-Interop-Version": "6"}
+    async with http.post(server.url, headers=created) as response:
+        assert response.status == 201
+        assert response.headers["Upload-Complete"] == "?0"
+        assert_cors(response.headers)
+        exposed = listed(response.headers["Access-Control-Expose-Headers"])
+        assert {h.lower() for h in DRAFT_RESPONSE_HEADERS} <= exposed
