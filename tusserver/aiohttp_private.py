@@ -97,10 +97,13 @@ def _head_size(message: object) -> int:
     return line + fields + len("\r\n")
 
 
-def _message_bytes(message: object) -> int:
-    """The bytes of a parsed request: its header block and a body of known length."""
+def _message_bytes(message: object) -> int | None:
+    """The bytes of a parsed request (its header block and body), None when a chunked body
+    makes them unknown."""
     if not isinstance(message, RawRequestMessage):
         return 0
+    if message.chunked:
+        return None
     length = message.headers.get("Content-Length", "")
     return _head_size(message) + (int(length) if length.isdigit() else 0)
 
@@ -173,9 +176,10 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         self._last_payload = new[-1][1]
         if head_bytes_before is not None and self._last_payload.is_eof():
             # The rest of this read, if any, is the start of the next (pipelined) block.
-            spent = sum(_message_bytes(message) for message, _ in new)
-            rest = len(data) + head_bytes_before - spent
-            if rest > 0:
+            sizes = [_message_bytes(message) for message, _ in new]
+            known = [size for size in sizes if size is not None]
+            rest = len(data) + head_bytes_before - sum(known)
+            if rest > 0 and len(known) == len(sizes):
                 self._start_head_timer()
                 self._count_head_bytes(rest)
 
