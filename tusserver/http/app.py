@@ -13,7 +13,7 @@ from aiohttp.abc import AbstractAccessLogger
 from tusserver.aiohttp_private import ConnectionLimits, GuardedAppRunner
 from tusserver.events import delivery as events
 from tusserver.events import parent
-from tusserver.http import demo, handlers
+from tusserver.http import demo, routes
 from tusserver.http.keys import PRE_CREATE, REDIS_URL, SETTINGS, UPLOADS
 from tusserver.http.middleware import (
     auth_middleware,
@@ -101,14 +101,14 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
     base = settings.base_path
     continue_handler = expect_handler
     app.router.add_route(
-        "*", base.rstrip("/") or "/", handlers.collection, name="tus-collection-bare",
+        "*", base.rstrip("/") or "/", routes.collection, name="tus-collection-bare",
         expect_handler=continue_handler,
     )  # fmt: skip
     app.router.add_route(
-        "*", base, handlers.collection, name="tus-collection", expect_handler=continue_handler
+        "*", base, routes.collection, name="tus-collection", expect_handler=continue_handler
     )
     app.router.add_route(
-        "*", base + "{upload_id}", handlers.upload, name="tus-upload",
+        "*", base + "{upload_id}", routes.upload, name="tus-upload",
         expect_handler=continue_handler,
     )  # fmt: skip
     app.router.add_get("/health", health, name="health", expect_handler=expect_handler)

@@ -233,19 +233,6 @@ async def delete(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=headers)
 
 
-def options_headers(request: web.Request) -> dict[str, str]:
-    """What OPTIONS adds for draft clients, whatever protocol asked: `Accept-Patch` and the
-    limits of a new upload (`min-size=0` when there are none)."""
-    version = request.get(DRAFT, draft.NEWEST)
-    value = draft.format_limits(
-        version,
-        max_size=request.app[SETTINGS].max_size_bytes,
-        lifetime_s=request.app[SETTINGS].expire_after_s,
-    )
-    headers = {"Accept-Patch": draft.PARTIAL_UPLOAD}
-    return headers if value is None else headers | {"Upload-Limit": value}
-
-
 async def options(request: web.Request) -> web.Response:
     """The endpoint's one OPTIONS answer (tus's headers and the draft's)."""
     return await tus.options(request)

@@ -1,6 +1,6 @@
 """One function per HTTP method of the tus endpoint; each reads as the protocol's steps.
 Requests of the resumable-upload draft (told apart by the protocol middleware) go to
-`draft_handlers`, which uses the helpers here.
+`draft_handlers` instead (`routes.py` chooses), which uses the helpers here.
 
 No Redis command, file path or status arithmetic here: parsing lives in `protocol`, refusals
 in `errors`, state and bytes behind `Uploads`. The method is the effective one, after
@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from tusserver import protocol
+from tusserver import draft, protocol
 from tusserver.aiohttp_private import send_continue
 from tusserver.auth import Grant
 from tusserver.errors import (
@@ -23,8 +23,7 @@ from tusserver.errors import (
     MethodNotAllowed,
     OffsetMismatch,
 )
-from tusserver.http import draft_handlers
-from tusserver.http.keys import DRAFT, GRANT, PRE_CREATE, SETTINGS, UPLOAD_ID, UPLOADS
+from tusserver.http.keys import DRAFT, GRANT, PRE_CREATE, SETTINGS, UPLOADS
 from tusserver.uploads.service import Body, NewUpload, SizeLimit, Upload, Uploads
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -111,6 +110,19 @@ def location_of(request: web.Request) -> str:
 # -- the collection: OPTIONS, POST ---------------------------------------------------------
 
 
+def draft_options_headers(request: web.Request) -> dict[str, str]:
+    """What OPTIONS adds for draft clients, whatever protocol asked: `Accept-Patch` and the
+    limits of a new upload (`min-size=0` when there are none)."""
+    version = request.get(DRAFT, draft.NEWEST)
+    value = draft.format_limits(
+        version,
+        max_size=request.app[SETTINGS].max_size_bytes,
+        lifetime_s=request.app[SETTINGS].expire_after_s,
+    )
+    headers = {"Accept-Patch": draft.PARTIAL_UPLOAD}
+    return headers if value is None else headers | {"Upload-Limit": value}
+
+
 async def options(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     headers = tus_headers(
@@ -119,7 +131,7 @@ async def options(request: web.Request) -> web.Response:
         tus_max_size=settings.max_size_bytes,
         tus_checksum_algorithm=",".join(protocol.CHECKSUM_ALGORITHMS),
     )
-    headers |= draft_handlers.options_headers(request)  # the same endpoint speaks the draft
+    headers |= draft_options_headers(request)  # the same endpoint speaks the draft
     return web.Response(status=204, headers=headers)
 
 
@@ -350,15 +362,10 @@ UPLOAD_METHODS: dict[str, Handler] = {
 
 
 async def collection(request: web.Request) -> web.StreamResponse:
-    if DRAFT in request:
-        return await draft_handlers.collection(request)
     return await _dispatch(request, COLLECTION_METHODS)
 
 
 async def upload(request: web.Request) -> web.StreamResponse:
-    request[UPLOAD_ID] = request.match_info["upload_id"]
-    if DRAFT in request:
-        return await draft_handlers.upload(request)
     return await _dispatch(request, UPLOAD_METHODS)
 
 
