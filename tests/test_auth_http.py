@@ -248,7 +248,7 @@ async def test_delete_needs_delete(secured: Server, http: aiohttp.ClientSession)
     async with http.delete(url, headers={**TUS, **bearer(token(actions=["delete"]))}) as response:
         assert response.status == 204
     async with http.head(url, headers={**TUS, **bearer(token())}) as response:
-        assert response.status == 410
+        assert response.status == 404  # --gone-status, 404 by default
     assert not secured.file_of(url).exists()
 
 
@@ -317,18 +317,22 @@ async def test_another_subjects_upload_is_404_never_403(
         assert await response.read() == b"finished"
 
 
-async def test_another_subjects_terminated_upload_is_404_not_410(
-    secured: Server, http: aiohttp.ClientSession
+@pytest.mark.parametrize("gone_status", [404, 410])
+async def test_another_subjects_terminated_upload_is_404_without_the_reason(
+    make_server: ServerFactory, http: aiohttp.ClientSession, gone_status: int
 ) -> None:
+    secured = await make_server(secrets=(SECRET,), gone_status=gone_status)
     url = await started_upload(http, secured, b"abc", 6)
     async with http.delete(url, headers={**TUS, **bearer(token())}) as response:
         assert response.status == 204
-    async with http.head(url, headers={**TUS, **bearer(token())}) as response:
-        assert response.status == 410  # its owner learns it is gone
+    async with http.delete(url, headers={**TUS, **bearer(token())}) as response:
+        assert response.status == gone_status  # its owner learns it is gone, and why
+        assert await response.text() == "this upload was terminated\n"
     async with http.head(url, headers={**TUS, **bearer(token("bob"))}) as response:
         assert response.status == 404
     async with http.delete(url, headers={**TUS, **bearer(token("bob"))}) as response:
         assert response.status == 404
+        assert await response.text() == "no such upload\n"
 
 
 async def test_token_for_another_upload_id_is_404(
@@ -498,7 +502,7 @@ async def test_method_override_is_checked_as_the_overriding_method(
     async with http.post(url, headers={**override, **bearer(token(actions=["delete"]))}) as r:
         assert r.status == 204
     async with http.head(url, headers={**TUS, **bearer(token())}) as response:
-        assert response.status == 410
+        assert response.status == 404
 
 
 async def test_options_needs_no_token(secured: Server, http: aiohttp.ClientSession) -> None:

@@ -131,4 +131,4 @@ async def test_uploads_work_across_cluster_nodes(cluster_server: str, cluster_ur
         async with http.delete(urls[0], headers=TUS) as response:
             assert response.status == 204
         async with http.head(urls[0], headers=TUS) as response:
-            assert response.status == 410
+            assert response.status == 404  # gone: --gone-status, 404 by default

@@ -33,7 +33,7 @@ from tests.support.tus import (
 from tests.support.waiting import wait_until, wait_until_sync
 from tusserver.auth import DEFAULT_LEEWAY_S, verify_token
 from tusserver.errors import Unauthorized
-from tusserver.settings import OPTIONS, default_text, env_name
+from tusserver.settings import OPTIONS, build_settings, default_text, env_name
 
 CLI_TIMEOUT_S = 60
 
@@ -161,6 +161,8 @@ INVALID_SETTINGS = [
     ([], {"TUS_PORT": "abc"}, "TUS_PORT"),
     (["--host", "0.0.0.0"], {}, "secret"),  # noqa: S104 (refused, never bound)
     (["--production"], {}, "secret"),
+    (["--gone-status", "403"], {}, "gone-status"),
+    ([], {"TUS_GONE_STATUS": "200"}, "gone-status"),
 ]
 
 
@@ -202,6 +204,18 @@ def test_help_shows_every_option_with_its_default_and_env_name(args: list[str]) 
         described = options_part[start:end]
         assert f"env {env_name(option)};" in described, described
         assert f"default: {default_text(option)}]" in described, described
+
+
+def test_readme_settings_table_names_every_option_and_no_other() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `--([a-z-]+)` \|", readme, re.MULTILINE)
+    assert sorted(rows) == sorted(option for option, *_ in OPTIONS)
+
+
+def test_gone_status_is_404_by_default_and_410_from_flag_or_environment() -> None:
+    assert build_settings({}, {}).gone_status == 404
+    assert build_settings({}, {"TUS_GONE_STATUS": "410"}).gone_status == 410
+    assert build_settings({"gone_status": 410}, {"TUS_GONE_STATUS": "404"}).gone_status == 410
 
 
 def test_python_dash_m_tusserver_help_works() -> None:

@@ -321,10 +321,29 @@ async def test_unknown_upload_is_404(
     assert len(files_in(server)) == 1
 
 
+async def test_terminated_upload_is_404_for_its_owner_with_the_reason_by_default(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    """404, not 410: TUSKit, tus-java-client and the Dart clients start over only on 404
+    (docs/clients.md); the body still says what happened, unlike an unknown id's."""
+    url = await create_upload(http, server.url, 10)
+    async with http.delete(url, headers=TUS) as response:
+        assert response.status == 204
+    async with http.head(url, headers=TUS) as response:
+        assert response.status == 404
+        assert "Upload-Offset" not in response.headers
+    for method, data in (("PATCH", b"abc"), ("DELETE", None), ("GET", None)):
+        async with http.request(method, url, data=data, headers=patch_headers(0)) as response:
+            assert await assert_refusal(response, 404) == "this upload was terminated"
+    unknown = server.url + "0123456789abcdef0123456789abcdef"
+    async with http.patch(unknown, data=b"abc", headers=patch_headers(0)) as response:
+        assert await assert_refusal(response, 404) == "no such upload"
+
+
 async def test_terminated_upload_is_410_for_its_owner_then_404_once_the_tombstone_expires(
     make_server: ServerFactory, http: aiohttp.ClientSession
 ) -> None:
-    server = await make_server(tombstone_ttl_s=1.0)
+    server = await make_server(tombstone_ttl_s=1.0, gone_status=410)
     url = await create_upload(http, server.url, 10)
     async with http.delete(url, headers=TUS) as response:
         assert response.status == 204
@@ -680,10 +699,22 @@ async def test_unfinished_upload_is_removed_once_it_expires(
     assert server.file_of(url).exists()
     assert await expiry.sweep_once(server.uploads, now=time.time() + 1) == 1
     async with http.head(url, headers=TUS) as response:
-        assert response.status == 410
+        assert response.status == 404  # --gone-status: 404 by default
     async with http.patch(url, data=b"def", headers=patch_headers(3)) as response:
-        await assert_refusal(response, 410)
+        assert await assert_refusal(response, 404) == "this upload was expired"
     assert not server.file_of(url).exists()
+
+
+async def test_expired_upload_is_410_with_gone_status_410(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(expire_after_s=0.5, gone_status=410)
+    url = await create_upload(http, server.url, 10)
+    assert await expiry.sweep_once(server.uploads, now=time.time() + 1) == 1
+    async with http.head(url, headers=TUS) as response:
+        assert response.status == 410
+    async with http.patch(url, data=b"def", headers=patch_headers(0)) as response:
+        assert await assert_refusal(response, 410) == "this upload was expired"
 
 
 async def test_upload_not_yet_expired_is_left_alone_by_the_sweeper(
@@ -720,11 +751,11 @@ async def test_delete_terminates_the_upload(server: Server, http: aiohttp.Client
         assert response.headers["Tus-Resumable"] == "1.0.0"
     assert not server.file_of(url).exists()
     async with http.head(url, headers=TUS) as response:
-        assert response.status == 410
+        assert response.status == 404
     async with http.patch(url, data=b"def", headers=patch_headers(3)) as response:
-        await assert_refusal(response, 410)
+        assert "terminated" in await assert_refusal(response, 404)
     async with http.delete(url, headers=TUS) as response:
-        await assert_refusal(response, 410)
+        assert "terminated" in await assert_refusal(response, 404)
 
 
 async def test_delete_of_a_completed_upload_terminates_it(
@@ -736,8 +767,8 @@ async def test_delete_of_a_completed_upload_terminates_it(
     async with http.delete(url, headers=TUS) as response:
         assert response.status == 204
     assert not server.file_of(url).exists()
-    async with http.head(url, headers=TUS) as response:
-        assert response.status == 410
+    async with http.get(url, headers=TUS) as response:
+        assert "terminated" in await assert_refusal(response, 404)
 
 
 # -- X-HTTP-Method-Override ----------------------------------------------------------------
@@ -761,8 +792,8 @@ async def test_post_with_method_override_delete_terminates(
     async with http.post(url, headers={**TUS, "X-HTTP-Method-Override": "DELETE"}) as response:
         assert response.status == 204
     assert not server.file_of(url).exists()
-    async with http.head(url, headers=TUS) as response:
-        assert response.status == 410
+    async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
+        assert "terminated" in await assert_refusal(response, 404)
 
 
 async def test_method_override_is_checked_for_tus_resumable_as_the_effective_method(

@@ -107,7 +107,10 @@ class OffsetMismatch(Conflict):
 
 
 class UploadGone(TusError):
-    """The upload was terminated or expired; its owner learns so while a tombstone lasts (410)."""
+    """The upload was terminated or expired; its owner learns so while a tombstone lasts.
+
+    410 here; the error middleware answers --gone-status instead (404 by default: the mobile
+    tus clients start over only on 404), with this reason in the body either way."""
 
     status = 410
 

@@ -101,6 +101,9 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     demo_page: bool | None = None
     tombstone_ttl_s: float = 7 * 24 * 3600.0
+    # The status the owner of a terminated or expired upload gets while its tombstone lasts:
+    # 404 (mobile tus clients start over only on 404) or 410; other subjects always get 404.
+    gone_status: int = 404
     sweep_interval_s: float = 30.0
     webhook_url: str | None = None
     webhook_secret: str | None = field(default=None, repr=False)
@@ -164,6 +167,8 @@ class Settings:
         ):
             if seconds <= 0:
                 raise SettingError(f"--{flag} must be positive")
+        if self.gone_status not in (404, 410):
+            raise SettingError(f"--gone-status must be 404 or 410, got {self.gone_status}")
         if self.max_connections < 1 or self.max_concat_parts < 1:
             raise SettingError("--max-connections and --max-concat-parts must be at least 1")
         for allowed in self.allowed_hosts:
@@ -240,6 +245,13 @@ OPTIONS: tuple[Option, ...] = (
         "shared secret for tokens; repeat (or comma-separate TUS_SECRET) to "
         "rotate: sign with the first, accept any",
         "SECRET",
+    ),
+    (
+        "gone-status",
+        parse_int,
+        "status for the owner of a terminated or expired upload: 404 (stock mobile clients "
+        "then start over) or 410 (the reason is in the body either way)",
+        "STATUS",
     ),
     ("production", parse_bool, "refuse to start without a secret", None),
     ("workers", parse_int, "worker processes serving the port", "N"),

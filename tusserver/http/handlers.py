@@ -285,7 +285,8 @@ async def patch(request: web.Request) -> web.Response:
 
 
 async def delete(request: web.Request) -> web.Response:
-    """Termination: 204, then 410 for the owner while the tombstone lasts, 404 after."""
+    """Termination: 204, then --gone-status (404 or 410) with the reason for the owner while
+    the tombstone lasts, 404 after."""
     upload_id = _own_upload_id(request, "delete")
     await uploads(request).terminate(upload_id, grant(request).subject)
     return web.Response(status=204, headers=tus_headers())

@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tusserver import auth, draft, protocol
-from tusserver.errors import ServiceUnavailable, TusError
+from tusserver.errors import ServiceUnavailable, TusError, UploadGone
 from tusserver.http.keys import DRAFT, GRANT, SETTINGS
 from tusserver.protocol import split_host
 from tusserver.settings import Settings, is_loopback_host
@@ -92,7 +92,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except TusError as error:
-        return _refusal(request, error.status, error.reason, error.headers, error.problem)
+        status = _status_of(request, error)
+        return _refusal(request, status, error.reason, error.headers, error.problem)
     except (RedisConnectionError, RedisTimeoutError, ConnectionRefusedError) as error:
         log.warning("Redis unreachable: %s", error)
         unavailable = ServiceUnavailable("the state store (Redis) is unreachable; retry later")
@@ -106,6 +107,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return _refusal(request, 500, "internal server error", {})
+
+
+def _status_of(request: web.Request, error: TusError) -> int:
+    """The status of a refusal: its own, but --gone-status (404 by default) for the owner of
+    a terminated or expired upload, so stock mobile clients start over by themselves."""
+    if isinstance(error, UploadGone):
+        return request.app[SETTINGS].gone_status
+    return error.status
 
 
 def _refusal(
