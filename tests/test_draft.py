@@ -156,3 +156,18 @@ def test_metadata_from_representation_fields() -> None:
         "filename": "fü.txt".encode(),
     }
     assert draft.metadata_of("application/partial-upload", None) == {}
+
+
+def test_upload_metadata_of_a_draft_creation_is_kept_and_named_keys_win() -> None:
+    """tus-js-client's draft modes send tus's Upload-Metadata on the creation."""
+    headers = {
+        "Upload-Metadata": f"filename {base64.b64encode(b'a.txt').decode()},is_live",
+        "Content-Type": "text/plain",
+        "Content-Disposition": 'attachment; filename="other.txt"',
+    }
+    assert draft.creation_metadata(headers) == {
+        "filetype": b"text/plain", "filename": b"a.txt", "is_live": None,
+    }  # fmt: skip
+    assert draft.creation_metadata({"Content-Type": "image/png"}) == {"filetype": b"image/png"}
+    with pytest.raises(BadRequest):
+        draft.creation_metadata({"Upload-Metadata": "filename not-base64!"})

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from tusserver.errors import BadRequest, TusError
-from tusserver.protocol import MAX_INTEGER, Checksum
+from tusserver.protocol import MAX_INTEGER, Checksum, parse_metadata
 
 INTEROP_HEADER = "Upload-Draft-Interop-Version"
 PARTIAL_UPLOAD = "application/partial-upload"
@@ -314,3 +314,11 @@ def metadata_of(content_type: str | None, disposition: str | None) -> dict[str, 
             name = plain.group(1) if plain.group(1) is not None else plain.group(2)
             metadata["filename"] = re.sub(r"\\(.)", r"\1", name).encode()
     return metadata
+
+
+def creation_metadata(headers: Mapping[str, str]) -> dict[str, bytes | None]:
+    """A creation's metadata: tus's `Upload-Metadata` where the client sends it (tus-js-client
+    does in its draft modes), and `filetype`/`filename` from the representation fields where
+    it names neither. 400 for a malformed `Upload-Metadata`."""
+    named = parse_metadata(headers.get("Upload-Metadata"))
+    return metadata_of(headers.get("Content-Type"), headers.get("Content-Disposition")) | named

@@ -109,7 +109,7 @@ async def post(request: web.Request) -> web.Response:
     upload_length = draft.parse_non_negative(headers.get("Upload-Length"), "Upload-Length")
     content_length = request.content_length if _has_body(request) else 0
     length = draft.resolved_length(upload_length, is_complete, content_length, 0)
-    metadata = draft.metadata_of(headers.get("Content-Type"), headers.get("Content-Disposition"))
+    metadata = draft.creation_metadata(headers)
     who.check_metadata(metadata)
     url_of = tus.location_of(request)  # 400 for a Host this server makes no URLs for
     limit = tus.size_limit(request)
