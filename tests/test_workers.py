@@ -17,79 +17,22 @@ import itertools
 import os
 import signal
 import sys
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.support.faults import MiB
 from tests.support.files import file_of
-from tests.support.processes import ServerProcess, StartProcess, pid_is_gone, start_server
-from tests.support.raw_http import (
-    TCP_ESTABLISHED,
-    TCP_LISTEN,
-    RawRequest,
-    raw_patch,
-    send_until_answered,
-    tcp_sockets,
-)
+from tests.support.processes import StartProcess, pid_is_gone, start_server
+from tests.support.raw_http import RawRequest, raw_patch, send_until_answered
 from tests.support.tus import TUS, completed_digest, create_upload, head_offset, repr_digest_of
 from tests.support.waiting import wait_until
+from tests.support.workers import children_of, socket_inodes_of, tcp_socket_inodes, worker_of
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="reads /proc"),
     pytest.mark.fresh_connections,  # as in the fault suites: no pooled connection is reused
 ]
-
-
-def children_of(pid: int) -> set[int]:
-    children = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                children.add(int(entry))
-    return children
-
-
-def socket_inodes_of(pid: int) -> set[int]:
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
-
-
-def tcp_socket_inodes(local_port: int, remote_port: int | None) -> set[int]:
-    """The inodes of the IPv4 sockets on 127.0.0.1:`local_port`: the listening ones (remote
-    None) or the one connected to 127.0.0.1:`remote_port`."""
-    inodes = set()
-    for socket in tcp_sockets():
-        if socket.local_port != local_port:
-            continue
-        if remote_port is None and socket.state == TCP_LISTEN:
-            inodes.add(socket.inode)
-        if remote_port is not None and socket.state == TCP_ESTABLISHED:
-            if socket.remote_port == remote_port:
-                inodes.add(socket.inode)
-    assert inodes, f"no socket on port {local_port} (peer {remote_port})"
-    return inodes
-
-
-def worker_of(server: ServerProcess, request: RawRequest, workers: set[int]) -> int:
-    """The pid of the worker holding the server side of `request`'s open connection."""
-    client_port = request.writer.get_extra_info("sockname")[1]
-    (inode,) = tcp_socket_inodes(server.port, client_port)
-    owners = [pid for pid in workers if inode in socket_inodes_of(pid)]
-    assert len(owners) == 1, owners
-    return owners[0]
 
 
 async def test_two_workers_listen_each_on_its_own_socket_share_connections_and_stop(
