@@ -3,12 +3,14 @@
 // Usage: node tus_upload.mjs '<options as JSON>'
 // Options: endpoint, file, and optionally token, metadata, chunkSize, overridePatchMethod,
 // uploadLengthDeferred (the file is then read as a stream of unknown length), parallelUploads,
+// protocol ('tus-v1', 'ietf-draft-03' or 'ietf-draft-05'), uploadDataDuringCreation,
 // storage (a JSON file for FileUrlStorage: fingerprints of unfinished uploads), resume (look
 // the file up in `storage` and go on from there), stopAfterBytes (abort() once that many bytes
 // are accepted), killAfterBytes (SIGKILL this process then, as when a phone kills the app).
 //
 // Every line on stdout is one JSON event: request (what tus-js-client is about to send),
-// previous (uploads found in storage), progress, aborted, success or error.
+// response (its status and the protocol's fields), previous (uploads found in storage),
+// progress, aborted, success or error.
 
 import * as fs from 'node:fs'
 import { PassThrough } from 'node:stream'
@@ -28,7 +30,12 @@ const SHOWN_HEADERS = [
   'Upload-Concat',
   'Upload-Metadata',
   'X-HTTP-Method-Override',
+  'Tus-Resumable',
+  'Upload-Draft-Interop-Version',
+  'Upload-Complete',
+  'Content-Type',
 ]
+const SHOWN_RESPONSE_HEADERS = ['Location', 'Upload-Offset', 'Upload-Complete', 'Upload-Length']
 
 function describe(request) {
   const headers = {}
@@ -57,6 +64,14 @@ const uploadOptions = {
   onBeforeRequest(request) {
     emit('request', describe(request))
   },
+  onAfterResponse(request, response) {
+    const headers = {}
+    for (const name of SHOWN_RESPONSE_HEADERS) {
+      const value = response.getHeader(name)
+      if (value !== undefined && value !== null) headers[name] = String(value)
+    }
+    emit('response', { method: request.getMethod(), url: request.getURL(), status: response.getStatus(), headers })
+  },
   onProgress(bytesSent, bytesTotal) {
     emit('progress', { bytesSent, bytesTotal })
   },
@@ -80,7 +95,15 @@ const uploadOptions = {
     process.exitCode = 1
   },
 }
-for (const name of ['chunkSize', 'overridePatchMethod', 'uploadLengthDeferred', 'parallelUploads']) {
+const PASSED_ON = [
+  'chunkSize',
+  'overridePatchMethod',
+  'uploadLengthDeferred',
+  'parallelUploads',
+  'protocol',
+  'uploadDataDuringCreation',
+]
+for (const name of PASSED_ON) {
   if (options[name] !== undefined) uploadOptions[name] = options[name]
 }
 if (options.storage) uploadOptions.urlStorage = new tus.FileUrlStorage(options.storage)
