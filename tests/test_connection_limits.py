@@ -21,6 +21,7 @@ from tests.support.processes import ServerProcess, tusserver_process
 from tests.support.raw_http import (
     RawRequest,
     RawResponse,
+    authority_of,
     exchange,
     request_bytes,
     send_until_answered,
@@ -31,10 +32,6 @@ from tests.support.waiting import wait_until
 
 KiB, MiB = 2**10, 2**20
 DEFAULT_MAX_HEADER_BYTES = 96 * KiB
-
-
-def host_of(url: str) -> str:
-    return url.split("//", 1)[1].split("/", 1)[0]
 
 
 def header_lines(count: int, size: int) -> bytes:
@@ -73,7 +70,7 @@ async def test_a_header_block_past_the_limit_in_pieces_is_431_and_closed(server:
     total is what counts (the default limit, 96 KiB)."""
     request = await RawRequest.connect(server.url)
     try:
-        await request.send(f"GET /health HTTP/1.1\r\nHost: {host_of(server.url)}\r\n".encode())
+        await request.send(f"GET /health HTTP/1.1\r\nHost: {authority_of(server.url)}\r\n".encode())
         # lines of 2000 bytes: 50 pass the limit (aiohttp allows 128 lines)
         answer = await send_in_pieces_past(request, header_lines(1, 2000), DEFAULT_MAX_HEADER_BYTES)
         assert answer.status == 431, answer
@@ -88,7 +85,7 @@ async def test_a_complete_header_block_past_the_limit_is_431_and_nothing_is_crea
     make_server: ServerFactory,
 ) -> None:
     server = await make_server(max_header_bytes=8 * KiB)
-    host = host_of(server.url)
+    host = authority_of(server.url)
     creation = [("Host", host), *TUS.items(), ("Upload-Length", "5")]
     under = request_bytes("POST", "/files/", [*creation, ("X-Pad", "a" * 7000)])
     assert (await exchange(server.url, under)).status == 201  # a block under the limit is fine
@@ -158,7 +155,7 @@ async def test_a_keep_alive_connection_idle_past_the_keepalive_timeout_is_closed
 ) -> None:
     server = await make_server(keepalive_timeout_s=0.5)
     request = await RawRequest.connect(server.url)
-    health = request_bytes("GET", "/health", [("Host", host_of(server.url))])
+    health = request_bytes("GET", "/health", [("Host", authority_of(server.url))])
     try:
         for _ in range(2):  # the connection is kept between requests
             await request.send(health)
@@ -181,7 +178,7 @@ async def test_an_unfinished_header_block_after_a_pipelined_request_is_408(
     """Without the header timeout, only the keep-alive timeout (75 s by default, 2 s here)
     ends the connection, and without an answer."""
     server = await make_server(header_timeout_s=0.5, keepalive_timeout_s=2)
-    health = request_bytes("GET", "/health", [("Host", host_of(server.url))])
+    health = request_bytes("GET", "/health", [("Host", authority_of(server.url))])
     request = await RawRequest.connect(server.url)
     try:
         await request.send(health + b"GET /health HTTP/1.1\r\nX-Unfinished: 1\r\n")
@@ -197,7 +194,7 @@ async def test_a_header_block_after_a_pipelined_request_past_the_limit_is_431(
     """6 KB in the read that ends the first request, 6 KB more: past the 8 KiB limit, but only
     the second read is counted (the header timeout answers instead, later)."""
     server = await make_server(max_header_bytes=8 * KiB, header_timeout_s=1)
-    health = request_bytes("GET", "/health", [("Host", host_of(server.url))])
+    health = request_bytes("GET", "/health", [("Host", authority_of(server.url))])
     request = await RawRequest.connect(server.url)
     try:
         await request.send(health + b"GET /health HTTP/1.1\r\n" + header_lines(6, 1000))
@@ -216,7 +213,7 @@ async def test_connections_past_the_maximum_are_503_and_closed_until_one_goes(
     make_server: ServerFactory,
 ) -> None:
     server = await make_server(max_connections=3)
-    health = request_bytes("GET", "/health", [("Host", host_of(server.url))])
+    health = request_bytes("GET", "/health", [("Host", authority_of(server.url))])
     held = [await RawRequest.connect(server.url) for _ in range(3)]
     try:
         extra = await RawRequest.connect(server.url)
@@ -291,7 +288,7 @@ async def test_forty_header_blocks_growing_past_the_limit_are_cut_off_without_me
             *(send_until_answered(request, lines, chunk=64 * KiB) for request in held)
         )
         during = [rss_bytes(pid)[0]]
-        health = request_bytes("GET", "/health", [("Host", host_of(server.url))])
+        health = request_bytes("GET", "/health", [("Host", authority_of(server.url))])
         assert await answer_to(server.url, health) == 200
         # the 431 may be lost to the reset that closing a socket with unread bytes sends
         assert {None if answer is None else answer.status for answer in answers} <= {431, None}
@@ -330,10 +327,10 @@ async def test_forty_unfinished_header_blocks_are_held_cheaply_until_the_header_
         during = [rss_bytes(pid)[0]]
         assert not any(answer.done() for answer in answers)  # all held, none refused yet
 
-        health = request_bytes("GET", "/health", [("Host", host_of(server.url))])
+        health = request_bytes("GET", "/health", [("Host", authority_of(server.url))])
         assert await answer_to(server.url, health) == 200
         head = request_bytes(
-            "HEAD", "/files/" + "0" * 32, [("Host", host_of(server.url)), *TUS.items()]
+            "HEAD", "/files/" + "0" * 32, [("Host", authority_of(server.url)), *TUS.items()]
         )
         assert (await exchange(server.url, head, has_body=False)).status == 404
 

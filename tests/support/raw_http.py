@@ -142,6 +142,11 @@ class RawRequest:
             pass
 
 
+def authority_of(url: str) -> str:
+    """The host and port of `url`, as a Host header names them."""
+    return urlsplit(url).netloc
+
+
 def request_bytes(
     method: str,
     target: str | bytes,

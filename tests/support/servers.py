@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
 from tests.support.files import file_of
+from tests.support.raw_http import RawResponse, authority_of, exchange, request_bytes
 from tests.support.tus import upload_id_of
 from tusserver.http.keys import UPLOADS
 from tusserver.settings import Settings
@@ -47,3 +48,30 @@ class Server:
 
 
 ServerFactory = Callable[..., Awaitable[Server]]  # the `make_server` fixture
+
+
+async def send_raw(
+    server: Server,
+    method: str,
+    target: str | bytes,
+    headers: Iterable[tuple[str | bytes, str | bytes]] = (),
+    body: bytes = b"",
+    *,
+    host: str | bytes | None = None,
+) -> RawResponse:
+    """One request on a new plain connection, exactly as given, with a Host header (the
+    server's own unless `host`) and, when there is a body, its Content-Length; the answer."""
+    sent: list[tuple[str | bytes, str | bytes]] = [
+        ("Host", authority_of(server.url) if host is None else host)
+    ]
+    sent += headers
+    if body:
+        sent.append(("Content-Length", str(len(body))))
+    data = request_bytes(method, target, sent, body)
+    return await exchange(server.url, data, has_body=method != "HEAD")
+
+
+async def assert_no_uploads(server: Server, owner: str = "anonymous") -> None:
+    """The owner has no upload record (their index is empty) and there is no upload file."""
+    assert await server.uploads.list_owned(owner, None, 1000) == []
+    assert list((server.settings.data_dir / "uploads").glob("*/*")) == []

@@ -28,6 +28,11 @@ def upload_id_of(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 
+def path_of(url: str) -> str:
+    """The path of an absolute URL (what a request line names)."""
+    return "/" + url.split("//", 1)[1].split("/", 1)[1]
+
+
 def repr_digest_of(data: bytes) -> str:
     """The Repr-Digest header (RFC 9530) of `data`, spelled out here rather than by the server's
     own code."""
