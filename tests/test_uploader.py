@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -225,6 +226,17 @@ def test_on_a_terminal_each_file_gets_a_progress_bar(tmp_path: Path, processes: 
     assert_identical_on_server(server.url, files)
 
 
+@contextlib.contextmanager
+def server_paused(server: ServerProcess) -> Iterator[None]:
+    """Stop the server process (SIGSTOP) for the block: a client's interruption then lands
+    mid-upload however fast the upload would otherwise finish."""
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
 def test_interrupted_runs_resume_from_the_server_offset(
     tmp_path: Path, processes: Processes, uploaders: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
@@ -252,8 +264,9 @@ def test_interrupted_runs_resume_from_the_server_offset(
     )
     url = big_url()
     wait_until_sync(lambda: server_offset(url) > 0, WAIT_S, what="big has bytes")
-    first.send_signal(signal.SIGINT)
-    assert first.wait(20) == 130
+    with server_paused(server):  # the big file cannot finish while the Ctrl-C lands
+        first.send_signal(signal.SIGINT)
+        assert first.wait(20) == 130
     assert "run the same command again" in (tmp_path / "upload-0.err").read_text()
     offset_after_sigint = server_offset(url)
     assert 0 < offset_after_sigint < big.stat().st_size
@@ -265,8 +278,9 @@ def test_interrupted_runs_resume_from_the_server_offset(
     wait_until_sync(lambda: resumed in second_out.read_text(), WAIT_S, what="second run resumed")
     resumed_at = server_offset(url)
     wait_until_sync(lambda: server_offset(url) > resumed_at, WAIT_S, what="second run sent bytes")
-    second.send_signal(signal.SIGKILL)
-    assert second.wait(20) == -signal.SIGKILL
+    with server_paused(server):
+        second.send_signal(signal.SIGKILL)
+        assert second.wait(20) == -signal.SIGKILL
     offset_after_sigkill = server_offset(url)
     assert offset_after_sigint < offset_after_sigkill < big.stat().st_size
     assert big_url() == url  # resumed the same upload, not a new one
