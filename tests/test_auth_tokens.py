@@ -47,6 +47,15 @@ VECTOR_TOKEN = (
     "MTcwMDAwMzYwMCwibWF4IjoxMDAwMDAwMDAwMCwibWQiOnsiZmlsZXR5cGUiOlsiaW1hZ2UvcG5nIiwiaW1hZ2Uv"
     "anBlZyJdfX0.YNaLZGiKQ77ztzu_35BiJ6IuUXg"
 )
+# The second vector: a token that may finish what it starts (the `fin` claim).
+FIN_VECTOR_PAYLOAD = (
+    '{"sub":"user-42","act":["create","upload","delete"],"iat":1700000000,"exp":1700000900,'
+    '"fin":true}'
+)
+FIN_VECTOR_TOKEN = (
+    "eyJzdWIiOiJ1c2VyLTQyIiwiYWN0IjpbImNyZWF0ZSIsInVwbG9hZCIsImRlbGV0ZSJdLCJpYXQiOjE3MDAwMDAw"
+    "MDAsImV4cCI6MTcwMDAwMDkwMCwiZmluIjp0cnVlfQ.CMgllv8uEKQy50uz2HHi5uaE1sQ"
+)
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "tokens.md"
 
 
@@ -445,4 +454,85 @@ def test_docs_node_example_issues_the_test_vector() -> None:
     result = subprocess.run(
         [node, "-e", example], capture_output=True, text=True, timeout=30, check=True
     )
-    assert result.stdout.strip() == VECTOR_TOKEN
+    assert result.stdout.split() == [VECTOR_TOKEN, FIN_VECTOR_TOKEN]
+
+
+# --- the `fin` claim: tokens that let an upload finish ---------------------------------------
+
+
+def test_docs_fin_test_vector_is_reproduced_exactly() -> None:
+    issued = issue_token(
+        VECTOR_SECRET,
+        subject="user-42",
+        actions=["create", "upload", "delete"],
+        ttl_s=900,
+        finishes=True,
+        now=VECTOR_NOW,
+    )
+    assert issued == FIN_VECTOR_TOKEN
+    payload_part, _ = issued.split(".")
+    assert base64.urlsafe_b64decode(payload_part + "==").decode() == FIN_VECTOR_PAYLOAD
+    docs = DOCS.read_text(encoding="utf-8")
+    assert FIN_VECTOR_PAYLOAD in docs and FIN_VECTOR_TOKEN in docs
+
+
+def test_fin_claim_is_read_and_the_grant_carries_the_tokens_digest_not_the_token() -> None:
+    issued = issue_token(SECRET, subject="alice", actions=["create"], ttl_s=60, finishes=True,
+                         now=NOW)  # fmt: skip
+    grant = verify_token(issued, [SECRET], now=NOW)
+    assert grant.finishes and not grant.expired and grant.finishing is None
+    assert grant.created_by == hashlib.sha256(issued.encode()).hexdigest()
+    assert issued not in repr(grant)
+    plain = verify_token(token(), [SECRET], now=NOW)
+    assert not plain.finishes and plain.created_by == ""  # nothing recorded without the claim
+
+
+def test_expired_fin_token_is_an_expired_grant_only_where_it_may_finish() -> None:
+    issued = issue_token(SECRET, subject="alice", actions=["upload"], ttl_s=60, finishes=True,
+                         now=NOW - 3600)  # fmt: skip
+    grant = verify_token(issued, [SECRET], now=NOW, allow_finishing=True)
+    assert grant.expired and grant.finishing == hashlib.sha256(issued.encode()).hexdigest()
+    with pytest.raises(Unauthorized) as error:
+        verify_token(issued, [SECRET], now=NOW)  # not asked to allow finishing
+    assert refused(error, Unauthorized, 401) == "token expired"
+    headers = {"Authorization": f"Bearer {issued}"}
+    for method in ("HEAD", "PATCH", "DELETE"):
+        found = grant_for_request(method, headers, {}, [SECRET], now=NOW, may_finish=True)
+        assert found.expired
+    for method in ("POST", "GET"):
+        with pytest.raises(Unauthorized, match="token expired"):
+            grant_for_request(method, headers, {}, [SECRET], now=NOW, may_finish=True)
+    with pytest.raises(Unauthorized, match="token expired"):
+        grant_for_request("PATCH", headers, {}, [SECRET], now=NOW)  # not about one upload
+
+
+def test_expired_token_without_fin_is_refused_even_where_one_may_finish() -> None:
+    headers = {"Authorization": f"Bearer {token(ttl_s=60, now=NOW - 3600)}"}
+    with pytest.raises(Unauthorized, match="token expired"):
+        grant_for_request("PATCH", headers, {}, [SECRET], now=NOW, may_finish=True)
+
+
+def test_expired_fin_token_still_needs_its_signature_and_a_sane_iat() -> None:
+    issued = issue_token(SECRET, subject="alice", actions=["upload"], ttl_s=60, finishes=True,
+                         now=NOW - 3600)  # fmt: skip
+    with pytest.raises(Unauthorized, match="bad signature"):
+        verify_token(issued, ["another secret"], now=NOW, allow_finishing=True)
+    _payload_part, signature = issued.split(".")
+    forged = b64url(
+        json.dumps({"sub": "mallory", "act": ["upload"], "exp": 1, "fin": True}).encode()
+    )
+    with pytest.raises(Unauthorized, match="bad signature"):
+        verify_token(f"{forged}.{signature}", [SECRET], now=NOW, allow_finishing=True)
+    from_the_future = issue_token(SECRET, subject="alice", actions=["upload"], ttl_s=60,
+                                  finishes=True, now=NOW + 3600)  # fmt: skip
+    with pytest.raises(Unauthorized, match="issued in the future"):
+        verify_token(from_the_future, [SECRET], now=NOW, allow_finishing=True)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, [], {}])
+def test_fin_claim_that_is_not_a_boolean_is_invalid(value: object) -> None:
+    body = json.dumps({"sub": "alice", "act": ["create"], "exp": int(NOW) + 60, "fin": value})
+    payload_part = b64url(body.encode())
+    made = f"{payload_part}.{independent_signature(payload_part, SECRET)}"
+    with pytest.raises(Unauthorized, match="fin must be true or false"):
+        verify_token(made, [SECRET], now=NOW)

@@ -250,6 +250,15 @@ def test_token_command_prints_a_token_verify_token_accepts() -> None:
         verify_token(token, ["another secret"])
 
 
+def test_token_command_with_finish_issues_the_fin_claim() -> None:
+    args = ("token", "--subject", "alice", "--ttl", "15m", "--secret", "s3cret")
+    finishing = run_cli(*args, "--finish")
+    plain = run_cli(*args)
+    assert finishing.returncode == 0 and plain.returncode == 0, finishing.stderr
+    assert verify_token(finishing.stdout.strip(), ["s3cret"]).finishes
+    assert not verify_token(plain.stdout.strip(), ["s3cret"]).finishes
+
+
 # -- the access log ------------------------------------------------------------------------
 
 

@@ -7,12 +7,13 @@ a configured secret (development mode) every request gets ANONYMOUS.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TypeGuard
 
@@ -36,6 +37,9 @@ ACTIONS_FOR_METHOD: Mapping[str, tuple[str, ...]] = MappingProxyType(
 
 _ACTION_ORDER = ("create", "upload", "read", "delete")  # fixed order keeps tokens reproducible
 _QUERY_TOKEN_METHODS = frozenset({"GET", "HEAD"})
+# What a token with the `fin` claim may still do after its `exp`, for the upload it created.
+FINISHING_METHODS = frozenset({"HEAD", "PATCH", "DELETE"})
+EXPIRED = "token expired"
 # payload part (a leading "." marks zlib), ".", then 27 base64url characters of HMAC-SHA1
 _TOKEN_SHAPE = re.compile(r"\.?[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{27}")
 _MAX_TOKEN_CHARS = 8192
@@ -67,6 +71,24 @@ class Grant:
     upload_id: str | None = None
     metadata: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     expires_at: float | None = None
+    finishes: bool = False  # the `fin` claim: may finish the uploads it creates after `exp`
+    # SHA-256 (hex) of the token's text: what an upload records, never the token itself
+    token_digest: str = field(default="", repr=False, compare=False)
+    expired: bool = False  # past `exp`: accepted only to finish the upload it created
+
+    @property
+    def created_by(self) -> str:
+        """What an upload created with this grant records as its creator: the token's digest
+        when the token may finish what it starts (the `fin` claim), else ""."""
+        return self.token_digest if self.finishes else ""
+
+    @property
+    def finishing(self) -> str | None:
+        """None while the token is valid; once past its `exp` (a `fin` token, accepted on
+        FINISHING_METHODS only), the creator digest the upload must have: the service
+        refuses (401 token expired) any other upload, and its own once it is no longer
+        uploading."""
+        return self.token_digest if self.expired else None
 
     def require(self, *any_of: str) -> None:
         """Return if at least one of `any_of` is granted; raise Forbidden (403) naming them."""
@@ -112,9 +134,12 @@ def issue_token(
     max_size_bytes: int | None = None,
     upload_id: str | None = None,
     metadata: Mapping[str, Sequence[str]] | None = None,
+    finishes: bool = False,
     now: float | None = None,
 ) -> str:
-    """Return a token signed with `secret` that expires `ttl_s` seconds after `now`.
+    """Return a token signed with `secret` that expires `ttl_s` seconds after `now`; with
+    `finishes`, the `fin` claim: it keeps working after its expiry for HEAD, PATCH and DELETE
+    of the uploads it created, until each completes or expires.
 
     Raises ValueError for an empty secret, subject or upload id, no or unknown actions, a
     ttl that is not a positive finite number, a negative max size, or a metadata constraint
@@ -144,6 +169,8 @@ def issue_token(
         "md": {key: list(values) for key, values in metadata.items()} if metadata else None,
     }
     payload.update((key, value) for key, value in optional.items() if value is not None)
+    if finishes:
+        payload["fin"] = True
     return _TokenSerializer(secret, salt=TOKEN_SALT).dumps(payload)
 
 
@@ -153,8 +180,11 @@ def verify_token(
     *,
     now: float | None = None,
     leeway_s: float = DEFAULT_LEEWAY_S,
+    allow_finishing: bool = False,
 ) -> Grant:
-    """Return the Grant of a token signed with any of `secrets`.
+    """Return the Grant of a token signed with any of `secrets`. With `allow_finishing`, a
+    token with the `fin` claim that is past its `exp` comes back as an `expired` grant
+    instead of a refusal (the caller lets it finish only the upload it created).
 
     Raises Unauthorized (401) with the reason "malformed token", "bad signature" (forged,
     tampered or signed with a secret not configured), "token payload is invalid: ...",
@@ -173,11 +203,13 @@ def verify_token(
         raise Unauthorized("bad signature") from exc
     grant, expires, issued_at = _grant_from_payload(payload)
     current = time.time() if now is None else now
-    if current > expires + leeway_s:
-        raise Unauthorized("token expired")
+    expired = current > expires + leeway_s
+    if expired and not (allow_finishing and grant.finishes):
+        raise Unauthorized(EXPIRED)
     if issued_at is not None and issued_at > current + leeway_s:
         raise Unauthorized("token issued in the future: the parent's clock is ahead")
-    return grant
+    digest = hashlib.sha256(token.encode("ascii")).hexdigest()
+    return replace(grant, token_digest=digest, expired=expired)
 
 
 def _grant_from_payload(payload: object) -> tuple[Grant, int, int | None]:
@@ -187,6 +219,7 @@ def _grant_from_payload(payload: object) -> tuple[Grant, int, int | None]:
     subject, expires, acts = payload.get("sub"), payload.get("exp"), payload.get("act")
     issued_at, max_size, upload_id = payload.get("iat"), payload.get("max"), payload.get("uid")
     constraints = {} if payload.get("md") is None else payload["md"]
+    finishes = payload.get("fin")
     if not _is_text(subject, _MAX_SUBJECT_CHARS) or not subject:
         raise Unauthorized(
             f"{_INVALID}: sub must be a non-empty string of at most {_MAX_SUBJECT_CHARS} characters"
@@ -203,6 +236,8 @@ def _grant_from_payload(payload: object) -> tuple[Grant, int, int | None]:
         _is_text(key) and _is_str_list(values) for key, values in constraints.items()
     ):
         raise Unauthorized(f"{_INVALID}: md must map keys to lists of strings")
+    if finishes is not None and not isinstance(finishes, bool):
+        raise Unauthorized(f"{_INVALID}: fin must be true or false")
     grant = Grant(
         subject=subject,
         actions=frozenset(acts),
@@ -210,6 +245,7 @@ def _grant_from_payload(payload: object) -> tuple[Grant, int, int | None]:
         upload_id=upload_id,
         metadata=MappingProxyType({k: tuple(v) for k, v in constraints.items()}),
         expires_at=float(expires),
+        finishes=finishes is True,
     )
     return grant, expires, issued_at
 
@@ -271,9 +307,12 @@ def grant_for_request(
     *,
     now: float | None = None,
     leeway_s: float = DEFAULT_LEEWAY_S,
+    may_finish: bool = False,
 ) -> Grant:
     """Return what the request may do: ANONYMOUS without secrets (development mode), else
-    the grant of its verified token.
+    the grant of its verified token. `may_finish`: the request is about one upload, so an
+    expired token with the `fin` claim may still HEAD, PATCH or DELETE it (an `expired`
+    grant; whether the upload is the token's own is decided once it is known).
 
     Raises Unauthorized (401) if there is no token, or as token_from_request and
     verify_token do. Whether the grant covers the method is the caller's check
@@ -284,4 +323,5 @@ def grant_for_request(
     token = token_from_request(method, headers, query)
     if token is None:
         raise Unauthorized("a token is required: send Authorization: Bearer <token>")
-    return verify_token(token, secrets, now=now, leeway_s=leeway_s)
+    finishing = may_finish and method.upper() in FINISHING_METHODS
+    return verify_token(token, secrets, now=now, leeway_s=leeway_s, allow_finishing=finishing)

@@ -85,6 +85,12 @@ def make_parser() -> argparse.ArgumentParser:
     token.add_argument("--max-size", type=_argtype(parse_size), help="largest upload allowed")
     token.add_argument("--upload-id", help="allow only this upload")
     token.add_argument(
+        "--finish",
+        action="store_true",
+        help="the token keeps working after it expires for HEAD, PATCH and DELETE of the "
+        "uploads it creates, until each completes or expires (the fin claim)",
+    )
+    token.add_argument(
         "--secret", help=f"signing secret [default: the first of {env_name('secret')}]"
     )
     upload = commands.add_parser(
@@ -125,6 +131,7 @@ def _token(args: argparse.Namespace) -> int:
             ttl_s=args.ttl,
             max_size_bytes=args.max_size,
             upload_id=args.upload_id,
+            finishes=args.finish,
         )
     except ValueError as error:
         print(f"tusserver token: {error}", file=sys.stderr)

@@ -169,6 +169,7 @@ async def post(request: web.Request) -> web.Response:
         metadata=protocol.format_metadata(metadata),
         concat="partial" if concat is not None else "",
         url_of=url_of,
+        created_by=who.created_by,  # a digest of a token that may finish it after its exp
     )
     created = await uploads(request).create(new, body, limit)
     upload = created.upload
@@ -245,7 +246,8 @@ def concat_header(upload: Upload) -> str | None:
 async def head(request: web.Request) -> web.Response:
     """The committed offset (a running PATCH commits first), length, metadata, expiry."""
     upload_id = _own_upload_id(request, "upload", "read")
-    upload = await uploads(request).current(upload_id, grant(request).subject)
+    who = grant(request)
+    upload = await uploads(request).current(upload_id, who.subject, finishing=who.finishing)
     headers = tus_headers(
         upload_offset=upload.offset,
         upload_length=upload.length,
@@ -268,7 +270,8 @@ async def patch(request: web.Request) -> web.Response:
     declared_length = protocol.parse_upload_length(request.headers.get("Upload-Length"))
     body = body_of(request)
     limit = size_limit(request)
-    async with uploads(request).writing(upload_id, grant(request).subject) as session:
+    who = grant(request)
+    async with uploads(request).writing(upload_id, who.subject, finishing=who.finishing) as session:
         upload = session.upload
         if upload.is_final:
             raise Forbidden("a final upload cannot be patched")
@@ -288,7 +291,8 @@ async def delete(request: web.Request) -> web.Response:
     """Termination: 204, then --gone-status (404 or 410) with the reason for the owner while
     the tombstone lasts, 404 after."""
     upload_id = _own_upload_id(request, "delete")
-    await uploads(request).terminate(upload_id, grant(request).subject)
+    who = grant(request)
+    await uploads(request).terminate(upload_id, who.subject, finishing=who.finishing)
     return web.Response(status=204, headers=tus_headers())
 
 

@@ -168,11 +168,16 @@ async def tus_resumable_middleware(request: web.Request, handler: Handler) -> we
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every tus or download request but OPTIONS carries a grant (a token's, or anonymous's
-    in development mode); refusals (401) happen before any handler runs."""
+    in development mode); refusals (401) happen before any handler runs. The one exception:
+    a tus HEAD, PATCH or DELETE of one upload whose token is past its `exp` but may finish
+    what it created (the `fin` claim) gets an `expired` grant, and the upload service
+    decides, once it knows the upload, whether it is that token's own and still uploading."""
     if _is_tus_route(request) and request.method != "OPTIONS":
+        one_upload = request.match_info.route.name == "tus-upload" and DRAFT not in request
         request[GRANT] = auth.grant_for_request(
-            request.method, request.headers, request.query, request.app[SETTINGS].secrets
-        )
+            request.method, request.headers, request.query, request.app[SETTINGS].secrets,
+            may_finish=one_upload,
+        )  # fmt: skip
     return await handler(request)
 
 

@@ -70,6 +70,9 @@ class Upload:
     url: str
     concat: str = ""  # "", "partial" or "final;<id> <id> ..."
     sha256: str = ""  # hex, once completed
+    # A digest of the token that created the upload when that token may finish it after its
+    # expiry (the `fin` claim; never the token itself), else "".
+    created_by: str = ""
 
     @property
     def is_complete(self) -> bool:
@@ -123,6 +126,7 @@ def upload_from_hash(upload_id: str, raw: Mapping[Any, Any]) -> Upload:
         url=fields.get("url", ""),
         concat=fields.get("concat", ""),
         sha256=fields.get("sha256", ""),
+        created_by=fields.get("creator", ""),
     )
 
 

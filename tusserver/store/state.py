@@ -184,6 +184,8 @@ class UploadState:
             "concat": upload.concat,
             "sha256": upload.sha256,
         }
+        if upload.created_by:  # the token's digest, for a token that may finish the upload
+            fields["creator"] = upload.created_by
         event = upload.as_event("created", upload.created_at, self.path_of(upload.upload_id))
         del event["type"]
         created = await self._create(

@@ -21,7 +21,15 @@ from typing import Literal
 
 from aiohttp import StreamReader
 
-from tusserver.errors import BadRequest, PayloadTooLarge, TusError, UploadGone, UploadNotFound
+from tusserver.auth import EXPIRED
+from tusserver.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    TusError,
+    Unauthorized,
+    UploadGone,
+    UploadNotFound,
+)
 from tusserver.files.storage import Storage
 from tusserver.settings import Settings
 from tusserver.store.client import connect as connect_redis
@@ -61,6 +69,8 @@ class NewUpload:
     # An id chosen ahead (`Uploads.new_id`), so an interim answer can name the upload before
     # its body is read; "" lets `create` choose.
     upload_id: str = ""
+    # The digest of a token that may finish this upload after its expiry (Grant.created_by).
+    created_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -195,16 +205,23 @@ class Uploads:
             url=new.url_of.replace("{id}", upload_id),
             concat=new.concat,
             sha256=hashlib.sha256().hexdigest() if status == "completed" else "",
+            created_by=new.created_by,
         )
 
     # -- append ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def writing(self, upload_id: str, owner: str) -> AsyncIterator[AppendSession]:
+    async def writing(
+        self, upload_id: str, owner: str, *, finishing: str | None = None
+    ) -> AsyncIterator[AppendSession]:
         """Lock the upload (taking it from a running request; 404/410/423) for one append:
         the handler checks the request against `session.upload`, then calls
-        `session.append(body, limit)`, which chooses how to write."""
+        `session.append(body, limit)`, which chooses how to write. `finishing`: see
+        `check_finishing`, done before any running request is disturbed and again under the
+        lock."""
+        await self.check_finishing(upload_id, owner, finishing)
         async with self.leases.locked(upload_id, owner) as (upload, lease):
+            _check_finisher(upload, finishing)
             session = AppendSession(self._appending, upload, lease)
             try:
                 yield session
@@ -218,9 +235,23 @@ class Uploads:
         while a tombstone lasts)."""
         return await self.state.get(upload_id, owner)
 
-    async def current(self, upload_id: str, owner: str) -> Upload:
+    async def check_finishing(self, upload_id: str, owner: str, finishing: str | None) -> None:
+        """For a request whose token is past its `exp` but may finish what it created
+        (`finishing`: that token's digest; None for a valid token, which passes): 401 token
+        expired unless the upload was created by that very token and is still uploading. An
+        unknown or gone upload is 401 too: an expired token learns nothing."""
+        if finishing is None:
+            return
+        try:
+            upload = await self.state.get(upload_id, owner)
+        except (UploadNotFound, UploadGone):
+            raise Unauthorized(EXPIRED) from None
+        _check_finisher(upload, finishing)
+
+    async def current(self, upload_id: str, owner: str, *, finishing: str | None = None) -> Upload:
         """The upload as committed now: a running PATCH is asked to commit what it has first
-        (waiting at most about a second). 404/410 inside."""
+        (waiting at most about a second). 404/410 inside; `finishing` as `check_finishing`."""
+        await self.check_finishing(upload_id, owner, finishing)
         nonce = secrets.token_hex(6)
         upload, asked = await self.state.read(
             upload_id, owner, ask=f"commit:{nonce}", ttl_ms=LOCK_TTL_MS
@@ -245,9 +276,12 @@ class Uploads:
 
     # -- remove ----------------------------------------------------------------------------
 
-    async def terminate(self, upload_id: str, owner: str) -> None:
-        """Delete the upload, taking it from any running PATCH."""
+    async def terminate(self, upload_id: str, owner: str, *, finishing: str | None = None) -> None:
+        """Delete the upload, taking it from any running PATCH; `finishing` as
+        `check_finishing`."""
+        await self.check_finishing(upload_id, owner, finishing)
         async with self.leases.locked(upload_id, owner) as (upload, lease):
+            _check_finisher(upload, finishing)
             removed = await self.state.remove(
                 upload, "terminated", now=time.time(), lock_token=lease.token
             )
@@ -419,6 +453,15 @@ async def open_uploads(settings: Settings, redis_url: str) -> AsyncIterator[Uplo
             storage.close()
     finally:
         await client.aclose()
+
+
+def _check_finisher(upload: Upload, finishing: str | None) -> None:
+    """401 token expired unless the request's token is valid (`finishing` is None), or it
+    created `upload` and may finish it, and the upload is still uploading."""
+    if finishing is None:
+        return
+    if not upload.created_by or upload.created_by != finishing or upload.status != "uploading":
+        raise Unauthorized(EXPIRED)
 
 
 def _check_partial(partial_id: str, partial: Upload) -> Upload:
