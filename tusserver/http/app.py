@@ -92,6 +92,10 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
             # protocol.py refuses Upload-Metadata and Upload-Concat values past its own
             # (smaller) documented limit with a clear 400.
             "max_field_size": settings.max_header_bytes,
+            # Upload bodies are raw bytes: never decode a Content-Encoding (the handlers refuse
+            # one with 415); decoding costs CPU and memory before any check (a 1 MiB gzip
+            # bomb is a GiB) and would make offsets count bytes the client did not send.
+            "auto_decompress": False,
             "keepalive_timeout": settings.keepalive_timeout_s,
             "read_bufsize": READ_BUFFER_BYTES,
         },
