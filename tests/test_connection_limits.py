@@ -169,14 +169,14 @@ async def test_a_keep_alive_connection_idle_past_the_keepalive_timeout_is_closed
 
 
 # A header block that starts in the same read as the end of the request before it (a client
-# pipelining, or one that sends its next request at once) is neither timed nor counted.
+# pipelining, or one that sends its next request at once) is timed and counted from that read.
 
 
 async def test_an_unfinished_header_block_after_a_pipelined_request_is_408(
     make_server: ServerFactory,
 ) -> None:
-    """Without the header timeout, only the keep-alive timeout (75 s by default, 2 s here)
-    ends the connection, and without an answer."""
+    """Were it not timed, only the keep-alive timeout (75 s by default, 2 s here) would end
+    the connection, and without an answer."""
     server = await make_server(header_timeout_s=0.5, keepalive_timeout_s=2)
     health = request_bytes("GET", "/health", [("Host", authority_of(server.url))])
     request = await RawRequest.connect(server.url)
@@ -191,8 +191,8 @@ async def test_an_unfinished_header_block_after_a_pipelined_request_is_408(
 async def test_a_header_block_after_a_pipelined_request_past_the_limit_is_431(
     make_server: ServerFactory,
 ) -> None:
-    """6 KB in the read that ends the first request, 6 KB more: past the 8 KiB limit, but only
-    the second read is counted (the header timeout answers instead, later)."""
+    """6 KB in the read that ends the first request, 6 KB more: past the 8 KiB limit. Were
+    only the second read counted, the header timeout would answer instead, later."""
     server = await make_server(max_header_bytes=8 * KiB, header_timeout_s=1)
     health = request_bytes("GET", "/health", [("Host", authority_of(server.url))])
     request = await RawRequest.connect(server.url)
