@@ -603,3 +603,22 @@ def test_every_parser_refuses_only_with_tus_errors(value: str) -> None:
             parse(value)
         except TusError:
             pass
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("uploads.example.com", ("uploads.example.com", "")),
+        ("127.0.0.1:1080", ("127.0.0.1", "1080")),
+        ("[::1]:65535", ("[::1]", "65535")),
+        ("example.com:0", ("", "")),
+        ("example.com:00080", ("", "")),
+        ("example.com:65536", ("", "")),
+        ("example.com:", ("", "")),
+        ("exa mple.com", ("", "")),
+        ("exämple.com", ("", "")),
+    ],
+)
+def test_split_host_takes_plain_names_and_ports_only(host: str, expected: tuple[str, str]) -> None:
+    """A URL stored and sent to the parent is made from the Host: one spelling per place."""
+    assert protocol.split_host(host) == expected

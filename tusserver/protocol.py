@@ -355,14 +355,15 @@ def endpoint_template(scheme: str, host: str, prefix: str, base_path: str) -> st
     return f"{scheme}://{host}{prefix}{base_path}{{id}}"
 
 
-_HOST = re.compile(r"([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?")
+_HOST = re.compile(r"([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::([1-9][0-9]{0,4}))?")
 
 
 def split_host(host: str) -> tuple[str, str]:
     """A Host header's name and port ("" when absent); ("", "") when it is not an ASCII
-    host name or IP literal with an optional port."""
+    host name or IP literal with an optional port from 1 to 65535 written plainly (no
+    leading zero), so a URL built from it names one place only."""
     match = _HOST.fullmatch(host)
-    if match is None:
+    if match is None or (match.group(2) and int(match.group(2)) > 65535):
         return "", ""
     return match.group(1), match.group(2) or ""
 
