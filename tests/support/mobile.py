@@ -6,11 +6,15 @@ replay whole sequences with them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from tests.support.raw_http import RawRequest, RawResponse
 from tests.support.tus import OFFSET_STREAM, TUS
+from tests.support.waiting import wait_until
 
 # HttpURLConnection.setChunkedStreamingMode(0) uses the JDK's default chunk length, 4096
 # bytes (sun.net.www.protocol.http.HttpURLConnection.DEFAULT_CHUNK_SIZE).
@@ -79,8 +83,25 @@ async def java_patch(
         if stop_after is not None:
             body = chunked(data[:stop_after])
             await request.send(body[: -len(b"0\r\n\r\n")])  # no last chunk: cut off
+            await wait_until(request.is_read_by_server, what="the server read the cut body")
             return None
         await request.send(chunked(data))
         return ContinuedResponse(True, await request.response(timeout_s=30))
     finally:
         await request.close()
+
+
+WORKER_COUNTS = ["one-process", "two-workers"]  # pytest ids of the `endpoint` fixtures
+
+
+async def endpoint_for(
+    kind: str,
+    make_server: Callable[..., Awaitable[Any]],
+    processes: Callable[..., Any],
+    data_dir: Path,
+) -> str:
+    """The tus endpoint of a server in this process (`one-process`) or of `tusserver
+    --workers 2` in a subprocess (`two-workers`): the replays run against both."""
+    if kind == "two-workers":
+        return str((await asyncio.to_thread(processes, data_dir, "--workers", "2")).url)
+    return str((await make_server()).url)
