@@ -169,6 +169,36 @@ class Storage:
         if stats.f_bavail * stats.f_frsize - wanted_bytes < self.min_free_disk_bytes:
             raise InsufficientStorage("the server is low on disk space; try again later")
 
+    async def readiness(self) -> dict[str, str]:
+        """Whether files can be written: `data_dir` (a probe file is created, written and
+        removed) and `free_disk` (more than --min-free-disk free), each "ok" or why not."""
+
+        def probe() -> dict[str, str]:
+            checks = {"data_dir": "ok", "free_disk": "ok"}
+            probe_path = self.data_dir / f".ready-{os.getpid()}"
+            try:
+                fd = os.open(probe_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.write(fd, b"ready")
+                finally:
+                    os.close(fd)
+                    probe_path.unlink(missing_ok=True)
+            except OSError as error:
+                checks["data_dir"] = f"not writable: {error.strerror or error}"
+            try:
+                stats = os.statvfs(self.data_dir)
+            except OSError as error:
+                checks["free_disk"] = f"unknown: {error.strerror or error}"
+                return checks
+            free_bytes = stats.f_bavail * stats.f_frsize
+            if free_bytes <= self.min_free_disk_bytes:
+                checks["free_disk"] = (
+                    f"{free_bytes} bytes free, --min-free-disk is {self.min_free_disk_bytes}"
+                )
+            return checks
+
+        return await _in_thread(probe)
+
     async def create(self, upload_id: str) -> None:
         """Create the upload's empty file (0600) and make its directory entry durable."""
         await _in_thread(lambda: os.close(self._create(upload_id)))

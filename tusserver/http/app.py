@@ -39,6 +39,18 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def ready(request: web.Request) -> web.Response:
+    """200 when this process should be sent uploads, else 503 naming the checks that failed
+    (a draining process is not ready at once); no token, for load balancers."""
+    readiness = await request.app[UPLOADS].readiness()
+    body = {
+        "status": "ready" if readiness.is_ready else "not ready",
+        "checks": readiness.checks,
+        "failed": readiness.failed,
+    }
+    return web.json_response(body, status=200 if readiness.is_ready else 503)
+
+
 async def _uploads_context(app: web.Application) -> AsyncIterator[None]:
     async with open_uploads(app[SETTINGS], app[REDIS_URL]) as uploads:
         app[UPLOADS] = uploads
@@ -116,6 +128,7 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
         expect_handler=continue_handler,
     )  # fmt: skip
     app.router.add_get("/health", health, name="health", expect_handler=expect_handler)
+    app.router.add_get("/ready", ready, name="ready", expect_handler=expect_handler)
     demo.add_demo_routes(app, settings)
     app.on_shutdown.append(_stop_writers)
     app.cleanup_ctx.append(_uploads_context)

@@ -50,9 +50,10 @@ from tusserver.uploads.hashing import RunningHashes
 from tusserver.uploads.lease import LOCK_TTL_MS, POLL_S, TAKEOVER_WAIT_S, Leases
 from tusserver.uploads.lifetimes import RECEIVED_GRACE_S, Lifetimes
 
-__all__ = ["Body", "NewUpload", "SizeLimit", "Upload", "Uploads", "open_uploads"]
+__all__ = ["Body", "NewUpload", "Readiness", "SizeLimit", "Upload", "Uploads", "open_uploads"]
 
 log = logging.getLogger("tusserver.uploads")
+READY_REDIS_TIMEOUT_S = 1.0  # /ready: a Redis slower than this is as good as down
 ORPHAN_BATCH = 1000  # ids checked in one Redis round trip
 ORPHANS_WITHOUT_DOUBT = 10  # more orphans than this, and no file with a record: suspect Redis
 
@@ -80,6 +81,21 @@ class Created:
 
     upload: Upload
     refusal: TusError | None = None
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """The checks of `Uploads.readiness`: each name with "ok" or why it failed."""
+
+    checks: dict[str, str]
+
+    @property
+    def is_ready(self) -> bool:
+        return all(outcome == "ok" for outcome in self.checks.values())
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, outcome in self.checks.items() if outcome != "ok"]
 
 
 class Uploads:
@@ -420,6 +436,21 @@ class Uploads:
     async def ping(self) -> None:
         """Raises a Redis error when the state store does not answer."""
         await self.state.ping()
+
+    async def readiness(self) -> Readiness:
+        """Whether this process should be sent uploads: not draining (answered at once,
+        nothing else is checked), Redis answering within READY_REDIS_TIMEOUT_S, the data
+        directory writable and more than --min-free-disk free."""
+        if self.is_stopping:
+            return Readiness({"stopping": "the server is shutting down"})
+        checks = {"stopping": "ok", "redis": "ok"}
+        try:
+            await asyncio.wait_for(self.state.ping(), READY_REDIS_TIMEOUT_S)
+        except TimeoutError:
+            checks["redis"] = f"no answer within {READY_REDIS_TIMEOUT_S:g} s"
+        except Exception as error:  # any failure to answer means not ready
+            checks["redis"] = f"unreachable: {error}"
+        return Readiness(checks | await self.storage.readiness())
 
     async def close(self) -> None:
         for task in list(self._background):

@@ -1,0 +1,109 @@
+"""GET /ready: what a load balancer asks before sending uploads to a process. Real servers,
+real Redis (one of the test's own, stopped and started again), a real data directory."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from tests.support.servers import Server, ServerFactory
+from tests.support.waiting import wait_until
+from tusserver.http.access_log import AccessLogger
+from tusserver.http.app import build_app, make_runner
+from tusserver.settings import Settings
+from tusserver.store.embedded import EmbeddedRedis
+
+
+async def readiness(http: aiohttp.ClientSession, server: Server) -> tuple[int, dict[str, Any]]:
+    async with http.get(server.root + "/ready") as response:
+        assert response.content_type == "application/json"
+        return response.status, await response.json()
+
+
+async def test_a_healthy_server_is_ready_without_a_token(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(secrets=("s3cret",))
+    status, body = await readiness(http, server)
+    assert status == 200
+    assert body["status"] == "ready"
+    assert body["checks"] == {"stopping": "ok", "redis": "ok", "data_dir": "ok", "free_disk": "ok"}
+    assert body["failed"] == []
+
+
+async def test_a_draining_server_is_not_ready_at_once(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    server.uploads.stop_writers()  # what the graceful stop calls first
+    status, body = await readiness(http, server)
+    assert status == 503
+    assert body["failed"] == ["stopping"]
+    async with http.get(server.root + "/health") as health:
+        assert health.status == 200  # alive, only not taking new work
+
+
+async def test_too_little_free_disk_is_not_ready(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(min_free_disk_bytes=2**62)
+    status, body = await readiness(http, server)
+    assert status == 503
+    assert body["failed"] == ["free_disk"]
+    assert "--min-free-disk" in body["checks"]["free_disk"]
+
+
+async def test_a_data_dir_that_cannot_be_written_is_not_ready(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    # (the tests may run as root, whom permissions do not stop: a file takes the folder's place)
+    shutil.rmtree(server.settings.data_dir)
+    server.settings.data_dir.write_bytes(b"not a folder")
+    status, body = await readiness(http, server)
+    assert status == 503
+    assert "data_dir" in body["failed"]
+
+
+@contextlib.asynccontextmanager
+async def serve_on(redis_url: str, data_dir: Path) -> AsyncIterator[Server]:
+    settings = Settings(data_dir=data_dir, port=0, allowed_hosts=("127.0.0.1",))
+    runner = make_runner(build_app(settings, redis_url), AccessLogger, shutdown_timeout_s=2)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        yield Server(f"http://127.0.0.1:{port}/files/", settings, runner.app, runner)
+    finally:
+        await runner.cleanup()
+
+
+async def test_readiness_follows_redis_down_and_back(
+    own_redis: EmbeddedRedis, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    async with serve_on(own_redis.url, tmp_path / "data") as server:
+        assert (await readiness(http, server))[0] == 200
+        own_redis.stop()
+        status, body = await readiness(http, server)
+        assert status == 503
+        assert body["failed"] == ["redis"]
+        own_redis.start()
+
+        async def is_ready() -> bool:
+            return (await readiness(http, server))[0] == 200
+
+        await wait_until(is_ready, what="/ready to answer 200 once Redis is back")
+
+
+async def test_ready_answers_cors_like_health(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(cors_origins=("https://app.example",))
+    headers = {"Origin": "https://app.example"}
+    async with http.get(server.root + "/ready", headers=headers) as response:
+        assert response.status == 200
+        assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
