@@ -20,8 +20,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support.mobile import WORKER_COUNTS, endpoint_for, java_patch
+from tests.support.mobile import WORKER_COUNTS, endpoint_for, java_patch, java_patch_headers
 from tests.support.processes import StartProcess
+from tests.support.raw_http import RawRequest
 from tests.support.servers import ServerFactory
 from tests.support.tus import (
     TUS,
@@ -132,3 +133,39 @@ async def test_resume_right_after_a_dropped_request_takes_the_upload_over(
 
     await wait_until(resumed, timeout_s=20, what="the resumed PATCH went through")
     assert await completed_digest(http, url) == repr_digest_of(DATA)
+
+
+def _memory_kib(pid: int, field: str) -> int:
+    """VmRSS or VmHWM (the peak resident memory so far) of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for pid {pid}")
+
+
+@pytest.mark.slow
+async def test_a_long_chunked_body_through_method_override_streams_in_bounded_memory(
+    processes: StartProcess, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """tus-java-client on stock Java: POST + X-HTTP-Method-Override: PATCH, Expect: 100-continue,
+    a chunked body of unknown length. 256 MiB go through; the server's peak memory grows by
+    a small part of that (its body blocks), not by the body."""
+    server = processes(tmp_path / "data", "--fsync", "never")
+    total, block = 256 * 2**20, bytes(range(256)) * 256  # 64 KiB, sent again and again
+    url = await create_upload(http, server.url, total)
+    pid = server.process.pid
+    peak_before = _memory_kib(pid, "VmHWM")
+    method, headers = java_patch_headers(0, {}, override=True)
+    request = await RawRequest.start(url, method, headers)
+    try:
+        assert (await request.response()).status == 100
+        frame = f"{len(block):x}\r\n".encode() + block + b"\r\n"
+        for _ in range(total // len(block)):
+            await request.send(frame)
+        await request.send(b"0\r\n\r\n")
+        assert (await request.response(timeout_s=60)).status == 204
+    finally:
+        await request.close()
+    assert await head_offset(http, url) == total
+    grown_mib = (_memory_kib(pid, "VmHWM") - peak_before) / 1024
+    assert grown_mib < 48, f"the peak grew by {grown_mib:.0f} MiB for a 256 MiB body"
