@@ -368,6 +368,19 @@ def split_host(host: str) -> tuple[str, str]:
     return match.group(1), match.group(2) or ""
 
 
+MAX_REQUEST_ID_LENGTH = 128
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1," + str(MAX_REQUEST_ID_LENGTH) + r"}\Z")
+
+
+def parse_request_id(value: str | None) -> str | None:
+    """The client's X-Request-Id when it is safe to echo and log as it is: 1 to 128 token
+    characters (RFC 9110: letters, digits and !#$%&'*+-.^_`|~); None otherwise (absent,
+    empty, too long, spaces, quotes, control or non-ASCII characters)."""
+    if value is None or _REQUEST_ID.match(value) is None:
+        return None
+    return value
+
+
 def parse_method_override(value: str | None) -> str | None:
     """Return X-HTTP-Method-Override upper-cased, or None if the header is absent.
 

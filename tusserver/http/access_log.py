@@ -8,12 +8,12 @@ import time
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from tusserver.http.keys import UPLOAD_ID
+from tusserver.http.keys import REQUEST_ID, UPLOAD_ID
 
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: method, path without its query (tokens live there), status,
-    bytes, milliseconds, upload id. JSON when --log-json."""
+    bytes, milliseconds, upload id, request id (X-Request-Id). JSON when --log-json."""
 
     json_lines = False
 
@@ -28,13 +28,14 @@ class AccessLogger(AbstractAccessLogger):
             "bytes_out": response.body_length,
             "ms": round(time_s * 1000, 1),
             "upload_id": request.get(UPLOAD_ID, ""),
+            "request_id": request.get(REQUEST_ID, ""),
         }
         if self.json_lines:
             self.logger.info(json.dumps({"time": time.time(), **fields}))
         else:
             self.logger.info(
                 "%(method)s %(path)s %(status)s in=%(bytes_in)s out=%(bytes_out)s "
-                "%(ms)sms %(upload_id)s",
+                "%(ms)sms %(upload_id)s rid=%(request_id)s",
                 fields,
             )
 

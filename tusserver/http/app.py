@@ -18,9 +18,11 @@ from tusserver.http.keys import PRE_CREATE, REDIS_URL, SETTINGS, UPLOADS
 from tusserver.http.middleware import (
     auth_middleware,
     cors_middleware,
+    echo_request_id,
     error_middleware,
     expect_handler,
     method_override_middleware,
+    request_id_middleware,
     tus_resumable_middleware,
 )
 from tusserver.settings import Settings
@@ -93,6 +95,7 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
     """The tus application for `settings`, using the Redis at `redis_url`."""
     app = web.Application(
         middlewares=[
+            request_id_middleware,
             cors_middleware,
             error_middleware,
             method_override_middleware,
@@ -130,6 +133,7 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
     app.router.add_get("/health", health, name="health", expect_handler=expect_handler)
     app.router.add_get("/ready", ready, name="ready", expect_handler=expect_handler)
     demo.add_demo_routes(app, settings)
+    app.on_response_prepare.append(echo_request_id)
     app.on_shutdown.append(_stop_writers)
     app.cleanup_ctx.append(_uploads_context)
     app.cleanup_ctx.append(_sweeper_context)

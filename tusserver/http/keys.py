@@ -19,3 +19,5 @@ GRANT = web.RequestKey("grant", Grant)
 UPLOAD_ID = web.RequestKey("upload_id", str)
 # The resumable-upload draft version a request speaks (absent: tus 1.0.0).
 DRAFT = web.RequestKey("draft", Version)
+# The request's id: the client's X-Request-Id when safe, else a new one (logs, answers).
+REQUEST_ID = web.RequestKey("request_id", str)

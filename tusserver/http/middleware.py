@@ -1,6 +1,7 @@
-"""The middlewares, outermost first: CORS (every answer, errors included, reaches the
-browser) -> errors (a TusError becomes its plain-text answer, or its problem+json body) ->
-method override -> protocol (tus 1.0.0 or the resumable-upload draft) -> auth -> handler.
+"""The middlewares, outermost first: request id (kept or made; every answer echoes it) ->
+CORS (every answer, errors included, reaches the browser) -> errors (a TusError becomes its
+plain-text answer, or its problem+json body) -> method override -> protocol (tus 1.0.0 or
+the resumable-upload draft) -> auth -> handler.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -16,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tusserver import auth, draft, protocol
 from tusserver.errors import ServiceUnavailable, TusError, UploadGone
-from tusserver.http.keys import DRAFT, GRANT, SETTINGS
+from tusserver.http.keys import DRAFT, GRANT, REQUEST_ID, SETTINGS
 from tusserver.protocol import split_host
 from tusserver.settings import Settings, is_loopback_host
 
@@ -29,14 +31,14 @@ CORS_ALLOW_HEADERS = (
     "Upload-Metadata, Upload-Defer-Length, Upload-Concat, Upload-Checksum, "
     "X-HTTP-Method-Override, X-Requested-With, Cache-Control, Upload-Complete, "
     "Upload-Incomplete, Upload-Draft-Interop-Version, Content-Digest, Repr-Digest, "
-    "Want-Repr-Digest, Content-Disposition"
+    "Want-Repr-Digest, Content-Disposition, X-Request-Id"
 )
 CORS_EXPOSE_HEADERS = (
     "Location, Upload-Offset, Upload-Length, Upload-Metadata, Upload-Defer-Length, "
     "Upload-Expires, Upload-Concat, Repr-Digest, Tus-Resumable, Tus-Version, Tus-Extension, "
     "Tus-Max-Size, Tus-Checksum-Algorithm, Retry-After, Content-Disposition, Content-Range, "
     "ETag, WWW-Authenticate, Upload-Complete, Upload-Incomplete, Upload-Limit, "
-    "Upload-Draft-Interop-Version, Accept-Patch"
+    "Upload-Draft-Interop-Version, Accept-Patch, X-Request-Id"
 )
 CORS_ALLOW_METHODS = "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
 
@@ -57,6 +59,23 @@ def _is_loopback_origin(origin: str) -> bool:
     scheme, _, rest = origin.partition("://")
     name = split_host(rest.rstrip("/"))[0]
     return scheme in ("http", "https") and bool(name) and is_loopback_host(name)
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request gets an id before anything else runs: the client's `X-Request-Id` when
+    it is a short token (protocol.parse_request_id), else a new random one. The access log
+    shows it, and every answer carries it back (`echo_request_id`)."""
+    given = protocol.parse_request_id(request.headers.get("X-Request-Id"))
+    request[REQUEST_ID] = given if given is not None else secrets.token_hex(16)
+    return await handler(request)
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """(on_response_prepare) Every answer, refusals included, names its request's id."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
 
 
 @web.middleware
@@ -169,11 +188,12 @@ async def tus_resumable_middleware(request: web.Request, handler: Handler) -> we
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every tus or download request but OPTIONS carries a grant (a token's, or anonymous's
     in development mode); refusals (401) happen before any handler runs. The one exception:
-    a tus HEAD, PATCH or DELETE of one upload whose token is past its `exp` but may finish
-    what it created (the `fin` claim) gets an `expired` grant, and the upload service
-    decides, once it knows the upload, whether it is that token's own and still uploading."""
+    a HEAD, PATCH or DELETE of one upload (tus or draft) whose token is past its `exp` but
+    may finish what it created (the `fin` claim) gets an `expired` grant, and the upload
+    service decides, once it knows the upload, whether it is that token's own and still
+    uploading."""
     if _is_tus_route(request) and request.method != "OPTIONS":
-        one_upload = request.match_info.route.name == "tus-upload" and DRAFT not in request
+        one_upload = request.match_info.route.name == "tus-upload"
         request[GRANT] = auth.grant_for_request(
             request.method, request.headers, request.query, request.app[SETTINGS].secrets,
             may_finish=one_upload,
