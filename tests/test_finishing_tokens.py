@@ -179,3 +179,28 @@ async def test_java_client_whose_token_expires_mid_upload_finishes_it(
         assert await response.read() == data
     again = await java_patch(url, len(data), b"x", bearer(token), override=override)
     assert again is not None and not again.continued and again.response.status == 401
+
+
+async def test_expired_fin_token_finishes_its_own_upload_over_the_draft(
+    secured: Server, http: aiohttp.ClientSession
+) -> None:
+    """iOS URLSession resumes with the resumable-upload draft (interop 6 here): its HEAD and
+    its completing append are let through for the token's own upload too."""
+    token, dies_at = dying_token(4.0)
+    own = await create_upload(http, secured.url, 6, **bearer(token))
+    assert (await patch(http, own, 0, b"ab", **bearer(token))).status == 204
+    others = await create_upload(http, secured.url, 6, **bearer(fresh_token()))
+    await died(dies_at)
+    draft = {"Upload-Draft-Interop-Version": "6", **bearer(token)}
+    async with http.head(own, headers=draft) as response:
+        assert response.status in (200, 204)
+        assert response.headers["Upload-Offset"] == "2"
+    appended = {**draft, "Upload-Offset": "2", "Upload-Complete": "?1",
+                "Content-Type": "application/partial-upload"}  # fmt: skip
+    async with http.patch(own, data=b"cdef", headers=appended) as response:
+        assert response.status in (200, 204), await response.text()
+        assert response.headers["Upload-Complete"] == "?1"
+    async with http.head(others, headers=draft) as response:
+        assert response.status == 401
+    async with http.get(own, headers=bearer(fresh_token())) as response:
+        assert await response.read() == b"abcdef"

@@ -165,7 +165,9 @@ async def head(request: web.Request) -> web.Response:
     """Offset retrieval: Upload-Offset, completeness, Upload-Length when known, limits."""
     draft.check_no_upload_fields(_version(request), request.headers)
     upload_id = tus._own_upload_id(request, "upload", "read")
-    upload = await tus.uploads(request).current(upload_id, tus.grant(request).subject)
+    upload = await tus.uploads(request).current(
+        upload_id, tus.grant(request).subject, finishing=tus.grant(request).finishing
+    )
     return _offset_answer(request, upload)
 
 
@@ -180,7 +182,9 @@ async def get(request: web.Request) -> web.StreamResponse:
     """GET of an incomplete upload retrieves its offset (as the newest draft allows); of a
     complete one, its bytes."""
     upload_id = tus._own_upload_id(request, "upload", "read")
-    upload = await tus.uploads(request).current(upload_id, tus.grant(request).subject)
+    upload = await tus.uploads(request).current(
+        upload_id, tus.grant(request).subject, finishing=tus.grant(request).finishing
+    )
     if upload.status == "completed":
         return await tus.download(request)
     return _offset_answer(request, upload)
@@ -202,7 +206,10 @@ async def patch(request: web.Request) -> web.Response:
     body = _with_digest(body, request, is_whole=is_complete and offset == 0)
     declared = draft.resolved_length(upload_length, is_complete, body.content_length, offset)
     limit = tus.size_limit(request)
-    async with tus.uploads(request).writing(upload_id, tus.grant(request).subject) as session:
+    who = tus.grant(request)
+    async with tus.uploads(request).writing(
+        upload_id, who.subject, finishing=who.finishing
+    ) as session:
         upload = session.upload
         if upload.is_final:
             raise Forbidden("a final upload cannot be appended to")
@@ -228,7 +235,9 @@ async def delete(request: web.Request) -> web.Response:
     version = _version(request)
     draft.check_no_upload_fields(version, request.headers)
     upload_id = tus._own_upload_id(request, "delete")
-    await tus.uploads(request).terminate(upload_id, tus.grant(request).subject)
+    await tus.uploads(request).terminate(
+        upload_id, tus.grant(request).subject, finishing=tus.grant(request).finishing
+    )
     headers = {} if version.interop is None else {draft.INTEROP_HEADER: str(version.interop)}
     return web.Response(status=204, headers=headers)
 
