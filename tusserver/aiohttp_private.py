@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,8 @@ class ConnectionLimits:
     max_header_bytes: int  # a header block past this is answered 431 and closed
     header_timeout_s: float  # a header block not complete by then is answered 408 and closed
     max_connections: int  # connections past this many open in the process are closed at once
+    # told +1 when a connection opens and -1 when it closes (the metrics' open connections)
+    count_connection: Callable[[int], None] | None = None
 
 
 def _plain_answer(status: int, reason: str, text: str) -> bytes:
@@ -146,6 +148,8 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._limits.count_connection is not None:
+            self._limits.count_connection(1)
         manager = self._manager
         if manager is not None and len(manager.connections) > self._limits.max_connections:
             self._answer_and_close(503, "Service Unavailable", "too many open connections")
@@ -189,6 +193,8 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
             self._refuse_large_head()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._limits.count_connection is not None:
+            self._limits.count_connection(-1)
         self._stop_head_timer()
         super().connection_lost(exc)
 

@@ -120,6 +120,8 @@ class Settings:
     max_connections: int = 4096
     max_concat_parts: int = 128
     orphan_grace_s: float = 3600.0
+    metrics: bool = True
+    metrics_token: str | None = field(default=None, repr=False)
 
     @property
     def is_secured(self) -> bool:
@@ -321,6 +323,13 @@ OPTIONS: tuple[Option, ...] = (
         "remove upload files that no record names once they are this old",
         "DURATION",
     ),
+    ("metrics", parse_bool, "serve Prometheus metrics at GET /metrics (summed over workers)", None),
+    (
+        "metrics-token",
+        str,
+        "require `Authorization: Bearer <token>` on /metrics (for a public port)",
+        "TOKEN",
+    ),
 )
 
 _DEFAULT = Settings.__dataclass_fields__
@@ -360,7 +369,7 @@ def default_text(option: str) -> str:
         "min-free-disk": "0", "body-memory": "64MiB", "secret": "none (development mode)",
         "cors-origins": "see above", "allowed-hosts": "loopback names without a secret",
         "max-header-size": "96KiB", "header-timeout": "30s", "keepalive-timeout": "75s",
-        "orphan-grace": "1h",
+        "orphan-grace": "1h", "metrics": "on", "metrics-token": "none (no token needed)",
         "demo-page": "on without a secret",
         "webhook-url": "none", "webhook-secret": "each --secret", "webhook-timeout": "10s",
         "webhook-max-age": "24h", "pre-create-url": "none (off)", "pre-create-timeout": "3s",

@@ -8,7 +8,7 @@ import time
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from tusserver.http.keys import REQUEST_ID, UPLOAD_ID
+from tusserver.http.keys import METRICS, REQUEST_ID, UPLOAD_ID
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -20,6 +20,8 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_s: float) -> None:
         """Log one line; also for a request the HTTP parser refused, which has no route and
         may have no readable Content-Length."""
+        if isinstance(request, web.Request) and METRICS in request.app:
+            request.app[METRICS].count_request(request.method, response.status, time_s)
         fields = {
             "method": request.method,
             "path": request.path,

@@ -14,7 +14,8 @@ from tusserver.aiohttp_private import ConnectionLimits, GuardedAppRunner
 from tusserver.events import delivery as events
 from tusserver.events import parent
 from tusserver.http import demo, routes
-from tusserver.http.keys import PRE_CREATE, REDIS_URL, SETTINGS, UPLOADS
+from tusserver.http.keys import METRICS, PRE_CREATE, REDIS_URL, SETTINGS, UPLOADS
+from tusserver.http.metrics import Metrics
 from tusserver.http.middleware import (
     auth_middleware,
     cors_middleware,
@@ -54,9 +55,15 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def _uploads_context(app: web.Application) -> AsyncIterator[None]:
-    async with open_uploads(app[SETTINGS], app[REDIS_URL]) as uploads:
+    metrics = app.get(METRICS)
+    observe = metrics.count_upload if metrics is not None else _unobserved
+    async with open_uploads(app[SETTINGS], app[REDIS_URL], observe) as uploads:
         app[UPLOADS] = uploads
         yield
+
+
+def _unobserved(_event: str, _committed_bytes: int) -> None:
+    pass
 
 
 async def _stop_writers(app: web.Application) -> None:
@@ -77,10 +84,12 @@ def make_runner(
     """The runner that serves `app` with the connection limits of its settings (header size
     and time, open connections), as the supervisor and the tests serve it."""
     settings = app[SETTINGS]
+    metrics = app.get(METRICS)
     limits = ConnectionLimits(
         max_header_bytes=settings.max_header_bytes,
         header_timeout_s=settings.header_timeout_s,
         max_connections=settings.max_connections,
+        count_connection=metrics.count_connections if metrics is not None else None,
     )
     return GuardedAppRunner(
         app,
@@ -132,6 +141,10 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
     )  # fmt: skip
     app.router.add_get("/health", health, name="health", expect_handler=expect_handler)
     app.router.add_get("/ready", ready, name="ready", expect_handler=expect_handler)
+    if settings.metrics:
+        app[METRICS] = Metrics()
+        serve_metrics = app[METRICS].handler(settings.metrics_token)
+        app.router.add_get("/metrics", serve_metrics, name="metrics", expect_handler=expect_handler)
     demo.add_demo_routes(app, settings)
     app.on_response_prepare.append(echo_request_id)
     app.on_shutdown.append(_stop_writers)

@@ -7,6 +7,7 @@ from aiohttp import web
 from tusserver.auth import Grant
 from tusserver.draft import Version
 from tusserver.events.parent import PreCreateCheck
+from tusserver.http.metrics import Metrics
 from tusserver.settings import Settings
 from tusserver.uploads.service import Uploads
 
@@ -14,6 +15,8 @@ SETTINGS = web.AppKey("settings", Settings)
 REDIS_URL = web.AppKey("redis_url", str)
 UPLOADS = web.AppKey("uploads", Uploads)
 PRE_CREATE = web.AppKey("pre_create", PreCreateCheck)
+# This process's metrics; absent under --no-metrics.
+METRICS = web.AppKey("metrics", Metrics)
 GRANT = web.RequestKey("grant", Grant)
 # The upload a request is about, once routing named one (for the access log).
 UPLOAD_ID = web.RequestKey("upload_id", str)

@@ -17,8 +17,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tusserver import auth, draft, protocol
-from tusserver.errors import ServiceUnavailable, TusError, UploadGone
-from tusserver.http.keys import DRAFT, GRANT, REQUEST_ID, SETTINGS
+from tusserver.errors import InsufficientStorage, ServiceUnavailable, TusError, UploadGone
+from tusserver.http.keys import DRAFT, GRANT, METRICS, REQUEST_ID, SETTINGS
 from tusserver.protocol import split_host
 from tusserver.settings import Settings, is_loopback_host
 
@@ -111,10 +111,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except TusError as error:
+        if isinstance(error, InsufficientStorage) and METRICS in request.app:
+            request.app[METRICS].disk_full.inc()
         status = _status_of(request, error)
         return _refusal(request, status, error.reason, error.headers, error.problem)
     except (RedisConnectionError, RedisTimeoutError, ConnectionRefusedError) as error:
         log.warning("Redis unreachable: %s", error)
+        if METRICS in request.app:
+            request.app[METRICS].redis_errors.inc()
         unavailable = ServiceUnavailable("the state store (Redis) is unreachable; retry later")
         return _refusal(request, 503, unavailable.reason, unavailable.headers)
     except web.HTTPException as error:

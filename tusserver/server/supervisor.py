@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -20,6 +21,7 @@ from redis.exceptions import RedisError
 
 from tusserver.http.access_log import AccessLogger, JsonAccessLogger
 from tusserver.http.app import build_app, make_runner
+from tusserver.http.metrics import MULTIPROC_DIR_VARIABLE
 from tusserver.server.memory import tune_malloc
 from tusserver.settings import Settings
 from tusserver.store.client import connect as connect_redis
@@ -164,11 +166,32 @@ async def _serve_worker(
     return exit_code
 
 
+def _prepare_metrics_dir(settings: Settings) -> None:
+    """Before the first fork (and before anything imports prometheus-client): the folder
+    where every worker writes its metrics, so a scrape of any worker sums them all. Emptied
+    at start: the files of a previous run would be counted again."""
+    folder = os.environ.get(MULTIPROC_DIR_VARIABLE) or str(settings.data_dir / "metrics")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    os.environ[MULTIPROC_DIR_VARIABLE] = folder
+
+
+def _forget_metrics_of(pid: int) -> None:
+    """A worker is gone: its open-connection gauge must no longer count (its counters stay
+    in the sums)."""
+    if os.environ.get(MULTIPROC_DIR_VARIABLE):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
 def _supervise_workers(
     settings: Settings, redis_url: str, sockets: list[socket.socket], embedded: EmbeddedRedis | None
 ) -> int:
     """Fork the workers (worker i serves socket i, or all share the one socket), then wait;
     when one exits unasked, stop the others and return 1."""
+    if settings.metrics:
+        _prepare_metrics_dir(settings)
     children: list[int] = []
     for index in range(settings.workers):
         pid = os.fork()
@@ -200,6 +223,7 @@ def _supervise_workers(
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid:
             alive.discard(pid)
+            _forget_metrics_of(pid)
             if not stopping:
                 log.error("worker %d exited (status %d); shutting down", pid, status)
                 exit_code = 1

@@ -77,8 +77,16 @@ class UploadState:
     (the files layer knows where files lie; this layer never touches them)."""
 
     def __init__(
-        self, client: RedisClient, *, tombstone_ttl_s: float, path_of: Callable[[str], str]
+        self,
+        client: RedisClient,
+        *,
+        tombstone_ttl_s: float,
+        path_of: Callable[[str], str],
+        observe: Callable[[str, int], None] = lambda event, committed_bytes: None,
     ) -> None:
+        # `observe(event, committed_bytes)` hears of each event appended (created, completed,
+        # terminated, expired) and each byte count committed (event ""), for the metrics.
+        self.observe = observe
         self.redis = client
         self.tombstone_ttl_ms = int(tombstone_ttl_s * 1000)
         self.path_of = path_of
@@ -205,6 +213,9 @@ class UploadState:
         )
         if lua.Create(int(created)) is not lua.Create.CREATED:
             raise RuntimeError("upload id collision")  # 128 random bits: never in practice
+        self.observe("created", upload.offset)
+        if upload.status == "completed":
+            self.observe("completed", 0)
 
     async def commit(
         self,
@@ -250,6 +261,7 @@ class UploadState:
         if code is lua.Commit.PAST_LENGTH:
             raise PayloadTooLarge("the body runs past Upload-Length")
         status = cast(UploadStatus, result[2].decode())
+        self.observe("completed" if event else "", new_offset - upload.offset)
         return replace(
             upload,
             offset=new_offset,
@@ -273,7 +285,10 @@ class UploadState:
                 *flat_pairs(finished.as_event("completed", now, self.path_of(upload.upload_id))),
             ],
         )
-        return lua.Complete(int(result)) is lua.Complete.COMPLETED
+        completed = lua.Complete(int(result)) is lua.Complete.COMPLETED
+        if completed:
+            self.observe("completed", 0)
+        return completed
 
     async def declare_length(self, upload: Upload, lock_token: str, length: int) -> Upload:
         """Set the length of a deferred-length upload (400 if it contradicts what is known)."""
@@ -328,6 +343,8 @@ class UploadState:
         code = lua.Remove(int(result))
         if code is lua.Remove.LOCK_NOT_HELD:
             raise LockLost()
+        if code is lua.Remove.REMOVED:
+            self.observe(reason, 0)
         return code is lua.Remove.REMOVED
 
     async def due(self, shard: int, now: float, limit: int = 100) -> list[str]:

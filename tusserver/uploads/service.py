@@ -14,7 +14,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -459,9 +459,14 @@ class Uploads:
 
 
 @contextlib.asynccontextmanager
-async def open_uploads(settings: Settings, redis_url: str) -> AsyncIterator[Uploads]:
+async def open_uploads(
+    settings: Settings,
+    redis_url: str,
+    observe: Callable[[str, int], None] = lambda event, committed_bytes: None,
+) -> AsyncIterator[Uploads]:
     """The upload service of this process on the Redis at `redis_url` and the data directory
-    of `settings`, checked (shard layout, folders) before it is handed out; closed after."""
+    of `settings`, checked (shard layout, folders) before it is handed out; closed after.
+    `observe` hears of upload events and committed bytes (UploadState)."""
     client = await connect_redis(redis_url)
     try:
         storage = Storage(
@@ -474,6 +479,7 @@ async def open_uploads(settings: Settings, redis_url: str) -> AsyncIterator[Uplo
             client,
             tombstone_ttl_s=settings.tombstone_ttl_s,
             path_of=storage.relative_path,
+            observe=observe,
         )
         storage.prepare()
         uploads = Uploads(state, storage, settings)
