@@ -121,6 +121,9 @@ class Settings:
     max_concat_parts: int = 128
     orphan_grace_s: float = 3600.0
     metrics: bool = True
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve HTTPS
+    tls_key: Path | None = None
+    unix_socket: Path | None = None  # listen here instead of --host/--port
     metrics_token: str | None = field(default=None, repr=False)
 
     @property
@@ -169,6 +172,8 @@ class Settings:
         ):
             if seconds <= 0:
                 raise SettingError(f"--{flag} must be positive")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingError("--tls-cert and --tls-key go together")
         if self.gone_status not in (404, 410):
             raise SettingError(f"--gone-status must be 404 or 410, got {self.gone_status}")
         if self.max_connections < 1 or self.max_concat_parts < 1:
@@ -330,6 +335,14 @@ OPTIONS: tuple[Option, ...] = (
         "require `Authorization: Bearer <token>` on /metrics (for a public port)",
         "TOKEN",
     ),
+    ("tls-cert", Path, "serve HTTPS with this PEM certificate (chain); reloaded on SIGHUP", "FILE"),
+    ("tls-key", Path, "the PEM private key of --tls-cert", "FILE"),
+    (
+        "unix-socket",
+        Path,
+        "listen on this unix socket (for a local proxy) instead of --host and --port",
+        "PATH",
+    ),
 )
 
 _DEFAULT = Settings.__dataclass_fields__
@@ -370,6 +383,7 @@ def default_text(option: str) -> str:
         "cors-origins": "see above", "allowed-hosts": "loopback names without a secret",
         "max-header-size": "96KiB", "header-timeout": "30s", "keepalive-timeout": "75s",
         "orphan-grace": "1h", "metrics": "on", "metrics-token": "none (no token needed)",
+        "tls-cert": "none (plain HTTP)", "tls-key": "none", "unix-socket": "none (TCP)",
         "demo-page": "on without a secret",
         "webhook-url": "none", "webhook-secret": "each --secret", "webhook-timeout": "10s",
         "webhook-max-age": "24h", "pre-create-url": "none (off)", "pre-create-timeout": "3s",

@@ -71,7 +71,8 @@ def listening_url(process: subprocess.Popen[bytes], log_path: Path, timeout_s: f
     the process exits or the deadline passes first."""
 
     def announced() -> str | None:
-        match = re.search(r"listening on (http://\S+)", log_path.read_text(errors="replace"))
+        log = log_path.read_text(errors="replace")
+        match = re.search(r"listening on (https?://\S+|unix:\S+)", log)
         return match.group(1) if match else None
 
     with contextlib.suppress(NotReached):  # said below, with the log

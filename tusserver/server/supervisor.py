@@ -13,8 +13,10 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import time
+from pathlib import Path
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -42,11 +44,52 @@ def _setup_logging(settings: Settings) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
 
+def _bind_unix(path: Path) -> list[socket.socket]:
+    """One unix socket at `path` (a stale socket file left there is replaced), shared by the
+    workers."""
+    if path.is_socket():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(LISTEN_BACKLOG)
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return [sock]
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context for --tls-cert and --tls-key, or None for plain HTTP.
+    Raises OSError or ssl.SSLError for files it cannot use."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
+
+
+def _reload_tls(settings: Settings, context: ssl.SSLContext) -> None:
+    """(SIGHUP) New connections get the certificate now in the files; open ones keep theirs.
+    A pair that cannot be loaded is logged and the old one kept."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        log.error("TLS certificate not reloaded, keeping the old one: %s", error)
+        return
+    log.info("TLS certificate reloaded from %s", settings.tls_cert)
+
+
 def _bind(settings: Settings) -> list[socket.socket]:
     """The listening sockets: one, or with --workers on Linux one per worker on the same port
     (SO_REUSEPORT), so the kernel spreads new connections evenly over the workers. (Workers
     sharing one socket do not share the work: whichever wakes first accepts every connection
     that is waiting; measured in benchmarks/README.md.)"""
+    if settings.unix_socket is not None:
+        return _bind_unix(settings.unix_socket)
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     one_each = settings.workers > 1 and sys.platform == "linux"
     port = settings.port
@@ -84,8 +127,9 @@ def serve(settings: Settings) -> int:
             appendfsync = "always" if settings.fsync == "always" else "everysec"
             embedded = EmbeddedRedis(settings.data_dir, appendfsync=appendfsync)
             redis_url = embedded.start()
+        tls_context(settings)  # a certificate that cannot be used stops the start here
         sockets = _bind(settings)
-    except (EmbeddedRedisError, OSError) as error:
+    except (EmbeddedRedisError, OSError, ssl.SSLError) as error:
         print(f"tusserver: {error}", file=sys.stderr)
         if embedded is not None:
             embedded.stop()
@@ -98,14 +142,12 @@ def serve(settings: Settings) -> int:
         if embedded is not None:
             embedded.stop()
         return 1
-    host, port = sockets[0].getsockname()[:2]
     if not settings.is_secured:
         log.warning(
             "development mode: no secret is set, so requests need no token and uploads "
             "belong to 'anonymous'; set TUS_SECRET for real use"
         )
-    shown_host = f"[{host}]" if ":" in host else host
-    print(f"tusserver listening on http://{shown_host}:{port}{settings.base_path}", flush=True)
+    print(f"tusserver listening on {_listening_on(settings, sockets[0])}", flush=True)
     try:
         if settings.workers == 1:
             return asyncio.run(_serve_worker(settings, redis_url, sockets[0], embedded))
@@ -113,8 +155,20 @@ def serve(settings: Settings) -> int:
     finally:
         for sock in sockets:
             sock.close()
+        if settings.unix_socket is not None and settings.unix_socket.is_socket():
+            settings.unix_socket.unlink()
         if embedded is not None:
             embedded.stop()
+
+
+def _listening_on(settings: Settings, sock: socket.socket) -> str:
+    """What the start line announces: the endpoint's URL, or the unix socket's path."""
+    if settings.unix_socket is not None:
+        return f"unix:{settings.unix_socket} (endpoint {settings.base_path})"
+    host, port = sock.getsockname()[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    scheme = "https" if settings.tls_cert is not None else "http"
+    return f"{scheme}://{shown_host}:{port}{settings.base_path}"
 
 
 async def _check_redis(redis_url: str) -> str | None:
@@ -146,12 +200,15 @@ async def _serve_worker(
     access_log_class = JsonAccessLogger if settings.log_json else AccessLogger
     runner = make_runner(app, access_log_class, SHUTDOWN_TIMEOUT_S)
     await runner.setup()
-    site = web.SockSite(runner, sock)
+    context = tls_context(settings)
+    site = web.SockSite(runner, sock, ssl_context=context)
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    if context is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload_tls, settings, context)
     exit_code = 0
     try:
         while not stop.is_set():
@@ -215,8 +272,14 @@ def _supervise_workers(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGTERM)
 
+    def forward_hangup(_signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward_hangup)
     exit_code = 0
     alive = set(children)
     while alive:
