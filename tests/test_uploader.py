@@ -264,10 +264,14 @@ def test_interrupted_runs_resume_from_the_server_offset(
     )
     url = big_url()
     wait_until_sync(lambda: server_offset(url) > 0, WAIT_S, what="big has bytes")
+    errors = tmp_path / "upload-0.err"
     with server_paused(server):  # the big file cannot finish while the Ctrl-C lands
         first.send_signal(signal.SIGINT)
-        assert first.wait(20) == 130
-    assert "run the same command again" in (tmp_path / "upload-0.err").read_text()
+        wait_until_sync(
+            lambda: "run the same command again" in errors.read_text(), WAIT_S,
+            what="the uploader took the Ctrl-C",
+        )  # fmt: skip
+    assert first.wait(20) == 130  # its threads end once their request is answered
     offset_after_sigint = server_offset(url)
     assert 0 < offset_after_sigint < big.stat().st_size
 
