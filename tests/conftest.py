@@ -20,6 +20,7 @@ import pytest
 import redis
 from aiohttp import web
 
+from tests.support.mobile import WORKER_COUNTS, endpoint_for
 from tests.support.processes import ServerProcess, start_process
 from tests.support.servers import Server, ServerFactory
 from tusserver.http.access_log import AccessLogger
@@ -130,3 +131,15 @@ def processes() -> Iterator[Callable[..., ServerProcess]]:
                 os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+@pytest.fixture(params=WORKER_COUNTS)
+async def endpoint(
+    request: pytest.FixtureRequest,
+    make_server: ServerFactory,
+    processes: Callable[..., ServerProcess],
+    tmp_path: Path,
+) -> str:
+    """The tus endpoint of a server in this process and, in a second run, of `tusserver
+    --workers 2` (the mobile clients' replays run against both)."""
+    return await endpoint_for(request.param, make_server, processes, tmp_path / "proc")

@@ -8,27 +8,12 @@ stored URL is resumed after a restart (`resume()` reads the store, then HEAD).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import aiohttp
 import pytest
 
-from tests.support.mobile import WORKER_COUNTS, endpoint_for
-from tests.support.processes import StartProcess
-from tests.support.servers import ServerFactory
 from tests.support.tus import TUS, completed_digest, head, head_offset, patch, repr_digest_of
 
 DATA = bytes(range(256)) * 4500  # 1.1 MiB
-
-
-@pytest.fixture(params=WORKER_COUNTS)
-async def endpoint(
-    request: pytest.FixtureRequest,
-    make_server: ServerFactory,
-    processes: StartProcess,
-    tmp_path: Path,
-) -> str:
-    return await endpoint_for(request.param, make_server, processes, tmp_path / "proc")
 
 
 async def create(http: aiohttp.ClientSession, endpoint: str) -> str:

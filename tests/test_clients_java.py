@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support.mobile import WORKER_COUNTS, endpoint_for, java_patch, java_patch_headers
+from tests.support.mobile import java_patch, java_patch_headers
 from tests.support.processes import StartProcess
 from tests.support.raw_http import RawRequest
 from tests.support.servers import ServerFactory
@@ -37,16 +37,6 @@ from tests.support.waiting import wait_until
 DATA = bytes(range(251)) * 9000  # ~2.2 MiB: three requests of 1 MiB payload
 PAYLOAD = 1024 * 1024
 RETRIED = frozenset({423, *range(500, 600)})  # ProtocolException.shouldRetry
-
-
-@pytest.fixture(params=WORKER_COUNTS)
-async def endpoint(
-    request: pytest.FixtureRequest,
-    make_server: ServerFactory,
-    processes: StartProcess,
-    tmp_path: Path,
-) -> str:
-    return await endpoint_for(request.param, make_server, processes, tmp_path / "proc")
 
 
 async def resume_or_create(http: aiohttp.ClientSession, endpoint: str, stored: str | None) -> str:

@@ -14,31 +14,15 @@ Tasks/CreationTask.swift, Tasks/StatusTask.swift, Tasks/UploadDataTask.swift):
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import aiohttp
-import pytest
 
-from tests.support.mobile import WORKER_COUNTS, endpoint_for
-from tests.support.processes import StartProcess
 from tests.support.raw_http import RawRequest
-from tests.support.servers import ServerFactory
 from tests.support.tus import TUS, completed_digest, patch, patch_headers, repr_digest_of
 from tests.support.waiting import wait_until
 
 CHUNK = 500 * 1024
 DATA = bytes(range(256)) * 5000  # 1.22 MiB: three chunks, the last one short
 URLSESSION_DRAFT = {"Upload-Draft-Interop-Version": "6", "Upload-Complete": "?0"}
-
-
-@pytest.fixture(params=WORKER_COUNTS)
-async def endpoint(
-    request: pytest.FixtureRequest,
-    make_server: ServerFactory,
-    processes: StartProcess,
-    tmp_path: Path,
-) -> str:
-    return await endpoint_for(request.param, make_server, processes, tmp_path / "proc")
 
 
 async def create(http: aiohttp.ClientSession, endpoint: str) -> str:
