@@ -1,21 +1,27 @@
 """X-Request-Id: kept when it is a short token, made otherwise, on every answer (refusals
-too) and in the access log line. Real servers; the parser as a pure function."""
+too), in the access log line and in the events (and so the webhooks) a request causes.
+Real servers; the parser as a pure function."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import string
+from typing import cast
 
 import aiohttp
 import pytest
+import redis.asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support.servers import Server, ServerFactory
-from tests.support.tus import create_upload
+from tests.support.tus import TUS, create_upload, patch_headers, upload_id_of
 from tests.support.waiting import wait_until
+from tusserver.events.delivery import Entry
 from tusserver.protocol import MAX_REQUEST_ID_LENGTH, parse_request_id
+from tusserver.store.records import keys_of
 
 TOKEN_CHARS = set(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
 GENERATED = re.compile(r"^[0-9a-f]{32}$")
@@ -90,3 +96,29 @@ async def test_the_access_log_line_names_the_request_id(
 
     await wait_until(lambda: bool(head_lines()), what="the HEAD's access log line")
     assert head_lines()[-1].endswith(" rid=rid-7")
+
+
+async def events_of(redis_url: str, upload_id: str) -> list[dict[str, str]]:
+    [stream] = keys_of(upload_id, "events")
+    async with redis.asyncio.Redis.from_url(redis_url, decode_responses=True) as client:
+        entries = cast(list[tuple[str, dict[str, str]]], await client.xrange(stream))
+    return [fields for _id, fields in entries if fields["upload_id"] == upload_id]
+
+
+async def test_the_events_a_request_causes_name_its_id(
+    server: Server, http: aiohttp.ClientSession, flushed_redis: str
+) -> None:
+    url = await create_upload(http, server.url, 3, **{"X-Request-Id": "made-here"})
+    headers = {**patch_headers(0), "X-Request-Id": "finished-here"}
+    async with http.patch(url, data=b"abc", headers=headers) as patched:
+        assert patched.status == 204
+    async with http.delete(url, headers={**TUS, "X-Request-Id": "removed-here"}) as deleted:
+        assert deleted.status == 204
+    events = await events_of(flushed_redis, upload_id_of(url))
+    assert [(e["type"], e["request_id"]) for e in events] == [
+        ("created", "made-here"),
+        ("completed", "finished-here"),
+        ("terminated", "removed-here"),
+    ]
+    webhook = json.loads(Entry(0, "1-0", events[1]).body())
+    assert webhook["request_id"] == "finished-here"

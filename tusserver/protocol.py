@@ -13,6 +13,7 @@ import binascii
 import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from email.utils import formatdate
 from urllib.parse import quote, urlsplit
@@ -369,6 +370,10 @@ def split_host(host: str) -> tuple[str, str]:
 
 
 MAX_REQUEST_ID_LENGTH = 128
+# The id of the request being served (set by the request-id middleware for the request's
+# task and what it starts); the store writes it into the events that request causes, "" for
+# events nobody asked for (expiry, a hash finished by the sweeper).
+current_request_id: ContextVar[str] = ContextVar("current_request_id", default="")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1," + str(MAX_REQUEST_ID_LENGTH) + r"}\Z")
 
 

@@ -109,6 +109,7 @@ class Entry:
                 "path": fields.get("path", ""),
                 "url": fields.get("url", ""),
                 "time": float(fields.get("time") or 0),
+                "request_id": fields.get("request_id") or None,
             }
         )
 

@@ -65,10 +65,15 @@ def _is_loopback_origin(origin: str) -> bool:
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every request gets an id before anything else runs: the client's `X-Request-Id` when
     it is a short token (protocol.parse_request_id), else a new random one. The access log
-    shows it, and every answer carries it back (`echo_request_id`)."""
+    shows it, every answer carries it back (`echo_request_id`), and the events the request
+    causes name it (`protocol.current_request_id`, read by the store)."""
     given = protocol.parse_request_id(request.headers.get("X-Request-Id"))
     request[REQUEST_ID] = given if given is not None else secrets.token_hex(16)
-    return await handler(request)
+    serving = protocol.current_request_id.set(request[REQUEST_ID])  # for the events it causes
+    try:
+        return await handler(request)
+    finally:
+        protocol.current_request_id.reset(serving)
 
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+from tusserver.protocol import current_request_id
+
 SHARD_COUNT = 16
 UploadStatus = Literal["uploading", "received", "completed"]
 EventType = Literal["created", "completed", "terminated", "expired"]
@@ -103,6 +105,7 @@ class Upload:
             "path": path,
             "url": self.url,
             "time": f"{at:.3f}",
+            "request_id": current_request_id.get(),
         }
 
 
