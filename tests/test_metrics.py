@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.processes import StartProcess, start_server
+from tests.support.raw_http import exchange
 from tests.support.servers import Server, ServerFactory
 from tests.support.tus import TUS, create_upload, patch_headers
 
@@ -113,3 +114,19 @@ async def test_any_worker_answers_the_sum_over_all_workers(
         assert value(samples, "tusserver_uploads_completed_total") == uploads
         assert value(samples, "tusserver_bytes_received_total") == 3 * uploads
         assert value(samples, "tusserver_requests_total", method="PATCH", status="2xx") == uploads
+
+
+async def test_a_request_the_parser_refused_is_counted(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    def refused(samples: Samples) -> float:
+        return sum(
+            count
+            for (name, labels), count in samples.items()
+            if name == "tusserver_requests_total" and ("status", "4xx") in labels
+        )
+
+    before = await scrape(http, server.root)
+    malformed = b"POST /files/ HTTP/1.1\r\nHost: h\r\nContent-Length: abc\r\n\r\n"
+    assert (await exchange(server.url, malformed)).status == 400
+    assert refused(await scrape(http, server.root)) == refused(before) + 1

@@ -8,7 +8,8 @@ import time
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from tusserver.http.keys import METRICS, REQUEST_ID, UPLOAD_ID
+from tusserver.http.keys import REQUEST_ID, UPLOAD_ID
+from tusserver.http.metrics import Metrics
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -16,12 +17,15 @@ class AccessLogger(AbstractAccessLogger):
     bytes, milliseconds, upload id, request id (X-Request-Id). JSON when --log-json."""
 
     json_lines = False
+    # The app's metrics (`counting`): every answered request is counted here, the ones the
+    # HTTP parser refused too (those have no route, hence no app to ask).
+    metrics: Metrics | None = None
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_s: float) -> None:
         """Log one line; also for a request the HTTP parser refused, which has no route and
         may have no readable Content-Length."""
-        if isinstance(request, web.Request) and METRICS in request.app:
-            request.app[METRICS].count_request(request.method, response.status, time_s)
+        if self.metrics is not None:
+            self.metrics.count_request(request.method, response.status, time_s)
         fields = {
             "method": request.method,
             "path": request.path,
@@ -47,6 +51,11 @@ def _bytes_in(request: web.BaseRequest) -> int:
         return request.content_length or 0
     except ValueError:  # a Content-Length the parser refused
         return 0
+
+
+def counting(access_log_class: type[AccessLogger], metrics: Metrics) -> type[AccessLogger]:
+    """`access_log_class`, also counting each request in `metrics`."""
+    return type(access_log_class.__name__, (access_log_class,), {"metrics": metrics})
 
 
 class JsonAccessLogger(AccessLogger):

@@ -8,12 +8,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from tusserver.aiohttp_private import ConnectionLimits, GuardedAppRunner
 from tusserver.events import delivery as events
 from tusserver.events import parent
 from tusserver.http import demo, routes
+from tusserver.http.access_log import AccessLogger, counting
 from tusserver.http.keys import METRICS, PRE_CREATE, REDIS_URL, SETTINGS, UPLOADS
 from tusserver.http.metrics import Metrics
 from tusserver.http.middleware import (
@@ -79,7 +79,7 @@ async def _sweeper_context(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_runner(
-    app: web.Application, access_log_class: type[AbstractAccessLogger], shutdown_timeout_s: float
+    app: web.Application, access_log_class: type[AccessLogger], shutdown_timeout_s: float
 ) -> web.AppRunner:
     """The runner that serves `app` with the connection limits of its settings (header size
     and time, open connections), as the supervisor and the tests serve it."""
@@ -91,6 +91,8 @@ def make_runner(
         max_connections=settings.max_connections,
         count_connection=metrics.count_connections if metrics is not None else None,
     )
+    if metrics is not None:
+        access_log_class = counting(access_log_class, metrics)
     return GuardedAppRunner(
         app,
         limits=limits,
