@@ -24,6 +24,7 @@ from tusserver.errors import (
     OffsetMismatch,
 )
 from tusserver.http.keys import DRAFT, GRANT, PRE_CREATE, SETTINGS, UPLOADS
+from tusserver.uploads import concat
 from tusserver.uploads.service import Body, NewUpload, SizeLimit, Upload, Uploads
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -207,7 +208,8 @@ async def _post_final(
     request: web.Request, partial_ids: list[str], metadata: dict[str, bytes | None], url_of: str
 ) -> web.Response:
     """Concatenation: a final upload made of complete partial uploads of the same owner."""
-    upload = await uploads(request).concatenate(
+    upload = await concat.concatenate(
+        uploads(request),
         owner=grant(request).subject,
         partial_ids=partial_ids,
         metadata=protocol.format_metadata(metadata),

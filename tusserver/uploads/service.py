@@ -23,7 +23,6 @@ from aiohttp import StreamReader
 
 from tusserver.auth import EXPIRED
 from tusserver.errors import (
-    BadRequest,
     PayloadTooLarge,
     TusError,
     Unauthorized,
@@ -340,46 +339,6 @@ class Uploads:
             await self.storage.delete(upload_id)
         return len(orphans)
 
-    # -- concatenation ---------------------------------------------------------------------
-
-    async def concatenate(
-        self, *, owner: str, partial_ids: list[str], metadata: str, url_of: str, limit: SizeLimit
-    ) -> Upload:
-        """Create a final upload from complete partial uploads of `owner`, locked in a fixed
-        order (they live in different shards). 400 for unknown, foreign, unfinished or
-        non-partial uploads; 413 past `limit`."""
-        for partial_id in partial_ids:  # refuse early, without touching a running upload
-            try:
-                _check_partial(partial_id, await self.state.get(partial_id, owner))
-            except (UploadNotFound, UploadGone):
-                raise BadRequest(f"partial upload {partial_id} does not exist") from None
-        async with contextlib.AsyncExitStack() as stack:
-            partials: dict[str, Upload] = {}
-            for partial_id in sorted(set(partial_ids)):
-                try:
-                    partial, _lease = await stack.enter_async_context(
-                        self.leases.locked(partial_id, owner, takeover=False)
-                    )
-                except (UploadNotFound, UploadGone):
-                    raise BadRequest(f"partial upload {partial_id} does not exist") from None
-                partials[partial_id] = _check_partial(partial_id, partial)
-            parts = [(pid, partials[pid].length or 0) for pid in partial_ids]
-            length = sum(part_length for _, part_length in parts)
-            limit.check(length, "the final upload")
-            final_id = new_upload_id()
-            await self.storage.concatenate(final_id, parts)
-            sha256 = await self.storage.sha256(final_id, length)
-            now = time.time()
-            final = Upload(
-                upload_id=final_id, owner=owner, offset=length, length=length,
-                metadata=metadata, status="completed", created_at=now,
-                expires_at=self.lifetimes.expires_at("completed", now),
-                url=url_of.replace("{id}", final_id),
-                concat="final;" + " ".join(partial_ids), sha256=sha256,
-            )  # fmt: skip
-            await self.state.create(final)
-            return final
-
     # -- completion ------------------------------------------------------------------------
 
     def finish_in_background(self, upload: Upload) -> None:
@@ -499,12 +458,3 @@ def _check_finisher(upload: Upload, finishing: str | None) -> None:
         return
     if not upload.created_by or upload.created_by != finishing or upload.status != "uploading":
         raise Unauthorized(EXPIRED)
-
-
-def _check_partial(partial_id: str, partial: Upload) -> Upload:
-    """The partial upload, if a final upload may be built from it (400 otherwise)."""
-    if not partial.is_partial:
-        raise BadRequest(f"upload {partial_id} is not a partial upload")
-    if partial.status == "uploading":
-        raise BadRequest(f"partial upload {partial_id} is not complete")
-    return partial
