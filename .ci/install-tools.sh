@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tools that the end-to-end tests need and pip cannot install: Debian's Chromium and
-# ChromeDriver (tests/test_browser.py), strace (tests/test_durability.py), Node.js, and the
+# ChromeDriver (tests/test_browser.py), strace (tests/test_durability.py), nginx
+# (tests/test_nginx.py runs deploy/nginx.conf in front of tusserver), Node.js, and the
 # Node packages locked in tests/js/package-lock.json (tus-js-client, playwright-core). Idempotent: apt-get runs only
 # for what is missing; `npm ci` puts exactly the locked versions into tests/js/node_modules.
 # playwright-core drives /usr/bin/chromium: it never downloads a browser of its own.
@@ -16,6 +17,7 @@ missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 command -v strace >/dev/null 2>&1 || missing+=(strace)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ "${#missing[@]}" -gt 0 ]; then
