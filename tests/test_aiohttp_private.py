@@ -16,12 +16,49 @@ from aiohttp.test_utils import make_mocked_request
 from tests.support.servers import Server
 from tests.support.tus import create_upload, patch_headers
 from tests.support.waiting import wait_until
-from tusserver.aiohttp_private import CONTINUE, clear_error, send_interim, unread_chunks
+from tusserver.aiohttp_private import (
+    CONTINUE,
+    FedStream,
+    clear_error,
+    send_interim,
+    unread_chunks,
+)
 
 
 def _stream() -> StreamReader:
     loop = asyncio.get_running_loop()
     return StreamReader(BaseProtocol(loop), limit=2**16, loop=loop)
+
+
+async def test_a_fed_stream_pauses_its_feeder_past_twice_its_limit_until_read() -> None:
+    fed = FedStream(limit=16)
+    await fed.feed(b"x" * 33)  # past the high-water mark (2 * 16): the stream pauses
+    feeding = asyncio.create_task(fed.feed(b"y"))
+    await asyncio.wait({feeding}, timeout=0.2)  # bounded wait: it must not finish
+    assert not feeding.done()
+    assert await fed.stream.readany() == b"x" * 33  # below the low-water mark: resumed
+    await feeding
+    fed.end()
+    assert await fed.stream.read() == b"y"
+    assert fed.stream.at_eof()
+
+
+async def test_a_fed_stream_wakes_a_reader_that_waits_for_it() -> None:
+    fed = FedStream(limit=16)
+    reading = asyncio.create_task(fed.stream.readany())
+    await asyncio.wait({reading}, timeout=0.05)  # the reader is waiting, not refused
+    assert not reading.done()
+    await fed.feed(b"late")
+    assert await reading == b"late"
+
+
+async def test_a_fed_stream_hands_its_feeders_error_to_the_reader() -> None:
+    fed = FedStream(limit=16)
+    await fed.feed(b"ab")
+    fed.end(ValueError("malformed"))
+    with pytest.raises(ValueError, match="malformed"):
+        await fed.stream.readany()
+    assert unread_chunks(fed.stream) == [b"ab"]
 
 
 async def test_unread_chunks_takes_what_a_failed_stream_still_buffers() -> None:

@@ -3,7 +3,8 @@
 aiohttp has no public way to take the bytes a failed body stream still buffers, to clear an
 error set on that stream, to keep an interim `100 Continue` out of the response's byte
 count, or to bound what a connection may cost before its request is known (the total size
-of a header block, the time it takes to arrive, the number of open connections). These
+of a header block, the time it takes to arrive, the number of open connections), nor to
+feed a `StreamReader` of our own with flow control (a form's file part). These
 functions and classes do it through private fields and methods; `tests/test_aiohttp_private.py`
 fails the day an aiohttp upgrade renames or changes them, instead of the server quietly
 losing bytes, miscounting or letting strangers pin memory.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import StreamReader, web, web_protocol
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
@@ -40,6 +42,51 @@ def clear_error(body: StreamReader) -> None:
     """Forget the error set on the stream (`set_exception`), so aiohttp drains the rest of the
     body after the answer instead of logging our own wake-up signal as unhandled."""
     body._exception = None
+
+
+class _FeederFlow(BaseProtocol):
+    """The flow control of a stream we feed ourselves: the stream pauses its feeder past its
+    high-water mark and resumes it below its low-water mark, as it would a connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.may_feed = asyncio.Event()
+        self.may_feed.set()
+
+    @property
+    def connected(self) -> bool:
+        """Always: a reader that waits must not be told "Connection closed"; the feeder ends
+        the stream itself (its end, or an error)."""
+        return True
+
+    def pause_reading(self) -> None:
+        self.may_feed.clear()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self.may_feed.set()
+
+
+class FedStream:
+    """A `StreamReader` fed by our own code rather than a connection (the upload service
+    reads a `StreamReader`): `feed` waits while the stream holds more than twice `limit`
+    bytes unread, so what it buffers stays bounded whatever the feeder's source."""
+
+    def __init__(self, limit: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._flow = _FeederFlow(loop)
+        self.stream = StreamReader(self._flow, limit, loop=loop)
+
+    async def feed(self, chunk: bytes) -> None:
+        """Hand `chunk` to the reader once the stream has room for it."""
+        await self._flow.may_feed.wait()
+        self.stream.feed_data(chunk)
+
+    def end(self, error: BaseException | None = None) -> None:
+        """The feeder is done: the end of the stream, or `error` for its reader."""
+        if error is None:
+            self.stream.feed_eof()
+        elif self.stream.exception() is None:
+            self.stream.set_exception(error)
 
 
 async def send_continue(request: web.BaseRequest) -> None:

@@ -22,5 +22,7 @@ GRANT = web.RequestKey("grant", Grant)
 UPLOAD_ID = web.RequestKey("upload_id", str)
 # The resumable-upload draft version a request speaks (absent: tus 1.0.0).
 DRAFT = web.RequestKey("draft", Version)
+# A plain multipart/form-data POST to the collection (no Tus-Resumable): form_handlers.
+FORM = web.RequestKey("form", bool)
 # The request's id: the client's X-Request-Id when safe, else a new one (logs, answers).
 REQUEST_ID = web.RequestKey("request_id", str)

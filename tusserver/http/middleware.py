@@ -18,13 +18,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tusserver import auth, draft, protocol
 from tusserver.errors import InsufficientStorage, ServiceUnavailable, TusError, UploadGone
-from tusserver.http.keys import DRAFT, GRANT, METRICS, REQUEST_ID, SETTINGS
+from tusserver.http.keys import DRAFT, FORM, GRANT, METRICS, REQUEST_ID, SETTINGS
 from tusserver.protocol import split_host
 from tusserver.settings import Settings, is_loopback_host
 
 log = logging.getLogger("tusserver")
 
 TUS_ROUTES = frozenset({"tus-collection-bare", "tus-collection", "tus-upload"})
+COLLECTION_ROUTES = frozenset({"tus-collection-bare", "tus-collection"})
 TUS_METHODS = frozenset({"POST", "HEAD", "PATCH", "DELETE"})
 CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Offset, "
@@ -181,16 +182,29 @@ async def method_override_middleware(request: web.Request, handler: Handler) -> 
 async def tus_resumable_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Tells the protocols apart before anything else: a request with `Tus-Resumable` (or
     none of the draft's fields) is tus 1.0.0 and must name a supported version (412); one
-    with the draft's fields and no `Tus-Resumable` is the resumable-upload draft."""
+    with the draft's fields and no `Tus-Resumable` is the resumable-upload draft; a POST to
+    the collection with a `multipart/form-data` body and no `Tus-Resumable` is a form upload
+    (a browser form, `curl -F`)."""
     if not _is_tus_route(request):
         return await handler(request)
     protocol.check_single_values(lambda name: request.headers.getall(name, []))
     version = draft.classify(request.headers)
     if version is not None:
         request[DRAFT] = version
+    elif _is_form_upload(request):
+        request[FORM] = True
     elif request.method in TUS_METHODS:
         protocol.check_tus_resumable(request.headers.get("Tus-Resumable"))
     return await handler(request)
+
+
+def _is_form_upload(request: web.Request) -> bool:
+    return (
+        request.method == "POST"
+        and request.match_info.route.name in COLLECTION_ROUTES
+        and "Tus-Resumable" not in request.headers
+        and request.content_type == "multipart/form-data"
+    )
 
 
 @web.middleware

@@ -87,6 +87,7 @@ class AppendSession:
         self.synced = upload.offset
         self.may_commit = True  # False while bytes on disk may have to be thrown away
         self.is_checksummed = False
+        self.is_whole_upload = False  # the body's end sets a deferred length (Body)
         self.running_hash: Hash | None = None
         self.hashes: list[Hash] = []
         self.pending: list[bytes] = []  # received, not yet written
@@ -198,6 +199,7 @@ class AppendSession:
         self.may_commit = checksum is None and body.content_length is not None
         self.stream = body.stream
         self.received = self.written
+        self.is_whole_upload = body.is_whole_upload
         with context.body_memory.holding():
             return await self._stream(body.stream, checksum, verifier, limit)
 
@@ -233,6 +235,8 @@ class AppendSession:
             if checksum is not None and verifier is not None:
                 if verifier.digest() != checksum.digest:
                     raise ChecksumMismatch(checksum.algorithm)
+            if self.is_whole_upload and self.upload.length is None:
+                await self.declare_length(self.written)  # under the lock, before the commit
             self.may_commit = True
             return await asyncio.shield(self._commit_and_remember(release=True))
         except TusError:

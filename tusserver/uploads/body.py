@@ -54,6 +54,9 @@ class Body:
     checksum: Checksum | None  # Upload-Checksum, to verify before anything is kept
     # Called once every check before the body has passed (answers `Expect: 100-continue`).
     before_reading: Callable[[], Awaitable[None]] = _nothing_to_announce
+    # The body is the whole upload (a form's file part): a deferred length becomes what
+    # arrived once the body ends, so the upload completes in the same commit.
+    is_whole_upload: bool = False
 
     @property
     def is_small(self) -> bool:

@@ -1,0 +1,182 @@
+"""Form uploads: a plain multipart/form-data POST to the endpoint (no tus client) stores every
+file part as a completed upload through the same write path as PATCH, against real servers."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from typing import Any, cast
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from tests.support.servers import Server, ServerFactory
+from tests.support.tus import TUS, bearer, repr_digest_of, upload_id_of
+from tusserver.auth import issue_token
+from tusserver.store.records import redis_key, shard_of
+from tusserver.uploads.body import WRITE_BLOCK_BYTES
+
+
+def form(*files: tuple[str, bytes | io.BytesIO, str], **fields: str) -> aiohttp.FormData:
+    """A multipart form: the text fields first (as a page lists them), then the files; names
+    unquoted, as curl and browsers send them."""
+    data = aiohttp.FormData(quote_fields=False)
+    for name, value in fields.items():
+        data.add_field(name, value)
+    for filename, content, content_type in files:
+        data.add_field("file", content, filename=filename, content_type=content_type)
+    return data
+
+
+async def post_form(
+    http: aiohttp.ClientSession, url: str, data: Any, **headers: str
+) -> tuple[int, dict[str, Any]]:
+    async with http.post(url, data=data, headers=headers) as response:
+        if response.content_type == "application/json":
+            return response.status, cast(dict[str, Any], await response.json())
+        return response.status, {"text": await response.text()}
+
+
+async def events_of(redis_url: str, upload_id: str) -> list[str]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        stream = redis_key(shard_of(upload_id), "events")
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(stream))
+    finally:
+        await client.aclose()
+    return [
+        fields[b"type"].decode()
+        for _id, fields in entries
+        if fields[b"upload_id"].decode() == upload_id
+    ]
+
+
+async def stored_uploads(server: Server, owner: str = "anonymous") -> list[str]:
+    return [upload.upload_id for upload in await server.uploads.list_owned(owner, None, 100)]
+
+
+async def test_one_file_becomes_a_completed_upload_with_its_digest_and_events(
+    server: Server, http: aiohttp.ClientSession, flushed_redis: str
+) -> None:
+    content = os.urandom(100_000)
+    status, answer = await post_form(http, server.url, form(("a b.bin", content, "image/png")))
+    assert status == 201, answer
+    (upload,) = answer["uploads"]
+    assert upload["length"] == len(content)
+    assert upload["sha256"] == hashlib.sha256(content).hexdigest()
+    assert upload["metadata"] == {"filename": "a b.bin", "filetype": "image/png"}
+    assert upload["url"] == server.url + upload["id"]
+    assert server.file_of(upload["url"]).read_bytes() == content
+    assert await events_of(flushed_redis, upload["id"]) == ["created", "completed"]
+    async with http.head(upload["url"], headers=TUS) as response:
+        assert response.headers["Upload-Offset"] == str(len(content))
+        assert response.headers["Repr-Digest"] == repr_digest_of(content)
+    async with http.get(upload["url"]) as response:
+        assert response.status == 200
+        assert await response.read() == content
+
+
+async def test_several_files_each_get_the_text_fields_as_metadata(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    files = [(f"f{n}.txt", os.urandom(1000 * n), "text/plain") for n in range(3)]
+    status, answer = await post_form(http, server.url, form(*files, album="holidays", note="été"))
+    assert status == 201, answer
+    assert len(answer["uploads"]) == 3
+    for (filename, content, _), upload in zip(files, answer["uploads"], strict=True):
+        assert upload["metadata"] == {
+            "album": "holidays", "note": "été", "filename": filename, "filetype": "text/plain",
+        }  # fmt: skip
+        assert upload["length"] == len(content)
+        assert upload["sha256"] == hashlib.sha256(content).hexdigest()
+        assert server.file_of(upload["url"]).read_bytes() == content
+
+
+async def test_a_file_larger_than_a_block_streams_whole_and_an_empty_one_completes(
+    server: Server, http: aiohttp.ClientSession, flushed_redis: str
+) -> None:
+    big = os.urandom(3 * WRITE_BLOCK_BYTES + 12345)
+    data = form(
+        ("big.bin", io.BytesIO(big), "application/octet-stream"), ("empty", b"", "text/plain")
+    )
+    status, answer = await post_form(http, server.url, data)
+    assert status == 201, answer
+    large, empty = answer["uploads"]
+    assert (large["length"], large["sha256"]) == (len(big), hashlib.sha256(big).hexdigest())
+    assert server.file_of(large["url"]).read_bytes() == big
+    assert (empty["length"], empty["sha256"]) == (0, hashlib.sha256().hexdigest())
+    assert await events_of(flushed_redis, empty["id"]) == ["created", "completed"]
+
+
+async def test_a_part_past_max_size_is_413_and_nothing_is_kept(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(max_size_bytes=1000)
+    data = form(("ok.bin", b"x" * 10, "text/plain"), ("big.bin", b"y" * 5000, "text/plain"))
+    status, _ = await post_form(http, server.url, data)
+    assert status == 413
+    assert await stored_uploads(server) == []
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"--x\r\n\r\nabc\r\n--x--\r\n"),  # no boundary parameter
+        ("multipart/form-data; boundary=right", b"--wrong\r\n\r\nabc\r\n--wrong--\r\n"),
+        (  # a file part cut before its closing boundary
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="f"; filename="a"\r\n\r\n' + b"z" * 500,
+        ),
+        (  # a text field after a file part
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="f"; filename="a"\r\n\r\nzz\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="late"\r\n\r\nv\r\n--b--\r\n',
+        ),
+        ("multipart/form-data; boundary=b", b"--b--\r\n"),  # no file at all
+    ],
+    ids=["no-boundary", "wrong-boundary", "cut-part", "field-after-file", "no-file"],
+)
+async def test_a_malformed_form_is_400_and_nothing_is_kept(
+    server: Server, http: aiohttp.ClientSession, content_type: str, body: bytes
+) -> None:
+    status, answer = await post_form(http, server.url, body, **{"Content-Type": content_type})
+    assert status == 400, answer
+    assert await stored_uploads(server) == []
+
+
+async def test_a_field_longer_than_the_bound_is_400(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    data = form(("a.txt", b"abc", "text/plain"), title="t" * 5000)
+    status, _ = await post_form(http, server.url, data)
+    assert status == 400
+    assert await stored_uploads(server) == []
+
+
+async def test_a_secured_server_needs_a_token_with_the_create_scope(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(secrets=("s",))
+
+    def token(*actions: str) -> dict[str, str]:
+        return bearer(issue_token("s", subject="alice", actions=actions, ttl_s=60))
+
+    files = ("a.txt", b"hello", "text/plain")
+    assert (await post_form(http, server.url, form(files)))[0] == 401
+    assert (await post_form(http, server.url, form(files), **token("read", "upload")))[0] == 403
+    status, answer = await post_form(http, server.url, form(files), **token("create", "read"))
+    assert status == 201, answer
+    assert await stored_uploads(server, "alice") == [answer["uploads"][0]["id"]]
+    async with http.get(answer["uploads"][0]["url"], headers=token("read")) as response:
+        assert await response.read() == b"hello"
+
+
+async def test_a_tus_request_with_a_multipart_content_type_is_still_tus(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    headers = {**TUS, "Upload-Length": "3", "Content-Type": "multipart/form-data; boundary=b"}
+    async with http.post(server.url, headers=headers) as response:
+        assert response.status == 201
+        assert upload_id_of(response.headers["Location"])

@@ -1,0 +1,199 @@
+"""Form uploads: a plain `multipart/form-data` POST to the collection (a browser form,
+`curl -F`), for senders without a tus client. The protocol middleware marks it (`FORM`).
+
+Every file part becomes one new upload, streamed through the very path of a tus creation with
+upload: `Uploads.create` with a `Body` whose length is unknown and whose end is the upload's
+end (`Body.is_whole_upload`), so blocks, `--body-memory`, the running SHA-256, fsync, the
+`completed` event, 413 past the size limit and the idle timeout are PATCH's own. The part
+reaches the service as a real `StreamReader` (`aiohttp_private.FedStream`) that a small task
+feeds from the part's chunks; the stream pauses that task while it holds more than
+`2 * PART_BUFFER_BYTES` unread, so one part costs a bounded buffer plus the service's blocks,
+whatever its size. An adapter imitating a `StreamReader` was the other way, but the service
+and `aiohttp_private` use the stream's own methods and fields (errors set on it to wake the
+reader, the bytes it buffered when it failed), and a real stream keeps all of that true.
+
+Text fields (at most MAX_FIELDS of FIELD_MAX_BYTES each) become metadata of every file after
+them; a field after a file part is refused (400), since the file's upload already exists. The
+part's `filename` and `Content-Type` become `filename` and `filetype`. The request is all or
+nothing: on any refusal (413 past the limit, 400 for a malformed body, a hang-up) the uploads
+it created are terminated, so nothing is half-stored. The answer is 201 with
+`{"uploads": [{id, url, length, sha256, metadata}]}`. Each file needs the `create` scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from tusserver import protocol
+from tusserver.aiohttp_private import FedStream, send_continue
+from tusserver.auth import Grant
+from tusserver.errors import BadRequest
+from tusserver.http import handlers
+from tusserver.http.keys import PRE_CREATE
+from tusserver.uploads.service import Body, NewUpload, Upload
+
+MAX_FIELDS = 32
+FIELD_MAX_BYTES = 4 * 2**10
+MAX_FILES = 64
+PART_BUFFER_BYTES = 64 * 2**10  # a part's stream pauses its feeder past twice this
+PART_CHUNK_BYTES = 64 * 2**10
+# What aiohttp's multipart reader raises for a body that does not parse.
+MALFORMED = (ValueError, RuntimeError, HttpProcessingError)
+PLAIN_TRANSFER_ENCODINGS = frozenset({"", "binary", "8bit", "7bit"})
+
+
+async def post(request: web.Request) -> web.Response:
+    """Store every file part of a multipart/form-data body as a completed upload: 201 with
+    their ids, URLs, lengths, SHA-256 and metadata. 403 without the `create` scope, 400 for a
+    malformed form (or one without files), 413 for a part past the size limit."""
+    who = handlers.grant(request)
+    who.require("create")
+    url_of = handlers.location_of(request)  # 400 for a Host this server makes no URLs for
+    protocol.require_identity_encoding(request.headers.get("Content-Encoding"))
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await send_continue(request)
+    created: list[Upload] = []
+    try:
+        await _store_parts(request, who, url_of, created)
+    except BaseException:
+        await asyncio.shield(_remove(request, who, created))
+        raise
+    if not created:
+        raise BadRequest("the form has no file part")
+    return web.json_response({"uploads": [_described(upload) for upload in created]}, status=201)
+
+
+async def _store_parts(
+    request: web.Request, who: Grant, url_of: str, created: list[Upload]
+) -> None:
+    """Read the form part by part: fields into `fields`, each file into a new upload."""
+    fields: dict[str, bytes | None] = {}
+    try:
+        reader = await request.multipart()
+    except MALFORMED as error:
+        raise BadRequest(f"the multipart body is malformed: {error}") from None
+    while True:
+        try:
+            part = await reader.next()
+        except MALFORMED as error:
+            raise BadRequest(f"the multipart body is malformed: {error}") from None
+        if part is None:
+            return
+        if not isinstance(part, BodyPartReader):
+            raise BadRequest("nested multipart parts are not accepted")
+        if part.filename is None:
+            if created:
+                raise BadRequest("text fields must come before the file parts")
+            if len(fields) >= MAX_FIELDS:
+                raise BadRequest(f"a form may have at most {MAX_FIELDS} text fields")
+            fields[_field_name(part)] = await _read_field(part)
+        elif part.filename == "":  # a browser's file input with no file chosen
+            await _read_to_end(part)
+        else:
+            if len(created) >= MAX_FILES:
+                raise BadRequest(f"a form may have at most {MAX_FILES} files")
+            created.append(await _store_file(request, who, url_of, part, fields))
+
+
+def _field_name(part: BodyPartReader) -> str:
+    if not part.name:
+        raise BadRequest("a form field has no name")
+    return part.name
+
+
+async def _read_field(part: BodyPartReader) -> bytes:
+    """A text field's value, at most FIELD_MAX_BYTES (400 past)."""
+    value = b""
+    try:
+        while chunk := await part.read_chunk(FIELD_MAX_BYTES + 1):
+            value += chunk
+            if len(value) > FIELD_MAX_BYTES:
+                raise BadRequest(f"a form field is longer than {FIELD_MAX_BYTES} bytes")
+    except MALFORMED as error:
+        raise BadRequest(f"the multipart body is malformed: {error}") from None
+    return value
+
+
+async def _read_to_end(part: BodyPartReader) -> None:
+    try:
+        while await part.read_chunk(PART_CHUNK_BYTES):
+            pass
+    except MALFORMED as error:
+        raise BadRequest(f"the multipart body is malformed: {error}") from None
+
+
+async def _store_file(
+    request: web.Request,
+    who: Grant,
+    url_of: str,
+    part: BodyPartReader,
+    fields: dict[str, bytes | None],
+) -> Upload:
+    """One file part as a new, completed upload (see the module's docstring)."""
+    encoding = part.headers.get("Content-Transfer-Encoding", "").strip().lower()
+    if encoding not in PLAIN_TRANSFER_ENCODINGS:
+        raise BadRequest(f"Content-Transfer-Encoding {encoding!r} is not accepted")
+    filetype = part.headers.get("Content-Type", "application/octet-stream")
+    metadata = fields | {"filename": (part.filename or "").encode(), "filetype": filetype.encode()}
+    try:
+        header = protocol.format_metadata(metadata)
+    except ValueError:
+        raise BadRequest("form field names must be printable ASCII without spaces") from None
+    protocol.parse_metadata(header)  # the same bounds as Upload-Metadata
+    who.check_metadata(metadata)
+    await request.app[PRE_CREATE].check(who.subject, None, metadata, None)
+    new = NewUpload(
+        owner=who.subject, length=None, metadata=header, concat="", url_of=url_of,
+        created_by=who.created_by,
+    )  # fmt: skip
+    fed = FedStream(PART_BUFFER_BYTES)
+    body = Body(stream=fed.stream, content_length=None, checksum=None, is_whole_upload=True)
+    feeding = asyncio.create_task(_feed(part, fed))
+    try:
+        outcome = await handlers.uploads(request).create(new, body, handlers.size_limit(request))
+    finally:
+        feeding.cancel()
+        await asyncio.gather(feeding, return_exceptions=True)
+    if outcome.refusal is None:
+        return outcome.upload
+    await _remove(request, who, [outcome.upload])
+    if isinstance(fed.stream.exception(), MALFORMED):
+        raise BadRequest(f"the multipart body is malformed: {fed.stream.exception()}")
+    raise outcome.refusal
+
+
+async def _feed(part: BodyPartReader, fed: FedStream) -> None:
+    """Hand the part's bytes to its stream as the stream makes room; its end or its error
+    (a malformed body, a hang-up) ends the stream."""
+    try:
+        while chunk := await part.read_chunk(PART_CHUNK_BYTES):
+            await fed.feed(chunk)
+    except Exception as error:  # the reader sees it as the body's own failure
+        fed.end(error)
+    else:
+        fed.end()
+
+
+async def _remove(request: web.Request, who: Grant, created: list[Upload]) -> None:
+    """Terminate the uploads of a refused form: nothing of it stays half-stored."""
+    for upload in created:
+        with contextlib.suppress(Exception):
+            await handlers.uploads(request).terminate(upload.upload_id, who.subject)
+
+
+def _described(upload: Upload) -> dict[str, object]:
+    metadata = protocol.parse_metadata(upload.metadata)
+    return {
+        "id": upload.upload_id,
+        "url": upload.url,
+        "length": upload.length,
+        "sha256": upload.sha256,
+        "metadata": {
+            key: None if value is None else value.decode("utf-8", "replace")
+            for key, value in metadata.items()
+        },
+    }
