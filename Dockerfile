@@ -1,4 +1,4 @@
-# tusserver in a container. The compose file beside it runs it with a Redis of its own.
+# tusserver in a container. docker-compose.yml runs two of them with a Redis, behind nginx.
 FROM python:3.12-slim
 RUN useradd --create-home --uid 10001 tus
 WORKDIR /app
