@@ -58,6 +58,13 @@ def run_upload(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess
     )
 
 
+def _interruptible() -> None:
+    """In the child before it runs: Ctrl-C (SIGINT) as in a terminal. A test run started in
+    the background of a non-interactive shell inherits SIGINT ignored, and Python then keeps
+    it ignored: the uploader would never see the Ctrl-C the tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def uploaders(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start uploader processes with output to files; each is killed (by PID) at teardown."""
@@ -70,8 +77,9 @@ def uploaders(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]
             open(tmp_path / f"upload-{n}.err", "wb") as err,
         ):
             process = subprocess.Popen(
-                [sys.executable, "-m", "tusserver", "upload", *args], stdout=out, stderr=err
-            )
+                [sys.executable, "-m", "tusserver", "upload", *args], stdout=out, stderr=err,
+                preexec_fn=_interruptible,
+            )  # fmt: skip
         started.append(process)
         return process
 
