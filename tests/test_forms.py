@@ -3,17 +3,24 @@ file part as a completed upload through the same write path as PATCH, against re
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import json
 import os
+import shutil
+from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from tests.support.raw_http import RawRequest
 from tests.support.servers import Server, ServerFactory
+from tests.support.tools import require_tool
 from tests.support.tus import TUS, bearer, repr_digest_of, upload_id_of
+from tests.support.waiting import wait_until
 from tusserver.auth import issue_token
 from tusserver.store.records import redis_key, shard_of
 from tusserver.uploads.body import WRITE_BLOCK_BYTES
@@ -180,3 +187,43 @@ async def test_a_tus_request_with_a_multipart_content_type_is_still_tus(
     async with http.post(server.url, headers=headers) as response:
         assert response.status == 201
         assert upload_id_of(response.headers["Location"])
+
+
+async def test_curl_f_uploads_a_file_past_expect_100_continue(
+    server: Server, tmp_path: Path
+) -> None:
+    require_tool(shutil.which("curl") is not None, "curl is not installed")
+    content = os.urandom(3 * 2**20)  # curl asks `Expect: 100-continue` past 1 MiB
+    (tmp_path / "big.iso").write_bytes(content)
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-F", "title=holidays", "-F", f"file=@{tmp_path / 'big.iso'}", server.url,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    output, _ = await curl.communicate()
+    assert curl.returncode == 0
+    (upload,) = json.loads(output)["uploads"]
+    assert upload["metadata"] == {
+        "title": "holidays", "filename": "big.iso", "filetype": "application/octet-stream",
+    }  # fmt: skip
+    assert upload["sha256"] == hashlib.sha256(content).hexdigest()
+    assert server.file_of(upload["url"]).read_bytes() == content
+
+
+async def test_a_hang_up_mid_form_removes_every_upload_of_the_request(server: Server) -> None:
+    whole = b'--b\r\nContent-Disposition: form-data; name="f"; filename="one"\r\n\r\n'
+    whole += b"1" * 1000 + b"\r\n"
+    cut = b'--b\r\nContent-Disposition: form-data; name="f"; filename="two"\r\n\r\n'
+    headers = {"Content-Type": "multipart/form-data; boundary=b", "Content-Length": "1000000"}
+    request = await RawRequest.start(server.url, "POST", headers)
+    await request.send(whole + cut + b"2" * 200_000)  # past the parser's look-ahead
+
+    async def both_exist() -> bool:
+        return len(await stored_uploads(server)) == 2
+
+    await wait_until(both_exist)  # the first is complete, the second is receiving
+    await request.close()
+
+    async def none_left() -> bool:
+        return await stored_uploads(server) == []
+
+    await wait_until(none_left)
