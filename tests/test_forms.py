@@ -227,3 +227,40 @@ async def test_a_hang_up_mid_form_removes_every_upload_of_the_request(server: Se
         return await stored_uploads(server) == []
 
     await wait_until(none_left)
+
+
+async def test_a_redirect_field_to_an_allowed_origin_answers_303_with_the_ids(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(cors_origins=("https://app.example",))
+    data = form(("a.txt", b"abc", "text/plain"), redirect="https://app.example/done?x=1")
+    async with http.post(server.url, data=data, allow_redirects=False) as response:
+        assert response.status == 303
+        location = response.headers["Location"]
+    (upload_id,) = await stored_uploads(server)
+    assert location == f"https://app.example/done?x=1&uploads={upload_id}"
+    upload = await server.uploads.get(upload_id, "anonymous")
+    assert "redirect" not in upload.metadata
+
+
+async def test_a_redirect_to_the_servers_own_origin_is_followed(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    own = server.root + "/thanks"
+    data = form(("a.txt", b"abc", "text/plain"), redirect=own)
+    async with http.post(server.url, data=data, allow_redirects=False) as response:
+        assert response.status == 303
+        assert response.headers["Location"].startswith(own + "?uploads=")
+
+
+@pytest.mark.parametrize(
+    "target", ["https://evil.example/", "javascript:alert(1)", "/relative", "ftp://app.example/"]
+)
+async def test_a_redirect_elsewhere_is_400_and_nothing_is_kept(
+    make_server: ServerFactory, http: aiohttp.ClientSession, target: str
+) -> None:
+    server = await make_server(cors_origins=("https://app.example",))
+    data = form(("a.txt", b"abc", "text/plain"), redirect=target)
+    status, _ = await post_form(http, server.url, data)
+    assert status == 400
+    assert await stored_uploads(server) == []

@@ -17,7 +17,10 @@ them; a field after a file part is refused (400), since the file's upload alread
 part's `filename` and `Content-Type` become `filename` and `filetype`. The request is all or
 nothing: on any refusal (413 past the limit, 400 for a malformed body, a hang-up) the uploads
 it created are terminated, so nothing is half-stored. The answer is 201 with
-`{"uploads": [{id, url, length, sha256, metadata}]}`. Each file needs the `create` scope.
+`{"uploads": [{id, url, length, sha256, metadata}]}`, or for a browser form with a `redirect`
+field (not metadata), `303 See Other` to that URL with `uploads=<id>,<id>` added to its query;
+only a URL of the server's own origin or one named in --cors-origins is followed (400 before
+anything is stored otherwise: no open redirect). Each file needs the `create` scope.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import contextlib
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from yarl import URL
 
 from tusserver import protocol
 from tusserver.aiohttp_private import FedStream, send_continue
 from tusserver.auth import Grant
 from tusserver.errors import BadRequest
 from tusserver.http import handlers
-from tusserver.http.keys import PRE_CREATE
+from tusserver.http.keys import PRE_CREATE, SETTINGS
 from tusserver.uploads.service import Body, NewUpload, Upload
 
 MAX_FIELDS = 32
@@ -44,12 +48,14 @@ PART_CHUNK_BYTES = 64 * 2**10
 # What aiohttp's multipart reader raises for a body that does not parse.
 MALFORMED = (ValueError, RuntimeError, HttpProcessingError)
 PLAIN_TRANSFER_ENCODINGS = frozenset({"", "binary", "8bit", "7bit"})
+REDIRECT_FIELD = "redirect"
 
 
 async def post(request: web.Request) -> web.Response:
     """Store every file part of a multipart/form-data body as a completed upload: 201 with
     their ids, URLs, lengths, SHA-256 and metadata. 403 without the `create` scope, 400 for a
-    malformed form (or one without files), 413 for a part past the size limit."""
+    malformed form (or one without files, or a `redirect` to an origin not allowed), 413 for
+    a part past the size limit; 303 to the `redirect` field's URL when there is one."""
     who = handlers.grant(request)
     who.require("create")
     url_of = handlers.location_of(request)  # 400 for a Host this server makes no URLs for
@@ -57,20 +63,25 @@ async def post(request: web.Request) -> web.Response:
     if request.headers.get("Expect", "").lower() == "100-continue":
         await send_continue(request)
     created: list[Upload] = []
+    redirect: list[URL] = []
     try:
-        await _store_parts(request, who, url_of, created)
+        await _store_parts(request, who, url_of, created, redirect)
     except BaseException:
         await asyncio.shield(_remove(request, who, created))
         raise
     if not created:
         raise BadRequest("the form has no file part")
+    if redirect:
+        ids = ",".join(upload.upload_id for upload in created)
+        raise web.HTTPSeeOther(location=redirect[0].update_query(uploads=ids))
     return web.json_response({"uploads": [_described(upload) for upload in created]}, status=201)
 
 
 async def _store_parts(
-    request: web.Request, who: Grant, url_of: str, created: list[Upload]
+    request: web.Request, who: Grant, url_of: str, created: list[Upload], redirect: list[URL]
 ) -> None:
-    """Read the form part by part: fields into `fields`, each file into a new upload."""
+    """Read the form part by part: fields into `fields` (`redirect` apart), each file into a
+    new upload."""
     fields: dict[str, bytes | None] = {}
     try:
         reader = await request.multipart()
@@ -90,7 +101,11 @@ async def _store_parts(
                 raise BadRequest("text fields must come before the file parts")
             if len(fields) >= MAX_FIELDS:
                 raise BadRequest(f"a form may have at most {MAX_FIELDS} text fields")
-            fields[_field_name(part)] = await _read_field(part)
+            name, value = _field_name(part), await _read_field(part)
+            if name == REDIRECT_FIELD:
+                redirect[:] = [_allowed_redirect(request, url_of, value)]
+            else:
+                fields[name] = value
         elif part.filename == "":  # a browser's file input with no file chosen
             await _read_to_end(part)
         else:
@@ -116,6 +131,21 @@ async def _read_field(part: BodyPartReader) -> bytes:
     except MALFORMED as error:
         raise BadRequest(f"the multipart body is malformed: {error}") from None
     return value
+
+
+def _allowed_redirect(request: web.Request, url_of: str, value: bytes) -> URL:
+    """The `redirect` field's URL if its origin is this server's own or one of --cors-origins
+    (named, not `*`); 400 otherwise."""
+    try:
+        target = URL(value.decode("utf-8"))
+        origin = str(target.origin()) if target.absolute else ""
+    except ValueError:
+        origin = ""
+    allowed = {origin.rstrip("/") for origin in request.app[SETTINGS].cors_origins}
+    allowed.add(str(URL(url_of.replace("{id}", "")).origin()))
+    if not origin or target.scheme not in ("http", "https") or origin not in allowed:
+        raise BadRequest("the redirect field's origin is neither this server's nor allowed")
+    return target
 
 
 async def _read_to_end(part: BodyPartReader) -> None:
