@@ -264,3 +264,61 @@ async def test_a_redirect_elsewhere_is_400_and_nothing_is_kept(
     status, _ = await post_form(http, server.url, data)
     assert status == 400
     assert await stored_uploads(server) == []
+
+
+async def cookie_server(make_server: ServerFactory) -> tuple[Server, dict[str, str]]:
+    server = await make_server(
+        secrets=("s",), token_cookie="tus_token", cors_origins=("https://app.example",)
+    )
+    token = issue_token("s", subject="alice", actions=("create", "read"), ttl_s=60)
+    return server, {"Cookie": f"tus_token={token}"}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"Origin": "https://app.example"},
+        {"Referer": "https://app.example/upload.html"},
+        {"Origin": "own"},
+    ],
+    ids=["allowed-origin", "allowed-referer", "own-origin"],
+)
+async def test_a_cookie_token_is_accepted_from_an_allowed_origin(
+    make_server: ServerFactory, http: aiohttp.ClientSession, source: dict[str, str]
+) -> None:
+    server, cookie = await cookie_server(make_server)
+    origin = {name: server.root if value == "own" else value for name, value in source.items()}
+    data = form(("a.txt", b"abc", "text/plain"))
+    status, answer = await post_form(http, server.url, data, **cookie, **origin)
+    assert status == 201, answer
+    assert await stored_uploads(server, "alice") == [answer["uploads"][0]["id"]]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [{"Origin": "https://evil.example"}, {"Referer": "https://evil.example/x"}, {}],
+    ids=["other-origin", "other-referer", "no-origin-nor-referer"],
+)
+async def test_a_cookie_token_is_refused_from_elsewhere_or_without_origin(
+    make_server: ServerFactory, http: aiohttp.ClientSession, source: dict[str, str]
+) -> None:
+    server, cookie = await cookie_server(make_server)
+    data = form(("a.txt", b"abc", "text/plain"))
+    status, _ = await post_form(http, server.url, data, **cookie, **source)
+    assert status == 401
+    assert await stored_uploads(server, "alice") == []
+
+
+async def test_a_download_link_may_use_the_cookie_without_origin(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server, cookie = await cookie_server(make_server)
+    data = form(("a.txt", b"abc", "text/plain"))
+    status, answer = await post_form(http, server.url, data, Origin=server.root, **cookie)
+    assert status == 201, answer
+    async with http.get(answer["uploads"][0]["url"], headers=cookie) as response:
+        assert response.status == 200
+        assert await response.read() == b"abc"
+    evil = {"Origin": "https://evil.example", **cookie}
+    async with http.get(answer["uploads"][0]["url"], headers=evil) as response:
+        assert response.status == 401

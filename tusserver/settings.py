@@ -99,6 +99,9 @@ class Settings:
     min_free_disk_bytes: int = 0
     body_memory_bytes: int = 64 * 2**20
     cors_origins: tuple[str, ...] = ()
+    # A cookie that may carry the signed token too ("" : none); accepted only from an
+    # allowed origin (http/middleware.py, docs/tokens.md).
+    token_cookie: str = ""
     demo_page: bool | None = None
     tombstone_ttl_s: float = 7 * 24 * 3600.0
     # The status the owner of a terminated or expired upload gets while its tombstone lasts:
@@ -285,6 +288,13 @@ OPTIONS: tuple[Option, ...] = (
         "ORIGINS",
     ),
     (
+        "token-cookie",
+        str,
+        "accept the signed token from this cookie too, from --cors-origins or the server's "
+        "own origin only",
+        "NAME",
+    ),
+    (
         "demo-page",
         parse_bool,
         "serve the demo upload page at / (default: on without a secret)",
@@ -384,7 +394,7 @@ def default_text(option: str) -> str:
         "max-header-size": "96KiB", "header-timeout": "30s", "keepalive-timeout": "75s",
         "orphan-grace": "1h", "metrics": "on", "metrics-token": "none (no token needed)",
         "tls-cert": "none (plain HTTP)", "tls-key": "none", "unix-socket": "none (TCP)",
-        "demo-page": "on without a secret",
+        "demo-page": "on without a secret", "token-cookie": "none (header only)",
         "webhook-url": "none", "webhook-secret": "each --secret", "webhook-timeout": "10s",
         "webhook-max-age": "24h", "pre-create-url": "none (off)", "pre-create-timeout": "3s",
     }  # fmt: skip

@@ -10,14 +10,23 @@ import asyncio
 import json
 import logging
 import secrets
+from collections.abc import Mapping
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tusserver import auth, draft, protocol
-from tusserver.errors import InsufficientStorage, ServiceUnavailable, TusError, UploadGone
+from tusserver.errors import (
+    InsufficientStorage,
+    ServiceUnavailable,
+    TusError,
+    Unauthorized,
+    UploadGone,
+)
+from tusserver.http import handlers
 from tusserver.http.keys import DRAFT, FORM, GRANT, METRICS, REQUEST_ID, SETTINGS
 from tusserver.protocol import split_host
 from tusserver.settings import Settings, is_loopback_host
@@ -26,6 +35,7 @@ log = logging.getLogger("tusserver")
 
 TUS_ROUTES = frozenset({"tus-collection-bare", "tus-collection", "tus-upload"})
 COLLECTION_ROUTES = frozenset({"tus-collection-bare", "tus-collection"})
+SAFE_METHODS = frozenset({"GET", "HEAD"})
 TUS_METHODS = frozenset({"POST", "HEAD", "PATCH", "DELETE"})
 CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Offset, "
@@ -214,14 +224,55 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     a HEAD, PATCH or DELETE of one upload (tus or draft) whose token is past its `exp` but
     may finish what it created (the `fin` claim) gets an `expired` grant, and the upload
     service decides, once it knows the upload, whether it is that token's own and still
-    uploading."""
+    uploading. With --token-cookie, a request without `Authorization` may carry its token in
+    that cookie (`_headers_with_cookie_token`)."""
     if _is_tus_route(request) and request.method != "OPTIONS":
         one_upload = request.match_info.route.name == "tus-upload"
         request[GRANT] = auth.grant_for_request(
-            request.method, request.headers, request.query, request.app[SETTINGS].secrets,
-            may_finish=one_upload,
+            request.method, _headers_with_cookie_token(request), request.query,
+            request.app[SETTINGS].secrets, may_finish=one_upload,
         )  # fmt: skip
     return await handler(request)
+
+
+def _headers_with_cookie_token(request: web.Request) -> Mapping[str, str]:
+    """The request's headers, with the --token-cookie token as `Authorization` when there is
+    no header. Browsers send cookies by themselves, so the cookie counts only from a page of
+    an origin named in --cors-origins or of the server's own (its `Origin`, else its
+    `Referer`); a GET or HEAD that names neither (a link followed, a download) may use it,
+    any other method gets 401: a form posted from elsewhere never acts with the cookie."""
+    name = request.app[SETTINGS].token_cookie
+    token = request.cookies.get(name) if name else None
+    if token is None or "Authorization" in request.headers:
+        return request.headers
+    source = _source_origin(request)
+    if source is None and request.method not in SAFE_METHODS:
+        raise Unauthorized("a cookie token needs the request's Origin or Referer")
+    if source is not None and not _may_use_cookie_from(request, source):
+        raise Unauthorized("a cookie token is accepted only from an allowed origin")
+    headers = CIMultiDict(request.headers)
+    headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _source_origin(request: web.Request) -> str | None:
+    """The origin of the page that sent the request: `Origin`, else `Referer`'s origin."""
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        return origin.rstrip("/")
+    referer = request.headers.get("Referer")
+    if referer is None:
+        return None
+    scheme, _, rest = referer.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}" if rest else "null"
+
+
+def _may_use_cookie_from(request: web.Request, origin: str) -> bool:
+    """Whether `origin` is named in --cors-origins (`*` does not count) or is this server's."""
+    if origin in request.app[SETTINGS].cors_origins:
+        return True
+    scheme, _, rest = handlers.location_of(request).partition("://")
+    return origin == f"{scheme}://{rest.split('/', 1)[0]}"
 
 
 async def expect_handler(request: web.Request) -> None:
