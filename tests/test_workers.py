@@ -17,6 +17,7 @@ import itertools
 import os
 import signal
 import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -119,3 +120,27 @@ async def test_two_workers_listen_each_on_its_own_socket_share_connections_and_s
     assert await asyncio.to_thread(server.process.wait, 30) == 0, server.log()
     for pid in (*workers, valkey):
         assert pid_is_gone(pid), f"pid {pid} outlived the supervisor"
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(
+    processes: StartProcess, tmp_path: Path
+) -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) cannot stop its workers: they
+    notice they were orphaned and stop on their own, instead of serving on without it."""
+    server = await start_server(processes, tmp_path / "data", "--workers", "2")
+    supervisor = server.process.pid
+
+    def workers_of_supervisor() -> set[int]:  # its children but the embedded Valkey
+        return {
+            pid for pid in children_of(supervisor)
+            if "valkey" not in Path(f"/proc/{pid}/comm").read_text()
+        }  # fmt: skip
+
+    await wait_until(lambda: len(workers_of_supervisor()) == 2, what="two workers forked")
+    workers = workers_of_supervisor()
+    server.process.kill()
+    server.process.wait()
+    await wait_until(
+        lambda: all(pid_is_gone(pid) for pid in workers), timeout_s=10,
+        what="the orphaned workers stopped",
+    )  # fmt: skip

@@ -192,9 +192,15 @@ def _without_password(url: str) -> str:
 
 
 async def _serve_worker(
-    settings: Settings, redis_url: str, sock: socket.socket, embedded: EmbeddedRedis | None
+    settings: Settings,
+    redis_url: str,
+    sock: socket.socket,
+    embedded: EmbeddedRedis | None,
+    supervisor_pid: int | None = None,
 ) -> int:
-    """Serve on `sock` until told to stop; 1 if the embedded Redis died meanwhile."""
+    """Serve on `sock` until told to stop; 1 if the embedded Redis died meanwhile, or (a
+    forked worker, given its `supervisor_pid`) if the supervisor is gone: a killed supervisor
+    must not leave workers serving without it."""
     tune_malloc()
     app = build_app(settings, redis_url)
     access_log_class = JsonAccessLogger if settings.log_json else AccessLogger
@@ -216,6 +222,10 @@ async def _serve_worker(
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
             if embedded is not None and not embedded.is_running():
                 log.error("the embedded Redis server stopped unexpectedly; shutting down")
+                exit_code = 1
+                break
+            if supervisor_pid is not None and os.getppid() != supervisor_pid:
+                log.error("the supervisor (pid %d) is gone; shutting down", supervisor_pid)
                 exit_code = 1
                 break
     finally:
@@ -250,6 +260,7 @@ def _supervise_workers(
     if settings.metrics:
         _prepare_metrics_dir(settings)
     children: list[int] = []
+    supervisor = os.getpid()
     for index in range(settings.workers):
         pid = os.fork()
         if pid == 0:  # a worker: serve, never start a Redis
@@ -259,7 +270,7 @@ def _supervise_workers(
                 for sock in sockets:
                     if sock is not own:
                         sock.close()
-                code = asyncio.run(_serve_worker(settings, redis_url, own, None))
+                code = asyncio.run(_serve_worker(settings, redis_url, own, None, supervisor))
             finally:
                 os._exit(code)
         children.append(pid)
