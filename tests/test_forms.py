@@ -14,15 +14,14 @@ from typing import Any, cast
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 
+from tests.support.events import event_types
 from tests.support.raw_http import RawRequest
 from tests.support.servers import Server, ServerFactory
 from tests.support.tools import require_tool
 from tests.support.tus import TUS, bearer, repr_digest_of, upload_id_of
 from tests.support.waiting import wait_until
 from tusserver.auth import issue_token
-from tusserver.store.records import redis_key, shard_of
 from tusserver.uploads.body import WRITE_BLOCK_BYTES
 
 
@@ -46,20 +45,6 @@ async def post_form(
         return response.status, {"text": await response.text()}
 
 
-async def events_of(redis_url: str, upload_id: str) -> list[str]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        stream = redis_key(shard_of(upload_id), "events")
-        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(stream))
-    finally:
-        await client.aclose()
-    return [
-        fields[b"type"].decode()
-        for _id, fields in entries
-        if fields[b"upload_id"].decode() == upload_id
-    ]
-
-
 async def stored_uploads(server: Server, owner: str = "anonymous") -> list[str]:
     return [upload.upload_id for upload in await server.uploads.list_owned(owner, None, 100)]
 
@@ -76,7 +61,7 @@ async def test_one_file_becomes_a_completed_upload_with_its_digest_and_events(
     assert upload["metadata"] == {"filename": "a b.bin", "filetype": "image/png"}
     assert upload["url"] == server.url + upload["id"]
     assert server.file_of(upload["url"]).read_bytes() == content
-    assert await events_of(flushed_redis, upload["id"]) == ["created", "completed"]
+    assert await event_types(flushed_redis, upload["id"]) == ["created", "completed"]
     async with http.head(upload["url"], headers=TUS) as response:
         assert response.headers["Upload-Offset"] == str(len(content))
         assert response.headers["Repr-Digest"] == repr_digest_of(content)
@@ -114,7 +99,7 @@ async def test_a_file_larger_than_a_block_streams_whole_and_an_empty_one_complet
     assert (large["length"], large["sha256"]) == (len(big), hashlib.sha256(big).hexdigest())
     assert server.file_of(large["url"]).read_bytes() == big
     assert (empty["length"], empty["sha256"]) == (0, hashlib.sha256().hexdigest())
-    assert await events_of(flushed_redis, empty["id"]) == ["created", "completed"]
+    assert await event_types(flushed_redis, empty["id"]) == ["created", "completed"]
 
 
 async def test_a_part_past_max_size_is_413_and_nothing_is_kept(

@@ -8,20 +8,18 @@ import json
 import logging
 import re
 import string
-from typing import cast
 
 import aiohttp
 import pytest
-import redis.asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.events import events_of
 from tests.support.servers import Server, ServerFactory
 from tests.support.tus import TUS, create_upload, patch_headers, upload_id_of
 from tests.support.waiting import wait_until
 from tusserver.events.delivery import Entry
 from tusserver.protocol import MAX_REQUEST_ID_LENGTH, parse_request_id
-from tusserver.store.records import keys_of
 
 TOKEN_CHARS = set(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
 GENERATED = re.compile(r"^[0-9a-f]{32}$")
@@ -96,13 +94,6 @@ async def test_the_access_log_line_names_the_request_id(
 
     await wait_until(lambda: bool(head_lines()), what="the HEAD's access log line")
     assert head_lines()[-1].endswith(" rid=rid-7")
-
-
-async def events_of(redis_url: str, upload_id: str) -> list[dict[str, str]]:
-    [stream] = keys_of(upload_id, "events")
-    async with redis.asyncio.Redis.from_url(redis_url, decode_responses=True) as client:
-        entries = cast(list[tuple[str, dict[str, str]]], await client.xrange(stream))
-    return [fields for _id, fields in entries if fields["upload_id"] == upload_id]
 
 
 async def test_the_events_a_request_causes_name_its_id(

@@ -10,12 +10,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 
+from tests.support.events import event_types
 from tests.support.faults import sigterm_mid_small_body
 from tests.support.files import file_of
 from tests.support.processes import StartProcess, on, start_server
@@ -30,7 +30,6 @@ from tests.support.tus import (
     upload_id_of,
 )
 from tests.support.waiting import wait_until
-from tusserver.store.records import redis_key, shard_of
 from tusserver.uploads.body import SMALL_BODY_BYTES
 
 
@@ -64,20 +63,6 @@ async def created_by_hang_up(
     return upload
 
 
-async def events_of(redis_url: str, upload_id: str) -> list[str]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        stream = redis_key(shard_of(upload_id), "events")
-        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(stream))
-    finally:
-        await client.aclose()
-    return [
-        fields[b"type"].decode()
-        for _id, fields in entries
-        if fields[b"upload_id"].decode() == upload_id
-    ]
-
-
 async def test_a_whole_small_upload_is_completed_with_its_digest_and_both_events(
     server: Server, http: aiohttp.ClientSession, flushed_redis: str
 ) -> None:
@@ -93,7 +78,7 @@ async def test_a_whole_small_upload_is_completed_with_its_digest_and_both_events
         assert response.headers["Repr-Digest"] == repr_digest_of(source)
         assert "Upload-Expires" not in response.headers  # complete: no longer expires
     upload_id = upload_id_of(url)
-    assert await events_of(flushed_redis, upload_id) == ["created", "completed"]
+    assert await event_types(flushed_redis, upload_id) == ["created", "completed"]
     async with http.get(url) as response:
         assert await response.read() == source
 
@@ -108,7 +93,7 @@ async def test_a_small_first_part_then_patches_give_the_digest_of_every_byte(
         assert response.headers["Upload-Offset"] == "1000"
         url = response.headers["Location"]
     upload_id = upload_id_of(url)
-    assert await events_of(flushed_redis, upload_id) == ["created"]
+    assert await event_types(flushed_redis, upload_id) == ["created"]
     declared = patch_headers(1000, **{"Upload-Length": str(len(source))})
     async with http.patch(url, data=source[1000:], headers=declared) as response:
         assert response.status == 204
@@ -116,7 +101,7 @@ async def test_a_small_first_part_then_patches_give_the_digest_of_every_byte(
     async with http.head(url, headers=TUS) as response:
         assert response.headers["Repr-Digest"] == repr_digest_of(source)
     assert server.file_of(url).read_bytes() == source
-    assert await events_of(flushed_redis, upload_id) == ["created", "completed"]
+    assert await event_types(flushed_redis, upload_id) == ["created", "completed"]
 
 
 async def test_a_small_body_with_the_right_checksum_is_kept(
@@ -243,4 +228,4 @@ async def test_a_body_just_over_the_small_size_streams_to_the_same_result(
         assert response.headers["Repr-Digest"] == repr_digest_of(source)
     assert server.file_of(url).read_bytes() == source
     upload_id = upload_id_of(url)
-    assert await events_of(flushed_redis, upload_id) == ["created", "completed"]
+    assert await event_types(flushed_redis, upload_id) == ["created", "completed"]
