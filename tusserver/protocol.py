@@ -401,6 +401,15 @@ def parse_method_override(value: str | None) -> str | None:
     return method
 
 
+def metadata_text(metadata: Mapping[str, bytes | None]) -> dict[str, str | None]:
+    """Metadata values as text (UTF-8, undecodable bytes replaced), for JSON bodies: the
+    listing, form answers and the parent's events."""
+    return {
+        key: None if value is None else value.decode("utf-8", errors="replace")
+        for key, value in metadata.items()
+    }
+
+
 def format_http_date(epoch_s: float) -> str:
     """Return `epoch_s` as an RFC 9110 IMF-fixdate, e.g. "Sun, 06 Nov 1994 08:49:37 GMT"."""
     return formatdate(epoch_s, usegmt=True)

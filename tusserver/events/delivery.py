@@ -33,7 +33,6 @@ from tusserver.errors import TusError
 from tusserver.events.parent import (
     PreCreateCheck,
     json_bytes,
-    metadata_text,
     post_headers,
     read_some,
     signing_secrets_of,
@@ -64,7 +63,7 @@ def dead_letter_key(shard: int) -> str:
 
 def _stored_metadata_text(raw: str) -> dict[str, str | None]:
     try:
-        return metadata_text(protocol.parse_metadata(raw))
+        return protocol.metadata_text(protocol.parse_metadata(raw))
     except TusError:  # stored metadata was parsed once already; never fail an event on it
         return {}
 

@@ -79,14 +79,6 @@ def post_headers(signing_secrets: Sequence[str], body: bytes) -> dict[str, str]:
     return headers
 
 
-def metadata_text(metadata: Mapping[str, bytes | None]) -> dict[str, str | None]:
-    """Metadata values as text (UTF-8, undecodable bytes replaced) for the JSON bodies."""
-    return {
-        key: None if value is None else value.decode("utf-8", errors="replace")
-        for key, value in metadata.items()
-    }
-
-
 async def read_some(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """Up to `limit` bytes of the answer's body (a parent's answer is not worth more)."""
     data = b""
@@ -146,7 +138,7 @@ class PreCreateCheck:
                 "type": "pre-create",
                 "subject": subject,
                 "length": length,
-                "metadata": metadata_text(metadata),
+                "metadata": protocol.metadata_text(metadata),
                 "upload_metadata": protocol.format_metadata(metadata),
                 "concat": None if concat is None else "final" if concat.is_final else "partial",
             }

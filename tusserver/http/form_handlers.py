@@ -26,7 +26,7 @@ anything is stored otherwise: no open redirect). Each file needs the `create` sc
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -49,6 +49,8 @@ PART_CHUNK_BYTES = 64 * 2**10
 MALFORMED = (ValueError, RuntimeError, HttpProcessingError)
 PLAIN_TRANSFER_ENCODINGS = frozenset({"", "binary", "8bit", "7bit"})
 REDIRECT_FIELD = "redirect"
+
+log = logging.getLogger("tusserver.forms")
 
 
 async def post(request: web.Request) -> web.Response:
@@ -211,8 +213,10 @@ async def _feed(part: BodyPartReader, fed: FedStream) -> None:
 async def _remove(request: web.Request, who: Grant, created: list[Upload]) -> None:
     """Terminate the uploads of a refused form: nothing of it stays half-stored."""
     for upload in created:
-        with contextlib.suppress(Exception):
+        try:
             await handlers.uploads(request).terminate(upload.upload_id, who.subject)
+        except Exception:  # it expires by itself; the answer is already a refusal
+            log.warning("could not remove upload %s of a refused form", upload.upload_id)
 
 
 def _described(upload: Upload) -> dict[str, object]:
@@ -222,8 +226,5 @@ def _described(upload: Upload) -> dict[str, object]:
         "url": upload.url,
         "length": upload.length,
         "sha256": upload.sha256,
-        "metadata": {
-            key: None if value is None else value.decode("utf-8", "replace")
-            for key, value in metadata.items()
-        },
+        "metadata": protocol.metadata_text(metadata),
     }

@@ -345,7 +345,7 @@ def _listed(upload: Upload) -> dict[str, object]:
         "length": upload.length,
         "offset": upload.offset,
         "state": upload.status,
-        "metadata": {key: _text_or_none(value) for key, value in metadata.items()},
+        "metadata": protocol.metadata_text(metadata),
         "sha256": upload.sha256 or None,
         "created": upload.created_at,
         "expires": upload.expires_at,
