@@ -198,7 +198,9 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         if self._limits.count_connection is not None:
             self._limits.count_connection(1)
         manager = self._manager
-        if manager is not None and len(manager.connections) > self._limits.max_connections:
+        if (
+            manager is not None and len(manager._connections) > self._limits.max_connections
+        ):  # a dict: `connections` copies it
             self._answer_and_close(503, "Service Unavailable", "too many open connections")
             return
         self._start_head_timer()  # a connection that never sends its request is closed
