@@ -197,10 +197,8 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         super().connection_made(transport)
         if self._limits.count_connection is not None:
             self._limits.count_connection(1)
-        manager = self._manager
-        if (
-            manager is not None and len(manager._connections) > self._limits.max_connections
-        ):  # a dict: `connections` copies it
+        manager = self._manager  # its private dict: the `connections` property copies it
+        if manager is not None and len(manager._connections) > self._limits.max_connections:
             self._answer_and_close(503, "Service Unavailable", "too many open connections")
             return
         self._start_head_timer()  # a connection that never sends its request is closed
