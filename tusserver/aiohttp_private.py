@@ -90,9 +90,13 @@ class FedStream:
 
 
 async def send_continue(request: web.BaseRequest) -> None:
-    """Send `100 Continue` now (after the checks a refusal would come from). The interim
-    answer is not part of the response: its bytes are taken off the writer's count, as
-    aiohttp's own expect handler does, so the access log's `bytes_out` stays the answer's."""
+    """Send `100 Continue` now (after the checks a refusal would come from) if the request
+    asked for it (`Expect: 100-continue`; any other expectation was answered 417 before it
+    got here). The interim answer is not part of the response: its bytes are taken off the
+    writer's count, as aiohttp's own expect handler does, so the access log's `bytes_out`
+    stays the answer's."""
+    if request.headers.get("Expect", "").strip().lower() != "100-continue":
+        return
     writer = request.writer
     await writer.write(CONTINUE)
     writer.output_size = 0

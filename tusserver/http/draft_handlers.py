@@ -42,10 +42,6 @@ def _is_complete(upload: Upload) -> bool:
     return upload.status != "uploading"
 
 
-def _has_body(request: web.Request) -> bool:
-    return request.body_exists and request.content_length != 0
-
-
 def _limits(request: web.Request, upload: Upload | None) -> dict[str, str]:
     """`Upload-Limit` for the version (none before draft -04): the most bytes this request's
     upload may hold, and the time it has left (a new upload's: --expire-after)."""
@@ -79,7 +75,7 @@ def _body(request: web.Request, before_reading: Callable[[], Awaitable[None]]) -
     protocol.require_identity_encoding(request.headers.get("Content-Encoding"))
     return Body(
         stream=request.content,
-        content_length=request.content_length if _has_body(request) else 0,
+        content_length=request.content_length if tus.has_body(request) else 0,
         checksum=None,
         before_reading=before_reading,
     )
@@ -88,11 +84,6 @@ def _body(request: web.Request, before_reading: Callable[[], Awaitable[None]]) -
 def _with_digest(body: Body, request: web.Request, *, is_whole: bool) -> Body:
     checksum = draft.request_digest(request.headers, is_whole_representation=is_whole)
     return Body(body.stream, body.content_length, checksum, body.before_reading)
-
-
-async def _continue_if_expected(request: web.Request) -> None:
-    if request.headers.get("Expect", "").lower() == "100-continue":
-        await send_continue(request)
 
 
 # -- creation -------------------------------------------------------------------------------
@@ -107,7 +98,7 @@ async def post(request: web.Request) -> web.Response:
     headers = request.headers
     is_complete = draft.require_complete(version, headers)
     upload_length = draft.parse_non_negative(headers.get("Upload-Length"), "Upload-Length")
-    content_length = request.content_length if _has_body(request) else 0
+    content_length = request.content_length if tus.has_body(request) else 0
     length = draft.resolved_length(upload_length, is_complete, content_length, 0)
     metadata = draft.creation_metadata(headers)
     who.check_metadata(metadata)
@@ -122,7 +113,7 @@ async def post(request: web.Request) -> web.Response:
         if version.interop is not None:  # never to a client that named no version
             interim = {"Location": location, draft.INTEROP_HEADER: str(version.interop)}
             await send_interim(request, 104, interim | _limits(request, None))
-        await _continue_if_expected(request)
+        await send_continue(request)
 
     body = _with_digest(_body(request, announce), request, is_whole=is_complete)
     await request.app[PRE_CREATE].check(who.subject, length, metadata, None)  # 403/503
@@ -134,7 +125,7 @@ async def post(request: web.Request) -> web.Response:
         url_of=url_of,
         upload_id=upload_id,
     )
-    created = await service.create(new, body if _has_body(request) else None, limit)
+    created = await service.create(new, body if tus.has_body(request) else None, limit)
     upload = created.upload
     if created.refusal is not None:  # what arrived is kept: the client may resume
         created.refusal.headers["Location"] = upload.url
@@ -202,7 +193,7 @@ async def patch(request: web.Request) -> web.Response:
         raise BadRequest("Upload-Offset is required")
     is_complete = draft.require_complete(version, headers)
     upload_length = draft.parse_non_negative(headers.get("Upload-Length"), "Upload-Length")
-    body = _body(request, lambda: _continue_if_expected(request))
+    body = _body(request, lambda: send_continue(request))
     body = _with_digest(body, request, is_whole=is_complete and offset == 0)
     declared = draft.resolved_length(upload_length, is_complete, body.content_length, offset)
     limit = tus.size_limit(request)

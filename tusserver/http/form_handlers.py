@@ -62,8 +62,7 @@ async def post(request: web.Request) -> web.Response:
     who.require("create")
     url_of = handlers.location_of(request)  # 400 for a Host this server makes no URLs for
     protocol.require_identity_encoding(request.headers.get("Content-Encoding"))
-    if request.headers.get("Expect", "").lower() == "100-continue":
-        await send_continue(request)
+    await send_continue(request)
     created: list[Upload] = []
     redirect: list[URL] = []
     try:

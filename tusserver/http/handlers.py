@@ -71,8 +71,7 @@ def body_of(request: web.Request) -> Body:
     a refusal never invites the body."""
 
     async def continue_body() -> None:
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            await send_continue(request)
+        await send_continue(request)
 
     protocol.require_identity_encoding(request.headers.get("Content-Encoding"))
     return Body(
@@ -147,9 +146,9 @@ async def post(request: web.Request) -> web.Response:
     who.check_metadata(metadata)
     url_of = location_of(request)  # 400 for a Host this server makes no URLs for
     pre_create = request.app[PRE_CREATE]
-    has_body = _has_body(request)
+    carries_body = has_body(request)
     if concat is not None and concat.is_final:
-        if has_body:
+        if carries_body:
             raise BadRequest("a final upload takes no body: its bytes are its partial uploads'")
         partial_ids = _partial_ids(request, concat)
         await pre_create.check(who.subject, length, metadata, concat)
@@ -160,9 +159,9 @@ async def post(request: web.Request) -> web.Response:
         raise BadRequest("send either Upload-Length or Upload-Defer-Length, not both")
     limit = size_limit(request)
     limit.check(length)
-    if has_body:  # creation with upload: the body is the upload's first bytes
+    if carries_body:  # creation with upload: the body is the upload's first bytes
         protocol.require_offset_stream(request.headers.get("Content-Type"))
-    body = body_of(request) if has_body else None
+    body = body_of(request) if carries_body else None
     await pre_create.check(who.subject, length, metadata, concat)  # the parent's say: 403/503
     new = NewUpload(
         owner=who.subject,
@@ -180,7 +179,7 @@ async def post(request: web.Request) -> web.Response:
     return _created(upload)
 
 
-def _has_body(request: web.Request) -> bool:
+def has_body(request: web.Request) -> bool:
     """Whether the request carries a body (a Content-Length above 0, or a chunked one)."""
     return request.body_exists and request.content_length != 0
 
