@@ -224,8 +224,10 @@ async def test_listing_shows_the_requesters_uploads_with_their_fields(
     assert set(by_url) == {done, pending}
     for upload in by_url.values():
         assert set(upload) == {
-            "id", "url", "length", "offset", "state", "metadata", "sha256", "created", "expires"
+            "id", "url", "length", "offset", "state", "metadata", "sha256", "batch_path",
+            "created", "expires",
         }  # fmt: skip
+        assert upload["batch_path"] is None  # in no batch
         assert isinstance(upload["url"], str) and upload["url"].endswith(f"/{upload['id']}")
         assert isinstance(upload["created"], float)
     first, second = by_url[done], by_url[pending]

@@ -88,7 +88,9 @@ def test_each_module_imports_only_downward(module: str, path: Path) -> None:
     assert not wrong, f"{module} ({part}) imports {wrong}; {part} may import {sorted(allowed)}"
 
 
-@pytest.mark.parametrize("name", ["handlers.py", "draft_handlers.py", "form_handlers.py"])
+@pytest.mark.parametrize(
+    "name", ["handlers.py", "draft_handlers.py", "form_handlers.py", "batch_handlers.py"]
+)
 def test_handlers_import_only_the_service_protocol_and_errors(name: str) -> None:
     path = PACKAGE / "http" / name
     ours = {name.split(".")[0] for name in _package_imports(path)}

@@ -62,6 +62,24 @@ class _TokenSerializer(URLSafeSerializer):
 
 
 @dataclass(frozen=True)
+class BatchQuota:
+    """What a token allows of batches (claims `batch`, `batch_files`, `batch_bytes`): uploads
+    in that batch only, and the batch at most this many files or bytes; None: no limit."""
+
+    name: str | None = None
+    max_files: int | None = None
+    max_bytes: int | None = None
+
+    def check_batch(self, name: str) -> None:
+        """404 for a batch other than the token's own (it may not learn of others)."""
+        if self.name is not None and self.name != name:
+            raise UploadNotFound("no such batch")
+
+
+NO_BATCH_QUOTA = BatchQuota()
+
+
+@dataclass(frozen=True)
 class Grant:
     """What one verified token (or development mode) allows."""
 
@@ -72,6 +90,7 @@ class Grant:
     metadata: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     expires_at: float | None = None
     finishes: bool = False  # the `fin` claim: may finish the uploads it creates after `exp`
+    batch_quota: BatchQuota = NO_BATCH_QUOTA
     # SHA-256 (hex) of the token's text: what an upload records, never the token itself
     token_digest: str = field(default="", repr=False, compare=False)
     expired: bool = False  # past `exp`: accepted only to finish the upload it created
@@ -135,11 +154,16 @@ def issue_token(
     upload_id: str | None = None,
     metadata: Mapping[str, Sequence[str]] | None = None,
     finishes: bool = False,
+    batch: str | None = None,
+    batch_files: int | None = None,
+    batch_bytes: int | None = None,
     now: float | None = None,
 ) -> str:
     """Return a token signed with `secret` that expires `ttl_s` seconds after `now`; with
     `finishes`, the `fin` claim: it keeps working after its expiry for HEAD, PATCH and DELETE
-    of the uploads it created, until each completes or expires.
+    of the uploads it created, until each completes or expires. With `batch`, it creates
+    uploads in that batch only (and reaches no other batch), and `batch_files` and
+    `batch_bytes` bound that batch's files and bytes.
 
     Raises ValueError for an empty secret, subject or upload id, no or unknown actions, a
     ttl that is not a positive finite number, a negative max size, or a metadata constraint
@@ -154,6 +178,10 @@ def issue_token(
         raise ValueError("ttl_s must be a positive number of seconds")
     if max_size_bytes is not None and max_size_bytes < 0:
         raise ValueError("max_size_bytes must not be negative")
+    if any(limit is not None and limit < 1 for limit in (batch_files, batch_bytes)):
+        raise ValueError("batch_files and batch_bytes must be at least 1")
+    if batch == "":
+        raise ValueError("a batch name must not be empty")
     if metadata and any(isinstance(values, str) for values in metadata.values()):
         raise ValueError("metadata constraints map each key to a list of allowed values")
     issued_at = time.time() if now is None else now
@@ -167,6 +195,9 @@ def issue_token(
         "max": max_size_bytes,
         "uid": upload_id,
         "md": {key: list(values) for key, values in metadata.items()} if metadata else None,
+        "batch": batch,
+        "batch_files": batch_files,
+        "batch_bytes": batch_bytes,
     }
     payload.update((key, value) for key, value in optional.items() if value is not None)
     if finishes:
@@ -220,6 +251,8 @@ def _grant_from_payload(payload: object) -> tuple[Grant, int, int | None]:
     issued_at, max_size, upload_id = payload.get("iat"), payload.get("max"), payload.get("uid")
     constraints = {} if payload.get("md") is None else payload["md"]
     finishes = payload.get("fin")
+    batch = payload.get("batch")
+    batch_limits = (payload.get("batch_files"), payload.get("batch_bytes"))
     if not _is_text(subject, _MAX_SUBJECT_CHARS) or not subject:
         raise Unauthorized(
             f"{_INVALID}: sub must be a non-empty string of at most {_MAX_SUBJECT_CHARS} characters"
@@ -238,6 +271,12 @@ def _grant_from_payload(payload: object) -> tuple[Grant, int, int | None]:
         raise Unauthorized(f"{_INVALID}: md must map keys to lists of strings")
     if finishes is not None and not isinstance(finishes, bool):
         raise Unauthorized(f"{_INVALID}: fin must be true or false")
+    if batch is not None and not (_is_text(batch, _MAX_SUBJECT_CHARS) and batch):
+        raise Unauthorized(f"{_INVALID}: batch must be a non-empty string")
+    if not all(
+        limit is None or (_is_int(limit) and 1 <= limit <= _MAX_INTEGER) for limit in batch_limits
+    ):
+        raise Unauthorized(f"{_INVALID}: batch_files and batch_bytes must be positive integers")
     grant = Grant(
         subject=subject,
         actions=frozenset(acts),
@@ -246,6 +285,7 @@ def _grant_from_payload(payload: object) -> tuple[Grant, int, int | None]:
         metadata=MappingProxyType({k: tuple(v) for k, v in constraints.items()}),
         expires_at=float(expires),
         finishes=finishes is True,
+        batch_quota=BatchQuota(batch, *batch_limits),
     )
     return grant, expires, issued_at
 

@@ -122,6 +122,7 @@ class Settings:
     keepalive_timeout_s: float = 75.0
     max_connections: int = 4096
     max_concat_parts: int = 128
+    max_batch_files: int = 10_000  # members one batch may have (its event lists them all)
     orphan_grace_s: float = 3600.0
     metrics: bool = True
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve HTTPS
@@ -179,8 +180,10 @@ class Settings:
             raise SettingError("--tls-cert and --tls-key go together")
         if self.gone_status not in (404, 410):
             raise SettingError(f"--gone-status must be 404 or 410, got {self.gone_status}")
-        if self.max_connections < 1 or self.max_concat_parts < 1:
-            raise SettingError("--max-connections and --max-concat-parts must be at least 1")
+        if min(self.max_connections, self.max_concat_parts, self.max_batch_files) < 1:
+            raise SettingError(
+                "--max-connections, --max-concat-parts and --max-batch-files must be at least 1"
+            )
         for allowed in self.allowed_hosts:
             if not split_host(allowed)[0]:
                 raise SettingError(f"--allowed-hosts: {allowed!r} is not a host or host:port")
@@ -332,6 +335,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     ("max-connections", parse_int, "open connections a worker keeps (new ones are closed)", "N"),
     ("max-concat-parts", parse_int, "partial uploads one final upload may name", "N"),
+    ("max-batch-files", parse_int, "files one batch may hold (its event lists them all)", "N"),
     (
         "orphan-grace",
         parse_duration,

@@ -14,7 +14,7 @@ async def events_of(redis_url: str, upload_id: str) -> list[dict[str, str]]:
     [stream] = keys_of(upload_id, "events")
     async with redis.asyncio.Redis.from_url(redis_url, decode_responses=True) as client:
         entries = cast(list[tuple[str, dict[str, str]]], await client.xrange(stream))
-    return [fields for _id, fields in entries if fields["upload_id"] == upload_id]
+    return [fields for _id, fields in entries if fields.get("upload_id") == upload_id]
 
 
 async def event_types(redis_url: str, upload_id: str) -> list[str]:

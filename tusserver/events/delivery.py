@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -91,6 +92,8 @@ class Entry:
     def body(self) -> bytes:
         """The JSON the webhook receives; the same bytes at every try."""
         fields = self.fields
+        if fields.get("type", "").startswith("batch."):
+            return self._batch_body()
         length = fields.get("length", "")
         return json_bytes(
             {
@@ -111,6 +114,50 @@ class Entry:
                 "request_id": fields.get("request_id") or None,
             }
         )
+
+    def _batch_body(self) -> bytes:
+        """A batch's event: `batch.completed` lists every member with its length, SHA-256
+        and metadata; `batch.terminated` and `batch.expired` the ids and paths it had."""
+        fields = self.fields
+        files, total = fields.get("files", ""), fields.get("bytes", "")
+        body: dict[str, object] = {
+            "id": self.event_id,
+            "shard": self.shard,
+            "stream_id": self.stream_id,
+            "type": fields.get("type", ""),
+            "batch": fields.get("batch", ""),
+            "owner": fields.get("owner", ""),
+            "url": fields.get("url", ""),
+        }
+        if fields.get("type") == "batch.completed":
+            body |= {
+                "files": int(files) if files.isdigit() else 0,
+                "bytes": int(total) if total.isdigit() else 0,
+                "metadata": _stored_metadata_text(fields.get("metadata", "")),
+                "batch_metadata": fields.get("metadata", ""),
+            }
+        members = [_member(member) for member in json.loads(fields.get("members") or "[]")]
+        body |= {
+            "members": sorted(members, key=lambda member: str(member["path"])),
+            "time": float(fields.get("time") or 0),
+            "request_id": fields.get("request_id") or None,
+        }
+        return json_bytes(body)
+
+
+def _member(stored: Mapping[str, str]) -> dict[str, object]:
+    """A batch member as its event shows it (`lua.batch_member_done` stores strings)."""
+    member: dict[str, object] = {"id": stored.get("id", ""), "path": stored.get("path", "")}
+    if "sha256" in stored:  # a completed member
+        length = str(stored.get("length", ""))
+        member |= {
+            "length": int(length) if length.isdigit() else None,
+            "sha256": stored.get("sha256") or None,
+            "metadata": _stored_metadata_text(stored.get("metadata", "")),
+            "upload_metadata": stored.get("metadata", ""),
+            "url": stored.get("url", ""),
+        }
+    return member
 
 
 def _text(value: bytes | str) -> str:

@@ -12,7 +12,7 @@ from aiohttp import web
 from tusserver.aiohttp_private import ConnectionLimits, GuardedAppRunner
 from tusserver.events import delivery as events
 from tusserver.events import parent
-from tusserver.http import demo, routes
+from tusserver.http import batch_handlers, demo, routes
 from tusserver.http.access_log import AccessLogger, counting
 from tusserver.http.keys import METRICS, PRE_CREATE, REDIS_URL, SETTINGS, UPLOADS
 from tusserver.http.metrics import Metrics
@@ -137,6 +137,13 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
     app.router.add_route(
         "*", base, routes.collection, name="tus-collection", expect_handler=continue_handler
     )
+    # The batch API (before the upload route, which would take `batches` for an id).
+    for path, handler, name in (
+        ("batches", batch_handlers.collection, "tus-batches"),
+        ("batches/{name}", batch_handlers.batch, "tus-batch"),
+        ("batches/{name}/seal", batch_handlers.seal, "tus-batch-seal"),
+    ):
+        app.router.add_route("*", base + path, handler, name=name, expect_handler=expect_handler)
     app.router.add_route(
         "*", base + "{upload_id}", routes.upload, name="tus-upload",
         expect_handler=continue_handler,

@@ -106,7 +106,8 @@ async def post(request: web.Request) -> web.Response:
     limit = tus.size_limit(request)
     limit.check(length)
     service = tus.uploads(request)
-    upload_id = service.new_id()
+    stored_metadata = protocol.format_metadata(metadata)
+    upload_id = service.new_id(who.subject, stored_metadata)  # a batch's member: in its shard
     location = url_of.replace("{id}", upload_id)
 
     async def announce() -> None:  # every check has passed: the client may resume from now
@@ -120,10 +121,11 @@ async def post(request: web.Request) -> web.Response:
     new = NewUpload(
         owner=who.subject,
         length=length,
-        metadata=protocol.format_metadata(metadata),
+        metadata=stored_metadata,
         concat="",
         url_of=url_of,
         upload_id=upload_id,
+        quota=who.batch_quota,
     )
     created = await service.create(new, body if tus.has_body(request) else None, limit)
     upload = created.upload

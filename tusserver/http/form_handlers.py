@@ -179,7 +179,7 @@ async def _store_file(
     await request.app[PRE_CREATE].check(who.subject, None, metadata, None)
     new = NewUpload(
         owner=who.subject, length=None, metadata=header, concat="", url_of=url_of,
-        created_by=who.created_by,
+        created_by=who.created_by, quota=who.batch_quota,
     )  # fmt: skip
     fed = FedStream(PART_BUFFER_BYTES)
     body = Body(stream=fed.stream, content_length=None, checksum=None, is_whole_upload=True)

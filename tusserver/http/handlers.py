@@ -25,6 +25,7 @@ from tusserver.errors import (
 )
 from tusserver.http.keys import DRAFT, GRANT, PRE_CREATE, SETTINGS, UPLOADS
 from tusserver.uploads import concat
+from tusserver.uploads.batches import Batches
 from tusserver.uploads.service import Body, NewUpload, SizeLimit, Upload, Uploads
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -170,6 +171,7 @@ async def post(request: web.Request) -> web.Response:
         concat="partial" if concat is not None else "",
         url_of=url_of,
         created_by=who.created_by,  # a digest of a token that may finish it after its exp
+        quota=who.batch_quota,  # a `batch` in the metadata joins it (uploads/batches.py)
     )
     created = await uploads(request).create(new, body, limit)
     upload = created.upload
@@ -214,6 +216,7 @@ async def _post_final(
         metadata=protocol.format_metadata(metadata),
         url_of=url_of,
         limit=size_limit(request),
+        quota=grant(request).batch_quota,
     )
     return _created(upload)
 
@@ -320,12 +323,22 @@ async def download(request: web.Request) -> web.StreamResponse:
 
 
 async def listing(request: web.Request) -> web.Response:
-    """The requester's uploads as JSON, oldest first, `limit` at a time with a `cursor`."""
+    """The requester's uploads as JSON, oldest first, `limit` at a time with a `cursor`;
+    with `batch`, only the members of that batch."""
     who = grant(request)
     who.require("read")
     limit = protocol.parse_list_limit(request.query.get("limit"), LIST_PAGE_DEFAULT, LIST_PAGE_MAX)
     after = protocol.parse_list_cursor(request.query.get("cursor"))
-    page = await uploads(request).list_owned(who.subject, after, limit)
+    batch = request.query.get("batch")
+    if batch is None:
+        page = await uploads(request).list_owned(who.subject, after, limit)
+    else:  # the uploads that hold a batch's paths now
+        who.batch_quota.check_batch(batch)
+        members = await Batches(uploads(request)).members(
+            who.subject, protocol.parse_batch_name(batch)
+        )
+        page = [u for u in members if after is None or (u.created_at, u.upload_id) > after]
+        page = page[:limit]
     next_cursor = None
     if len(page) == limit:
         last = page[-1]
@@ -346,6 +359,7 @@ def _listed(upload: Upload) -> dict[str, object]:
         "state": upload.status,
         "metadata": protocol.metadata_text(metadata),
         "sha256": upload.sha256 or None,
+        "batch_path": upload.batch_path or None,  # its path in its batch, if a member
         "created": upload.created_at,
         "expires": upload.expires_at,
     }

@@ -34,6 +34,7 @@ from tusserver.settings import Settings, is_loopback_host
 log = logging.getLogger("tusserver")
 
 TUS_ROUTES = frozenset({"tus-collection-bare", "tus-collection", "tus-upload"})
+BATCH_ROUTES = frozenset({"tus-batches", "tus-batch", "tus-batch-seal"})
 COLLECTION_ROUTES = frozenset({"tus-collection-bare", "tus-collection"})
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 TUS_METHODS = frozenset({"POST", "HEAD", "PATCH", "DELETE"})
@@ -219,15 +220,16 @@ def _is_form_upload(request: web.Request) -> bool:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every tus or download request but OPTIONS carries a grant (a token's, or anonymous's
+    """Every tus, download or batch request but OPTIONS carries a grant (a token's, or anonymous's
     in development mode); refusals (401) happen before any handler runs. The one exception:
     a HEAD, PATCH or DELETE of one upload (tus or draft) whose token is past its `exp` but
     may finish what it created (the `fin` claim) gets an `expired` grant, and the upload
     service decides, once it knows the upload, whether it is that token's own and still
     uploading. With --token-cookie, a request without `Authorization` may carry its token in
     that cookie (`_headers_with_cookie_token`)."""
-    if _is_tus_route(request) and request.method != "OPTIONS":
-        one_upload = request.match_info.route.name == "tus-upload"
+    route = request.match_info.route.name
+    if (route in TUS_ROUTES or route in BATCH_ROUTES) and request.method != "OPTIONS":
+        one_upload = route == "tus-upload"
         request[GRANT] = auth.grant_for_request(
             request.method, _headers_with_cookie_token(request), request.query,
             request.app[SETTINGS].secrets, may_finish=one_upload,

@@ -40,6 +40,74 @@ end
 """
 
 
+# Batches (store/batches.py): a member's completion or removal, in the step that changes it.
+PRELUDE += """
+-- the value of `name` among field pairs {name, value, ...}, or ""
+local function field_of(pairs_list, name)
+  for i = 1, #pairs_list - 1, 2 do
+    if pairs_list[i] == name then return pairs_list[i + 1] end
+  end
+  return ''
+end
+-- The keys of an upload's batch, when the caller passed them from KEYS[first] on: the batch's
+-- record, paths, completed members and the shard's batch expiry index (records.BATCH_KINDS).
+-- A batch's members lie in its shard, so these steps are atomic with the member's own.
+local function batch_keys(first)
+  if #KEYS < first then return {} end
+  return {KEYS[first], KEYS[first + 1], KEYS[first + 2], KEYS[first + 3]}
+end
+-- Complete the batch if it is due: every path it knows has a completed member, and it is
+-- sealed or has the files or bytes it expected. Then, once, its status and its
+-- `batch.completed` event listing every member. True if this call completed it.
+local function batch_settle(b, stream, now, request_id)
+  local h = redis.call('HMGET', b[1], 'status', 'files', 'done', 'files_expected',
+    'bytes_expected', 'done_bytes', 'retain', 'name', 'owner', 'metadata', 'url')
+  if not h[1] or h[1] == 'completed' then return false end
+  local files, done = tonumber(h[2]), tonumber(h[3])
+  if done < files then return false end
+  local full = h[1] == 'sealed' or (h[4] ~= '' and done >= tonumber(h[4]))
+    or (h[5] ~= '' and tonumber(h[6]) >= tonumber(h[5]))
+  if not full then return false end
+  local id = string.match(b[1], ':batch:(.*)$')
+  local expires = ''
+  if h[7] ~= '' then expires = string.format('%.3f', tonumber(now) + tonumber(h[7])) end
+  redis.call('HSET', b[1], 'status', 'completed', 'completed', now, 'expires', expires)
+  if expires == '' then redis.call('ZREM', b[4], id) else redis.call('ZADD', b[4], expires, id) end
+  local members = '[' .. table.concat(redis.call('HVALS', b[3]), ',') .. ']'
+  append_event(stream, {'type', 'batch.completed', 'batch', h[8], 'owner', h[9],
+    'files', tostring(done), 'bytes', h[6], 'metadata', h[10], 'url', h[11],
+    'members', members, 'time', now, 'request_id', request_id})
+  return true
+end
+-- A batch member (upload hash `u`) completed: record it once (a path that a retry gave a
+-- newer upload counts only that one), then settle the batch.
+local function batch_member_done(u, b, stream, now, event)
+  if #b == 0 then return end
+  local m = redis.call('HMGET', u, 'bpath', 'length', 'sha256', 'metadata', 'url')
+  local id = string.match(u, ':upload:(.*)$')
+  local current = redis.call('HGET', b[2], m[1])
+  if not current or string.sub(current, 1, #id) ~= id then return end
+  local member = cjson.encode({id = id, path = m[1], length = m[2], sha256 = m[3],
+    metadata = m[4], url = m[5]})
+  if redis.call('HSETNX', b[3], m[1], member) == 0 then return end
+  redis.call('HINCRBY', b[1], 'done', 1)
+  redis.call('HINCRBY', b[1], 'done_bytes', m[2])
+  batch_settle(b, stream, now, field_of(event, 'request_id'))
+end
+-- A batch member was removed (terminated, expired): while the batch is not complete, its
+-- path waits for a new upload again.
+local function batch_member_removed(path, id, length, b)
+  if #b == 0 or redis.call('HGET', b[1], 'status') == 'completed' then return end
+  local current = redis.call('HGET', b[2], path)
+  if not current or string.sub(current, 1, #id) ~= id then return end
+  if redis.call('HDEL', b[3], path) == 1 then
+    redis.call('HINCRBY', b[1], 'done', -1)
+    redis.call('HINCRBY', b[1], 'done_bytes', -tonumber(length))
+  end
+end
+"""
+
+
 def script(codes: type[IntEnum] | None, body: str) -> str:
     """A script's text: the prelude, its result codes as Lua locals, then `body`."""
     names = "".join(f"local {code.name} = {code.value}\n" for code in codes or ())
@@ -84,11 +152,13 @@ WebhookHold = IntEnum("WebhookHold", {"NOT_HELD": 0})
 WebhookBury = IntEnum("WebhookBury", {"NOT_HELD": 0, "BURIED": 1})
 WebhookForget = IntEnum("WebhookForget", {"BUSY": 0, "FORGOTTEN": 1})
 
-# KEYS: upload hash, owner index, expiry zset, events stream, lock
+# KEYS: upload hash, owner index, expiry zset, events stream, lock, then for a batch member
+#       its batch's keys (records.BATCH_KINDS)
 # ARGV: upload id, created (score), expires (score or ""), lock token or "" (a creation with
 #       upload takes the lock in the same step), lock ttl (ms), event count n, n*2 event
 #       fields, then the upload hash's fields as pairs. A created upload whose status is
-#       `completed` (Upload-Length: 0) also gets its `completed` event.
+#       `completed` (Upload-Length: 0) also gets its `completed` event (and counts in its
+#       batch).
 # Result: Create.CREATED, or Create.ID_TAKEN.
 CREATE = script(
     Create,
@@ -107,12 +177,14 @@ end
 append_event(KEYS[4], {'type', 'created', unpack(event)})
 if redis.call('HGET', KEYS[1], 'status') == 'completed' then
   append_event(KEYS[4], {'type', 'completed', unpack(event)})
+  batch_member_done(KEYS[1], batch_keys(6), KEYS[4], ARGV[2], event)
 end
 return CREATED
 """,
 )
 
-# KEYS: upload hash, lock, expiry zset, events stream, release-request key
+# KEYS: upload hash, lock, expiry zset, events stream, release-request key, then for a batch
+#       member its batch's keys (records.BATCH_KINDS)
 # ARGV: lock token, expected offset, new offset, now, expires (score or ""), sha256 hex or "",
 #       commit-ack nonce or "", "1" to release the lock after committing, then the
 #       `completed` event's fields as pairs.
@@ -137,6 +209,7 @@ if h[2] ~= '' and new == tonumber(h[2]) and status == 'uploading' then
     status = 'completed'
     redis.call('HSET', KEYS[1], 'status', status, 'sha256', ARGV[6], 'completed', ARGV[4])
     append_event(KEYS[4], argv_from(9))
+    batch_member_done(KEYS[1], batch_keys(6), KEYS[4], ARGV[4], argv_from(9))
   else
     status = 'received'
     redis.call('HSET', KEYS[1], 'status', status)
@@ -163,7 +236,7 @@ return {COMMITTED, new, status}
 """,
 )
 
-# KEYS: upload hash, expiry zset, events stream
+# KEYS: upload hash, expiry zset, events stream, then for a batch member its batch's keys
 # ARGV: sha256 hex, now, expires (score or ""), then the `completed` event's fields as pairs.
 # Result: Complete.COMPLETED if the upload went from `received` to `completed`, else
 #         Complete.NOT_RECEIVED.
@@ -177,11 +250,13 @@ redis.call('HSET', KEYS[1], 'status', 'completed', 'sha256', ARGV[1], 'completed
 if ARGV[3] == '' then redis.call('ZREM', KEYS[2], id)
 else redis.call('ZADD', KEYS[2], ARGV[3], id) end
 append_event(KEYS[3], argv_from(4))
+batch_member_done(KEYS[1], batch_keys(4), KEYS[3], ARGV[2], argv_from(4))
 return COMPLETED
 """,
 )
 
-# KEYS: upload hash, lock, owner index, expiry zset, events stream, tombstone
+# KEYS: upload hash, lock, owner index, expiry zset, events stream, tombstone, then for a
+#       batch member its batch's keys
 # ARGV: lock token ("" when the caller checked the expiry instead), now, tombstone ttl (ms),
 #       reason ("terminated"/"expired"), require-expired-before (score or ""),
 #       then the event's fields as pairs.
@@ -200,6 +275,8 @@ if ARGV[5] ~= '' then
   if expires == '' or tonumber(expires) > tonumber(ARGV[5]) then return NOT_EXPIRED end
 end
 local id = string.match(KEYS[1], ':upload:(.*)$')
+local m = redis.call('HMGET', KEYS[1], 'bpath', 'offset')
+batch_member_removed(m[1], id, m[2], batch_keys(7))
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[3], id)
 redis.call('ZREM', KEYS[4], id)
@@ -391,5 +468,152 @@ WEBHOOK_FORGET = script(
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return BUSY end
 redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return FORGOTTEN
+""",
+)
+
+
+# -- batches (store/batches.py) ------------------------------------------------------------
+
+BatchOpen = IntEnum("BatchOpen", {"EXISTS": 0, "CREATED": 1})
+Join = IntEnum(
+    "Join",
+    {
+        "JOINED": 1,
+        "NO_BATCH": 0,
+        "CLOSED": -1,
+        "PATH_DONE": -2,
+        "TOO_MANY_FILES": -3,
+        "TOO_MANY_BYTES": -4,
+        "QUOTA_FILES": -5,
+        "QUOTA_BYTES": -6,
+        "NEEDS_LENGTH": -7,
+    },
+)
+Seal = IntEnum("Seal", {"NO_BATCH": 0, "SEALED": 1})
+BatchRemove = IntEnum("BatchRemove", {"REMOVED": 1, "NO_BATCH": 0, "NOT_EXPIRED": -1})
+
+# The fields a new batch's record starts with, after owner, name, status, url, created,
+# retain: its counters (registered paths, completed members and their bytes, declared bytes).
+_NEW_BATCH = """
+local function new_batch(key, owner, name, url, now, retain)
+  redis.call('HSET', key, 'owner', owner, 'name', name, 'status', 'open', 'url', url,
+    'created', now, 'activity', now, 'retain', retain, 'completed', '', 'metadata', '',
+    'files_expected', '', 'bytes_expected', '', 'files', 0, 'done', 0, 'done_bytes', 0,
+    'declared_bytes', 0)
+end
+"""
+
+# KEYS: batch, bexpiry. ARGV: owner, name, now, expires (score), url, retention (s) or "",
+#       files expected or "", bytes expected or "", metadata (Upload-Metadata form).
+# Result: BatchOpen.CREATED, or EXISTS (a batch of that name and owner exists).
+BATCH_OPEN = script(
+    BatchOpen,
+    _NEW_BATCH
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return EXISTS end
+new_batch(KEYS[1], ARGV[1], ARGV[2], ARGV[5], ARGV[3], ARGV[6])
+redis.call('HSET', KEYS[1], 'files_expected', ARGV[7], 'bytes_expected', ARGV[8],
+  'metadata', ARGV[9], 'expires', ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[4], string.match(KEYS[1], ':batch:(.*)$'))
+return CREATED
+""",
+)
+
+# KEYS: batch, bfiles, bdone, bexpiry (records.BATCH_KINDS).
+# ARGV: owner, name, path, upload id, length or "" (deferred), now, "1" to create the batch
+#       when there is none (named in Upload-Metadata only), expires (score), url, retention
+#       (s) or "", the most files a batch may have (--max-batch-files), the token's most
+#       files or "", the token's most bytes or "".
+# Result: Join.JOINED (the path now names this upload; a retry replaces an unfinished one),
+#         NO_BATCH (none of this owner), CLOSED (sealed or complete), PATH_DONE (the path
+#         has a completed member), TOO_MANY_FILES / TOO_MANY_BYTES (more than the batch or
+#         the server allows), QUOTA_FILES / QUOTA_BYTES (more than the token allows),
+#         NEEDS_LENGTH (a byte budget applies and the length is deferred).
+JOIN = script(
+    Join,
+    _NEW_BATCH
+    + """
+local h = redis.call('HMGET', KEYS[1], 'owner', 'status', 'files', 'declared_bytes',
+  'files_expected', 'bytes_expected')
+local exists = h[1] ~= false
+if not exists then
+  if ARGV[7] ~= '1' then return NO_BATCH end
+  h = {ARGV[1], 'open', '0', '0', '', ''}
+end
+if h[1] ~= ARGV[1] then return NO_BATCH end
+if h[2] ~= 'open' then return CLOSED end
+if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then return PATH_DONE end
+local files, declared = tonumber(h[3]), tonumber(h[4])
+local previous = redis.call('HGET', KEYS[2], ARGV[3])
+if previous then
+  local old_length = string.match(previous, ' (%d+)$')
+  if old_length then declared = declared - tonumber(old_length) end
+else
+  files = files + 1
+end
+if ARGV[5] == '' and (h[6] ~= '' or ARGV[13] ~= '') then return NEEDS_LENGTH end
+if ARGV[5] ~= '' then declared = declared + tonumber(ARGV[5]) end
+if files > tonumber(ARGV[11]) or (h[5] ~= '' and files > tonumber(h[5])) then
+  return TOO_MANY_FILES
+end
+if h[6] ~= '' and declared > tonumber(h[6]) then return TOO_MANY_BYTES end
+if ARGV[12] ~= '' and files > tonumber(ARGV[12]) then return QUOTA_FILES end
+if ARGV[13] ~= '' and declared > tonumber(ARGV[13]) then return QUOTA_BYTES end
+if not exists then new_batch(KEYS[1], ARGV[1], ARGV[2], ARGV[9], ARGV[6], ARGV[10]) end
+local length = ARGV[5]
+if length == '' then length = '-' end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4] .. ' ' .. length)
+redis.call('HSET', KEYS[1], 'files', files, 'declared_bytes', declared, 'activity', ARGV[6],
+  'expires', ARGV[8])
+redis.call('ZADD', KEYS[4], ARGV[8], string.match(KEYS[1], ':batch:(.*)$'))
+return JOINED
+""",
+)
+
+# KEYS: batch, bfiles, bdone, bexpiry, events stream. ARGV: owner, now, request id.
+# Result: Seal.SEALED (no more paths may join; it completes once every path it knows has a
+#         completed member, which may be now), or NO_BATCH. Sealing twice, or a complete
+#         batch, changes nothing.
+SEAL = script(
+    Seal,
+    """
+local h = redis.call('HMGET', KEYS[1], 'owner', 'status')
+if h[1] ~= ARGV[1] then return NO_BATCH end
+if h[2] == 'open' then redis.call('HSET', KEYS[1], 'status', 'sealed', 'activity', ARGV[2]) end
+batch_settle({KEYS[1], KEYS[2], KEYS[3], KEYS[4]}, KEYS[5], ARGV[2], ARGV[3])
+return SEALED
+""",
+)
+
+# KEYS: batch, bfiles, bdone, bexpiry, events stream.
+# ARGV: owner ("" for the sweeper), reason ("terminated"/"expired"), now, require expired
+#       before (score) or "", request id.
+# Result: {BatchRemove.REMOVED, {upload id, ...}} (the members, for the caller to remove)
+#         with the `batch.<reason>` event appended; {NO_BATCH}; {NOT_EXPIRED}.
+BATCH_REMOVE = script(
+    BatchRemove,
+    """
+local h = redis.call('HMGET', KEYS[1], 'owner', 'expires', 'name', 'url', 'status')
+if not h[1] then  -- (a key the expiry index still names is dropped from it)
+  redis.call('ZREM', KEYS[4], string.match(KEYS[1], ':batch:(.*)$'))
+  return {NO_BATCH}
+end
+if ARGV[1] ~= '' and h[1] ~= ARGV[1] then return {NO_BATCH} end
+if ARGV[4] ~= '' and (h[2] == '' or tonumber(h[2]) > tonumber(ARGV[4])) then
+  return {NOT_EXPIRED}
+end
+local ids, listed = {}, {}
+local paths = redis.call('HGETALL', KEYS[2])
+for i = 1, #paths, 2 do
+  local id = string.match(paths[i + 1], '^(%S+)')
+  ids[#ids + 1] = id
+  listed[#listed + 1] = cjson.encode({id = id, path = paths[i]})
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], string.match(KEYS[1], ':batch:(.*)$'))
+append_event(KEYS[5], {'type', 'batch.' .. ARGV[2], 'batch', h[3], 'owner', h[1],
+  'url', h[4], 'members', '[' .. table.concat(listed, ',') .. ']', 'time', ARGV[3],
+  'request_id', ARGV[5]})
+return {REMOVED, ids}
 """,
 )

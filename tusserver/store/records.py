@@ -6,6 +6,7 @@ live, and how its hash reads back.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,8 +23,20 @@ ID_ALPHABET = frozenset("0123456789abcdef")
 ID_LENGTH = 32
 
 
-def new_upload_id() -> str:
-    return secrets.token_hex(ID_LENGTH // 2)
+def new_upload_id(shard: int | None = None) -> str:
+    """A random id; with `shard`, one that lies in that shard (a batch's members lie in the
+    batch's shard, so a member's completion and the batch's count are one atomic step)."""
+    upload_id = secrets.token_hex(ID_LENGTH // 2)
+    if shard is None:
+        return upload_id
+    return upload_id[0] + f"{shard:x}" + upload_id[2:]  # shard_of reads the second digit
+
+
+def batch_key_of(owner: str, name: str) -> str:
+    """The id under which a batch is stored: its name is the owner's choice, so two owners'
+    batches of one name are two batches (a digest of both, shaped like an upload id)."""
+    digest = hashlib.sha256(f"{owner}\0{name}".encode()).hexdigest()
+    return digest[:ID_LENGTH]
 
 
 def is_upload_id(value: str) -> bool:
@@ -39,15 +52,19 @@ def redis_key(shard: int, kind: str, name: str = "") -> str:
     return f"tus:{{{shard}}}:{kind}" + (f":{name}" if name else "")
 
 
-# Kinds of key that belong to one upload (named by its id); the others belong to its shard,
-# and `owner:<subject>` to an owner's index in that shard.
-PER_UPLOAD_KINDS = frozenset({"upload", "lock", "release", "tomb"})
+# Kinds of key that belong to one upload or batch (named by its id); the others belong to its
+# shard, and `owner:<subject>` to an owner's index in that shard. A batch has its record
+# (`batch`), its paths (`bfiles`: path -> "<upload id> <length>") and its completed members
+# (`bdone`: path -> the member as JSON).
+PER_UPLOAD_KINDS = frozenset({"upload", "lock", "release", "tomb", "batch", "bfiles", "bdone"})
+BATCH_KINDS = ("batch", "bfiles", "bdone", "bexpiry")
 
 
 def keys_of(upload_id: str, *kinds: str) -> list[str]:
     """The keys of `upload_id`'s shard that a step touches, in the order given: `upload`,
-    `lock`, `release`, `tomb` (the upload's own), `expiry`, `events` (the shard's), or
-    `owner:<subject>` (an owner's index)."""
+    `lock`, `release`, `tomb` (the upload's own), `batch`, `bfiles`, `bdone` (a batch's
+    own), `expiry`, `bexpiry`, `events` (the shard's), or `owner:<subject>` (an owner's
+    index)."""
     shard = shard_of(upload_id)
     keys = []
     for kind in kinds:
@@ -75,6 +92,8 @@ class Upload:
     # A digest of the token that created the upload when that token may finish it after its
     # expiry (the `fin` claim; never the token itself), else "".
     created_by: str = ""
+    batch: str = ""  # the key of the batch it belongs to (batch_key_of), else ""
+    batch_path: str = ""  # its path inside that batch
 
     @property
     def is_complete(self) -> bool:
@@ -91,6 +110,11 @@ class Upload:
     @property
     def shard(self) -> int:
         return shard_of(self.upload_id)
+
+    @property
+    def batch_keys(self) -> list[str]:
+        """The keys of its batch (BATCH_KINDS) that its completion and removal touch, or []."""
+        return keys_of(self.batch, *BATCH_KINDS) if self.batch else []
 
     def as_event(self, event: EventType, at: float, path: str) -> dict[str, str]:
         """The fields of this upload's event, flat strings as a Redis stream holds them."""
@@ -130,6 +154,8 @@ def upload_from_hash(upload_id: str, raw: Mapping[Any, Any]) -> Upload:
         concat=fields.get("concat", ""),
         sha256=fields.get("sha256", ""),
         created_by=fields.get("creator", ""),
+        batch=fields.get("batch", ""),
+        batch_path=fields.get("bpath", ""),
     )
 
 

@@ -194,12 +194,15 @@ class UploadState:
         }
         if upload.created_by:  # the token's digest, for a token that may finish the upload
             fields["creator"] = upload.created_by
+        if upload.batch:  # a batch member (joined first: store/batches.py)
+            fields |= {"batch": upload.batch, "bpath": upload.batch_path}
         event = upload.as_event("created", upload.created_at, self.path_of(upload.upload_id))
         del event["type"]
         created = await self._create(
             keys=keys_of(
                 upload.upload_id, "upload", f"owner:{upload.owner}", "expiry", "events", "lock"
-            ),
+            )
+            + upload.batch_keys,
             args=[
                 upload.upload_id,
                 f"{upload.created_at:.6f}",
@@ -238,7 +241,8 @@ class UploadState:
         path = self.path_of(upload.upload_id)
         event = finished.as_event("completed", now, path) if done and sha256 else {}
         result = await self._commit(
-            keys=keys_of(upload.upload_id, "upload", "lock", "expiry", "events", "release"),
+            keys=keys_of(upload.upload_id, "upload", "lock", "expiry", "events", "release")
+            + upload.batch_keys,
             args=[
                 lock_token,
                 upload.offset,
@@ -277,7 +281,7 @@ class UploadState:
         event, in one step. False if it was not `received` (done already, or removed)."""
         finished = replace(upload, sha256=sha256, status="completed")
         result = await self._complete(
-            keys=keys_of(upload.upload_id, "upload", "expiry", "events"),
+            keys=keys_of(upload.upload_id, "upload", "expiry", "events") + upload.batch_keys,
             args=[
                 sha256,
                 f"{now:.6f}",
@@ -330,7 +334,8 @@ class UploadState:
                 "expiry",
                 "events",
                 "tomb",
-            ),
+            )
+            + upload.batch_keys,
             args=[
                 lock_token,
                 f"{now:.6f}",
@@ -357,6 +362,17 @@ class UploadState:
         (key,) = keys_of(upload_id, "upload")
         raw = await self.redis.hgetall(key)
         return upload_from_hash(upload_id, raw) if raw else None
+
+    async def get_many(self, upload_ids: list[str]) -> list[Upload | None]:
+        """Each upload whoever owns it, or None (one round trip)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for upload_id in upload_ids:
+                pipe.hgetall(keys_of(upload_id, "upload")[0])
+            rows: list[Mapping[bytes, bytes]] = await pipe.execute()
+        return [
+            upload_from_hash(upload_id, raw) if raw else None
+            for upload_id, raw in zip(upload_ids, rows, strict=True)
+        ]
 
     async def unknown(self, upload_ids: list[str]) -> list[str]:
         """Those of `upload_ids` that no upload record names (one round trip)."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import time
 
+from tusserver.auth import NO_BATCH_QUOTA, BatchQuota
 from tusserver.errors import BadRequest, UploadGone, UploadNotFound
 from tusserver.store.records import Upload, new_upload_id
 from tusserver.uploads.body import SizeLimit
-from tusserver.uploads.service import Uploads
+from tusserver.uploads.service import NewUpload, Uploads
 
 
 async def concatenate(
@@ -20,10 +21,12 @@ async def concatenate(
     metadata: str,
     url_of: str,
     limit: SizeLimit,
+    quota: BatchQuota = NO_BATCH_QUOTA,
 ) -> Upload:
     """Create a final upload from complete partial uploads of `owner`, locked in a fixed
     order (they live in different shards). 400 for unknown, foreign, unfinished or
-    non-partial uploads; 413 past `limit`."""
+    non-partial uploads; 413 past `limit`. A final upload may join a batch (`Uploads.admit`);
+    its parts never do."""
     for partial_id in partial_ids:  # refuse early, without touching a running upload
         try:
             _check_partial(partial_id, await uploads.state.get(partial_id, owner))
@@ -42,7 +45,11 @@ async def concatenate(
         parts = [(pid, partials[pid].length or 0) for pid in partial_ids]
         length = sum(part_length for _, part_length in parts)
         limit.check(length, "the final upload")
-        final_id = new_upload_id()
+        admitted = await uploads.admit(
+            NewUpload(owner=owner, length=length, metadata=metadata, concat="", url_of=url_of,
+                      quota=quota)
+        )  # fmt: skip
+        final_id = admitted.upload_id or new_upload_id()
         await uploads.storage.concatenate(final_id, parts)
         sha256 = await uploads.storage.sha256(final_id, length)
         now = time.time()
@@ -52,6 +59,7 @@ async def concatenate(
             expires_at=uploads.lifetimes.expires_at("completed", now),
             url=url_of.replace("{id}", final_id),
             concat="final;" + " ".join(partial_ids), sha256=sha256,
+            batch=admitted.batch, batch_path=admitted.batch_path,
         )  # fmt: skip
         await uploads.state.create(final)
         return final

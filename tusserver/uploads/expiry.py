@@ -3,7 +3,8 @@
 One index serves three jobs, by the upload's status when its time comes: an `uploading` upload
 has expired (state, then file, removed; `expired` event); a `received` upload was not hashed by
 the process that received it (it crashed or stopped), so it is hashed now and completed; a
-`completed` upload has passed its --retention and is removed. Now and then it also removes
+`completed` upload has passed its --retention and is removed. Batches have an index of their
+own (uploads/batches.py: `Batches.expire`). Now and then it also removes
 upload files that no record names (`Uploads.remove_orphans`). Any number of processes may
 sweep at once: each step is atomic in Redis and takes the upload's lock where it works on it.
 """
@@ -16,13 +17,14 @@ import time
 
 from tusserver.store.records import SHARD_COUNT
 from tusserver.tasks import was_cancelled
+from tusserver.uploads.batches import Batches
 from tusserver.uploads.service import Uploads
 
 log = logging.getLogger("tusserver.uploads.expiry")
 
 
 async def sweep_once(uploads: Uploads, now: float | None = None) -> int:
-    """Handle every upload that is due; returns how many were acted on."""
+    """Handle every upload and batch that is due; returns how many were acted on."""
     now = time.time() if now is None else now
     handled = 0
     for shard in range(SHARD_COUNT):
@@ -31,7 +33,7 @@ async def sweep_once(uploads: Uploads, now: float | None = None) -> int:
                 handled += await uploads.finish_received(upload.upload_id, now)
             else:
                 handled += await uploads.expire(upload, now)
-    return handled
+    return handled + await Batches(uploads).sweep(now)
 
 
 async def sweep_forever(uploads: Uploads, interval_s: float) -> None:

@@ -21,8 +21,10 @@ from typing import Literal
 
 from aiohttp import StreamReader
 
-from tusserver.auth import EXPIRED
+from tusserver import protocol
+from tusserver.auth import EXPIRED, NO_BATCH_QUOTA, BatchQuota
 from tusserver.errors import (
+    Forbidden,
     PayloadTooLarge,
     TusError,
     Unauthorized,
@@ -31,8 +33,9 @@ from tusserver.errors import (
 )
 from tusserver.files.storage import Storage
 from tusserver.settings import Settings
+from tusserver.store.batches import BatchState
 from tusserver.store.client import connect as connect_redis
-from tusserver.store.records import Upload, new_upload_id
+from tusserver.store.records import Upload, batch_key_of, new_upload_id, shard_of
 from tusserver.store.state import UploadState, check_layout
 from tusserver.tasks import cancel_and_wait
 from tusserver.uploads.append import AppendContext, AppendSession
@@ -71,6 +74,11 @@ class NewUpload:
     upload_id: str = ""
     # The digest of a token that may finish this upload after its expiry (Grant.created_by).
     created_by: str = ""
+    # What the token allows of batches; a `batch` in the metadata makes the upload a member.
+    quota: BatchQuota = NO_BATCH_QUOTA
+    # Set once it joined its batch (`Uploads.admit`): the batch's key and the member's path.
+    batch: str = ""
+    batch_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,8 +108,11 @@ class Readiness:
 class Uploads:
     """The upload service of one process."""
 
-    def __init__(self, state: UploadState, storage: Storage, settings: Settings) -> None:
+    def __init__(
+        self, state: UploadState, storage: Storage, settings: Settings, batch_state: BatchState
+    ) -> None:
         self.state = state
+        self.batch_state = batch_state
         self.storage = storage
         self.lifetimes = Lifetimes.of(settings)
         self.idle_timeout_s = settings.idle_timeout_s
@@ -136,6 +147,7 @@ class Uploads:
             if new.length is not None and body.content_length > new.length:
                 raise PayloadTooLarge("the body would run past Upload-Length")
             limit.check(body.content_length, "the body")
+        new = await self.admit(new)
         if body is None:
             upload = self._new_upload(new)
             await self.storage.create(upload.upload_id)
@@ -200,9 +212,40 @@ class Uploads:
         return Created(upload, refusal_for(stop, upload.offset, self.idle_timeout_s))
 
     @staticmethod
-    def new_id() -> str:
-        """A fresh upload id, for a `NewUpload` whose URL must be known before it exists."""
-        return new_upload_id()
+    def new_id(owner: str = "", metadata: str = "") -> str:
+        """A fresh upload id, for a `NewUpload` whose URL must be known before it exists: in
+        the shard of the batch its `metadata` names, if any (400 for an invalid batch)."""
+        membership = protocol.batch_membership(protocol.parse_metadata(metadata))
+        if membership is None:
+            return new_upload_id()
+        return new_upload_id(shard_of(batch_key_of(owner, membership.batch)))
+
+    async def admit(self, new: NewUpload) -> NewUpload:
+        """A new upload whose metadata names a batch (`batch`, with its path from
+        `relativePath`, `path` or `filename`) joins it before it is created, the batch made
+        now if it has not been: it gets an id in the batch's shard (its chosen one if that
+        is there). 400 for an invalid name or path; 403 past the token's batch, 404/409/413
+        as the batch allows (store/batches.py). Others pass as they are, unless the token
+        allows only its own batch (403). Partial uploads never join: their final upload
+        does."""
+        membership = protocol.batch_membership(protocol.parse_metadata(new.metadata))
+        quota = new.quota
+        if new.concat == "partial":  # a part of a final upload; the final one is the member
+            return new
+        if membership is None:
+            if quota.name is not None:
+                raise Forbidden("this token creates uploads in its batch only (metadata batch)")
+            return new
+        if quota.name is not None and quota.name != membership.batch:
+            raise Forbidden("this token creates uploads in another batch")
+        now = time.time()
+        key, upload_id = await self.batch_state.join(
+            new.owner, membership.batch, membership.path,
+            length=new.length, now=now, expires_at=now + self.lifetimes.expire_after_s,
+            url=batch_url(new.url_of, membership.batch), retention_s=self.lifetimes.retention_s,
+            quota=quota, implicit=True, upload_id=new.upload_id,
+        )  # fmt: skip
+        return replace(new, upload_id=upload_id, batch=key, batch_path=membership.path)
 
     def _new_upload(self, new: NewUpload) -> Upload:
         upload_id = new.upload_id or new_upload_id()
@@ -221,6 +264,8 @@ class Uploads:
             concat=new.concat,
             sha256=hashlib.sha256().hexdigest() if status == "completed" else "",
             created_by=new.created_by,
+            batch=new.batch,
+            batch_path=new.batch_path,
         )
 
     # -- append ----------------------------------------------------------------------------
@@ -441,7 +486,8 @@ async def open_uploads(
             observe=observe,
         )
         storage.prepare()
-        uploads = Uploads(state, storage, settings)
+        batch_state = BatchState(client, max_files=settings.max_batch_files)
+        uploads = Uploads(state, storage, settings, batch_state)
         try:
             yield uploads
         finally:
@@ -449,6 +495,11 @@ async def open_uploads(
             storage.close()
     finally:
         await client.aclose()
+
+
+def batch_url(url_of: str, name: str) -> str:
+    """A batch's URL, beside its uploads': `<endpoint>batches/<name>`."""
+    return url_of.replace("{id}", f"batches/{name}")
 
 
 def _check_finisher(upload: Upload, finishing: str | None) -> None:
