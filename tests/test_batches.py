@@ -261,11 +261,11 @@ async def test_opening_a_batch_checks_its_json(server: Server, http: aiohttp.Cli
             assert response.status == 400, body
     async with http.post(
         server.url + "batches", data=b"[1]", headers={"Content-Type": "application/json"}
-    ) as response:  # noqa: E501
+    ) as response:
         assert response.status == 400
     async with http.post(
         server.url + "batches", data=b"x", headers={"Content-Type": "text/plain"}
-    ) as response:  # noqa: E501
+    ) as response:
         assert response.status == 415
     opened = await open_batch(http, server, {"name": "named"})
     assert opened["id"] == "named" and opened["url"].endswith("/files/batches/named")

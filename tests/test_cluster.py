@@ -3,6 +3,7 @@ every Lua step touches keys of one hash slot, so the layout works unchanged acro
 
 from __future__ import annotations
 
+import base64
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -132,3 +133,31 @@ async def test_uploads_work_across_cluster_nodes(cluster_server: str, cluster_ur
             assert response.status == 204
         async with http.head(urls[0], headers=TUS) as response:
             assert response.status == 404  # gone: --gone-status, 404 by default
+
+
+async def test_a_batch_completes_on_a_cluster(cluster_server: str, cluster_url: str) -> None:
+    """The batch's Lua steps touch its members' keys and its own in one hash slot."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(cluster_server + "batches", json={"files": 6}) as response:
+            assert response.status == 201, await response.text()
+            name = (await response.json())["id"]
+        for index in range(6):
+            body = f"member {index}".encode()
+            value = base64.b64encode(f"dir/{index}.txt".encode()).decode()
+            batch = base64.b64encode(name.encode()).decode()
+            headers = {
+                **TUS, "Upload-Length": str(len(body)),
+                "Upload-Metadata": f"batch {batch},relativePath {value}",
+            }  # fmt: skip
+            async with http.post(cluster_server, headers=headers) as response:
+                assert response.status == 201, await response.text()
+                url = response.headers["Location"]
+            async with http.patch(url, data=body, headers=patch_headers(0)) as response:
+                assert response.status == 204, await response.text()
+        async with http.get(cluster_server + f"batches/{name}") as response:
+            view = await response.json()
+        assert view["state"] == "completed" and view["progress"]["files_completed"] == 6
+        async with http.delete(cluster_server + f"batches/{name}") as response:
+            assert response.status == 204
+        async with http.get(url) as response:
+            assert response.status == 404

@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +26,7 @@ from tests.support.processes import ServerProcess, free_port
 from tests.support.servers import ServerFactory
 from tests.support.tus import TUS, create_upload, patch_headers, upload_id_of
 from tests.support.waiting import wait_until
+from tests.support.webhooks import Received, Receiver
 from tusserver.auth import issue_token
 from tusserver.events.delivery import GROUP, DeliveryPolicy, Outbox, dead_letter_key, events_key
 from tusserver.events.parent import signature_header, signing_secrets_of, verify_signature
@@ -40,65 +39,6 @@ FAST = {"webhook_backoff_s": 0.02, "webhook_backoff_max_s": 0.1}
 
 
 # -- a parent's webhook ----------------------------------------------------------------------
-
-
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self) -> dict[str, Any]:
-        parsed: dict[str, Any] = json.loads(self.body)
-        return parsed
-
-    @property
-    def attempt(self) -> int:
-        return int(self.headers.get("Tus-Event-Attempt", "0"))
-
-
-Answer = Callable[[Received], "web.Response | None"]  # None: never answer (until teardown)
-
-
-@dataclass
-class Receiver:
-    """Records every request; answers with `answer` (204 by default)."""
-
-    requests: list[Received] = field(default_factory=list)
-    accepted: list[Received] = field(default_factory=list)
-    answer: Answer = lambda _received: web.Response(status=204)
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-    runner: web.AppRunner | None = None
-    url: str = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        received = Received(request.path, dict(request.headers), await request.read())
-        self.requests.append(received)
-        response = self.answer(received)
-        if response is None:
-            await self.release.wait()
-            return web.Response(status=504)
-        if 200 <= response.status < 300:
-            self.accepted.append(received)
-        return response
-
-    async def start(self, port: int = 0) -> str:
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", port).start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/hooks"
-        return self.url
-
-    async def stop(self) -> None:
-        self.release.set()
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-    def accepted_events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        return [r.json for r in self.accepted if kind is None or r.json["type"] == kind]
 
 
 @pytest.fixture
