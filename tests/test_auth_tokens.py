@@ -234,6 +234,12 @@ def test_malformed_token_is_401(bad: str) -> None:
         {"sub": "a", "act": ["read"], "exp": 1_700_003_600, "uid": 7},
         {"sub": "a", "act": ["read"], "exp": 1_700_003_600, "md": {"filetype": "image/png"}},
         {"sub": "a", "act": ["read"], "exp": 1_700_003_600, "md": [["filetype"]]},
+        {"sub": "a", "act": ["read"], "exp": 1_700_003_600, "batch": ""},
+        {"sub": "a", "act": ["read"], "exp": 1_700_003_600, "batch": 7},
+        {"sub": "a", "act": ["read"], "exp": 1_700_003_600, "batch_files": 0},
+        {"sub": "a", "act": ["read"], "exp": 1_700_003_600, "batch_files": "9"},
+        {"sub": "a", "act": ["read"], "exp": 1_700_003_600, "batch_bytes": True},
+        {"sub": "a", "act": ["read"], "exp": 1_700_003_600, "batch_bytes": 2.5},
     ],
 )
 def test_signed_but_invalid_payload_is_401(payload: object) -> None:
@@ -536,3 +542,16 @@ def test_fin_claim_that_is_not_a_boolean_is_invalid(value: object) -> None:
     made = f"{payload_part}.{independent_signature(payload_part, SECRET)}"
     with pytest.raises(Unauthorized, match="fin must be true or false"):
         verify_token(made, [SECRET], now=NOW)
+
+
+def test_batch_claims_are_read_into_the_grants_quota() -> None:
+    issued = issue_token(
+        SECRET, subject="a", actions=["create"], ttl_s=60, batch="b-1", batch_files=3,
+        batch_bytes=1024, now=NOW,
+    )  # fmt: skip
+    quota = verify_token(issued, [SECRET], now=NOW).batch_quota
+    assert (quota.name, quota.max_files, quota.max_bytes) == ("b-1", 3, 1024)
+    unbound = verify_token(token(), [SECRET], now=NOW).batch_quota
+    assert (unbound.name, unbound.max_files, unbound.max_bytes) == (None, None, None)
+    with pytest.raises(ValueError):
+        issue_token(SECRET, subject="a", actions=["create"], ttl_s=60, batch_files=0)

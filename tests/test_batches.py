@@ -416,3 +416,46 @@ def test_members_of_a_batch_get_ids_in_its_shard() -> None:
     for shard in range(SHARD_COUNT):
         upload_id = new_upload_id(shard)
         assert is_upload_id(upload_id) and shard_of(upload_id) == shard
+
+
+async def test_every_way_of_creating_an_upload_joins_its_batch(
+    server: Server, http: aiohttp.ClientSession, flushed_redis: str
+) -> None:
+    """A form (its `batch` field; the file names are the paths), a draft creation and a final
+    concatenation (not its parts) join the batch as a tus creation does."""
+    opened = await open_batch(http, server, {"files": 4})
+    name = opened["id"]
+    data = aiohttp.FormData()
+    data.add_field("batch", name)
+    data.add_field("file", b"from a form", filename="form-1.txt")
+    data.add_field("file", b"another", filename="form-2.txt")
+    async with http.post(server.url, data=data, headers={"Accept": "application/json"}) as r:
+        assert r.status == 201, await r.text()
+    draft_headers = {
+        "Upload-Draft-Interop-Version": "6", "Upload-Complete": "?1",
+        "Upload-Metadata": metadata(batch=name, relativePath="draft.bin"),
+    }  # fmt: skip
+    async with http.post(server.url, data=b"draft body", headers=draft_headers) as r:
+        assert r.status == 201, await r.text()
+    parts = []
+    for piece in (b"con", b"cat"):
+        headers = {
+            **TUS, "Upload-Length": "3", "Upload-Concat": "partial",
+            "Upload-Metadata": metadata(batch=name, relativePath="part"),
+        }  # fmt: skip
+        async with http.post(server.url, headers=headers) as r:
+            parts.append(r.headers["Location"])
+        assert (await patch(http, parts[-1], 0, piece)).status == 204
+    _, view = await get_batch(http, server, name)
+    assert view["progress"]["files"] == 3  # the parts did not join
+    final = {
+        **TUS, "Upload-Concat": "final;" + " ".join(parts),
+        "Upload-Metadata": metadata(batch=name, relativePath="joined.txt"),
+    }  # fmt: skip
+    async with http.post(server.url, headers=final) as r:
+        assert r.status == 201, await r.text()
+    [event] = await batch_events(flushed_redis, "anonymous", name)
+    members = {m["path"]: m for m in json.loads(event["members"])}
+    assert set(members) == {"form-1.txt", "form-2.txt", "draft.bin", "joined.txt"}
+    assert members["joined.txt"]["sha256"] == hashlib.sha256(b"concat").hexdigest()
+    assert members["draft.bin"]["sha256"] == hashlib.sha256(b"draft body").hexdigest()
