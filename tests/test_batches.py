@@ -459,3 +459,18 @@ async def test_every_way_of_creating_an_upload_joins_its_batch(
     assert set(members) == {"form-1.txt", "form-2.txt", "draft.bin", "joined.txt"}
     assert members["joined.txt"]["sha256"] == hashlib.sha256(b"concat").hexdigest()
     assert members["draft.bin"]["sha256"] == hashlib.sha256(b"draft body").hexdigest()
+
+
+async def test_options_on_the_batch_routes_needs_no_token(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(secrets=(SECRET,))
+    for path, allowed in (
+        ("batches", "OPTIONS, POST"),
+        ("batches/b-1", "OPTIONS, GET, DELETE"),
+        ("batches/b-1/seal", "OPTIONS, POST"),
+    ):
+        async with http.options(server.url + path) as response:
+            assert response.status == 204 and response.headers["Allow"] == allowed
+        async with http.get(server.url + path) as response:
+            assert response.status == 401  # everything else needs a token

@@ -51,9 +51,9 @@ async def collection(request: web.Request) -> web.StreamResponse:
 async def batch(request: web.Request) -> web.StreamResponse:
     """`<endpoint>batches/<name>`: GET its state and members, DELETE it with its members."""
     name = request.match_info["name"]
-    who = handlers.grant(request)
     if request.method == "OPTIONS":
         return web.Response(status=204, headers={"Allow": "OPTIONS, GET, DELETE"})
+    who = handlers.grant(request)
     if request.method in ("GET", "HEAD"):
         who.require("read")
         who.batch_quota.check_batch(name)
