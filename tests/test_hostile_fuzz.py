@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import random
 import re
 from collections import Counter
@@ -143,7 +144,8 @@ ODD_PATHS = [  # {id}: an upload's id, {half}/{complete}: those uploads, {token}
     "/files/" + "../" * 50 + "x", "/static/../../pyproject.toml", "/static/%2e%2e/pyproject.toml",
     "/static/", "/files/{id}?token=x", "/files/{id}?token={token}", "http://{host}/files/", "*",
     "/files/\u00e9", "/health?x=\u00e9", "/files/{id}#frag", "/files/{half}/../{complete}",
-    "/files/%2F{id}", "/nope", "/files/{id}/extra",
+    "/files/%2F{id}", "/nope", "/files/{id}/extra", "/files/batches/..", "/files/batches/%2e",
+    "/files/batches/b1/seal/x", "/files/batches/" + "b" * 5000, "/files/batches//seal",
 ]
 ODD_NAMES = [b"X\xffY", b"Upload_Offset", b"", b"X" * 9000, b"Bad Name", b"Content-Length\x00",
              b"Host", b"Expect"]
@@ -219,7 +221,8 @@ class RequestMaker:
 
     def valid(self) -> tuple[str, str, list[Header], bytes]:
         kind = self.choice(["create", "create", "create_body", "patch", "patch", "patch", "head",
-                            "get", "list", "delete", "options", "concat", "health"])  # fmt: skip
+                            "get", "list", "delete", "options", "concat", "health",
+                            "batch"])  # fmt: skip
         headers: list[Header] = [(b"Tus-Resumable", b"1.0.0")]
         body = b""
         method, path = "POST", "/files/"
@@ -273,11 +276,34 @@ class RequestMaker:
                                   [f"/files/../files/{self.t.complete}"],
                                   [f"http://evil.example/files/{self.t.complete}"]])  # fmt: skip
             headers.append((b"Upload-Concat", ("final;" + " ".join(parts)).encode()))
+        elif kind == "batch":
+            method, path, body = self.batch_request(headers)
         else:
             method, path = "GET", self.choice(["/health", "/"])
         if self.chance(0.85):
             headers.append((b"Authorization", b"Bearer " + self.t.token.encode()))
         return method, path, headers, body
+
+    def batch_request(self, headers: list[Header]) -> tuple[str, str, bytes]:
+        """A request of the batch API, or a creation that joins a batch."""
+        name = self.choice(["b1", "b2", "x" * 128, "a.b-c_d~e"])
+        kind = self.choice(["open", "join", "get", "seal", "delete", "list"])
+        if kind == "open":
+            headers.append((b"Content-Type", b"application/json"))
+            body = {"name": name, "files": self.choice([1, 2, 200]), "metadata": {"k": "v"}}
+            return "POST", "/files/batches", json.dumps(body).encode()
+        if kind == "join":
+            path = self.choice([b"a.txt", b"d/e/f", b"../x", b"d//e", bytes([0xFF])])
+            headers += [
+                (b"Upload-Length", str(self.rng.randrange(0, 30)).encode()),
+                (b"Upload-Metadata", b"batch " + base64.b64encode(name.encode())
+                 + b",relativePath " + base64.b64encode(path)),
+            ]  # fmt: skip
+            return "POST", "/files/", b""
+        if kind == "list":
+            return "GET", f"/files/?batch={name}", b""
+        method = {"get": "GET", "seal": "POST", "delete": "DELETE"}[kind]
+        return method, f"/files/batches/{name}" + ("/seal" if kind == "seal" else ""), b""
 
     # -- mutations ------------------------------------------------------------------------
 
