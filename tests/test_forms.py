@@ -15,7 +15,7 @@ from typing import Any, cast
 import aiohttp
 import pytest
 
-from tests.support.events import event_types
+from tests.support.events import all_events, event_types
 from tests.support.raw_http import RawRequest
 from tests.support.servers import Server, ServerFactory
 from tests.support.tools import require_tool
@@ -110,6 +110,51 @@ async def test_a_part_past_max_size_is_413_and_nothing_is_kept(
     status, _ = await post_form(http, server.url, data)
     assert status == 413
     assert await stored_uploads(server) == []
+
+
+async def test_files_that_together_pass_max_size_are_413_and_none_of_them_is_kept(
+    make_server: ServerFactory, http: aiohttp.ClientSession, flushed_redis: str
+) -> None:
+    """Each part fits alone; the second takes the form past --max-size. The first, already
+    completed, is removed too, and the parent's events say so (completed, then terminated)."""
+    server = await make_server(max_size_bytes=1000)
+    data = form(("one.bin", b"1" * 600, "text/plain"), ("two.bin", b"2" * 600, "text/plain"))
+    async with http.post(server.url, data=data) as response:
+        assert response.status == 413
+        reason = await response.text()
+    assert "600 bytes of this request's earlier files" in reason
+    assert "maximum of 1000 bytes" in reason
+    assert await stored_uploads(server) == []
+    assert [path for path in server.settings.data_dir.rglob("uploads/*/*") if path.is_file()] == []
+    by_upload: dict[str, list[str]] = {}
+    for event in await all_events(flushed_redis):
+        by_upload.setdefault(event["upload_id"], []).append(event["type"])
+    assert sorted(by_upload.values()) == [
+        ["created", "completed", "terminated"],  # one.bin: stored whole, then removed
+        ["created", "terminated"],  # two.bin: refused as it streamed
+    ]
+
+
+async def test_files_that_together_fill_max_size_exactly_are_kept(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(max_size_bytes=1000)
+    data = form(("one.bin", b"1" * 600, "text/plain"), ("two.bin", b"2" * 400, "text/plain"))
+    status, answer = await post_form(http, server.url, data)
+    assert status == 201, answer
+    assert [upload["length"] for upload in answer["uploads"]] == [600, 400]
+
+
+async def test_a_tokens_maximum_bounds_the_forms_files_together(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(secrets=("s",))
+    token = issue_token("s", subject="alice", actions=("create",), ttl_s=60, max_size_bytes=100)
+    data = form(("one.bin", b"1" * 60, "text/plain"), ("two.bin", b"2" * 60, "text/plain"))
+    async with http.post(server.url, data=data, headers=bearer(token)) as response:
+        assert response.status == 413
+        assert "this token's maximum of 100 bytes" in await response.text()
+    assert await stored_uploads(server, "alice") == []
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,12 @@ reader, the bytes it buffered when it failed), and a real stream keeps all of th
 
 Text fields (at most MAX_FIELDS of FIELD_MAX_BYTES each) become metadata of every file after
 them; a field after a file part is refused (400), since the file's upload already exists. The
-part's `filename` and `Content-Type` become `filename` and `filetype`. The request is all or
-nothing: on any refusal (413 past the limit, 400 for a malformed body, a hang-up) the uploads
-it created are terminated, so nothing is half-stored. The answer is 201 with
+part's `filename` and `Content-Type` become `filename` and `filetype`. The size limit (the
+smaller of --max-size and the token's maximum) bounds each part and all the parts of one
+request together: a part that takes the form past it is refused (413) as it streams. The
+request is all or nothing: on any refusal (413, 400 for a malformed body, a hang-up) the
+uploads it created are terminated, the ones already completed too (the parent hears their
+`completed`, then their `terminated` event), so nothing is half-stored. The answer is 201 with
 `{"uploads": [{id, url, length, sha256, metadata}]}`, or for a browser form with a `redirect`
 field (not metadata), `303 See Other` to that URL with `uploads=<id>,<id>` added to its query;
 only a URL of the server's own origin or one named in --cors-origins is followed (400 before
@@ -38,7 +41,7 @@ from tusserver.auth import Grant
 from tusserver.errors import BadRequest
 from tusserver.http import handlers
 from tusserver.http.keys import PRE_CREATE, SETTINGS
-from tusserver.uploads.service import Body, NewUpload, Upload
+from tusserver.uploads.service import Body, NewUpload, SizeLimit, Upload
 
 MAX_FIELDS = 32
 FIELD_MAX_BYTES = 4 * 2**10
@@ -84,6 +87,7 @@ async def _store_parts(
     """Read the form part by part: fields into `fields` (`redirect` apart), each file into a
     new upload."""
     fields: dict[str, bytes | None] = {}
+    limit = handlers.size_limit(request)
     try:
         reader = await request.multipart()
     except MALFORMED as error:
@@ -112,7 +116,10 @@ async def _store_parts(
         else:
             if len(created) >= MAX_FILES:
                 raise BadRequest(f"a form may have at most {MAX_FILES} files")
-            created.append(await _store_file(request, who, url_of, part, fields))
+            stored = sum(upload.length or 0 for upload in created)
+            created.append(
+                await _store_file(request, who, url_of, part, fields, limit.after(stored))
+            )
 
 
 def _field_name(part: BodyPartReader) -> str:
@@ -163,8 +170,10 @@ async def _store_file(
     url_of: str,
     part: BodyPartReader,
     fields: dict[str, bytes | None],
+    limit: SizeLimit,
 ) -> Upload:
-    """One file part as a new, completed upload (see the module's docstring)."""
+    """One file part as a new, completed upload of at most `limit` (see the module's
+    docstring)."""
     encoding = part.headers.get("Content-Transfer-Encoding", "").strip().lower()
     if encoding not in PLAIN_TRANSFER_ENCODINGS:
         raise BadRequest(f"Content-Transfer-Encoding {encoding!r} is not accepted")
@@ -185,7 +194,7 @@ async def _store_file(
     body = Body(stream=fed.stream, content_length=None, checksum=None, is_whole_upload=True)
     feeding = asyncio.create_task(_feed(part, fed))
     try:
-        outcome = await handlers.uploads(request).create(new, body, handlers.size_limit(request))
+        outcome = await handlers.uploads(request).create(new, body, limit)
     finally:
         feeding.cancel()
         await asyncio.gather(feeding, return_exceptions=True)
