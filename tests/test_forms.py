@@ -16,6 +16,14 @@ import aiohttp
 import pytest
 
 from tests.support.events import all_events, event_types
+from tests.support.files import file_of
+from tests.support.processes import (
+    BODY_PEAK_GROWTH_MIB,
+    ServerProcess,
+    StartProcess,
+    memory_kib,
+    start_server,
+)
 from tests.support.raw_http import RawRequest
 from tests.support.servers import Server, ServerFactory
 from tests.support.tools import require_tool
@@ -352,3 +360,84 @@ async def test_a_download_link_may_use_the_cookie_without_origin(
     evil = {"Origin": "https://evil.example", **cookie}
     async with http.get(answer["uploads"][0]["url"], headers=evil) as response:
         assert response.status == 401
+
+
+# -- a 2 GiB part, streamed in bounded memory: curl -F and aiohttp's MultipartWriter --------
+
+BIG_PART_BYTES = 2 * 2**30
+MARK_EVERY_BYTES = 64 * 2**20
+
+
+def sha256_of(path: Path) -> str:
+    running = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(4 * 2**20):
+            running.update(block)
+    return running.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def big_part(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A 2 GiB file, sparse but for 4 KiB of random bytes every 64 MiB and at its end (so a
+    block stored at the wrong place changes the digest), and its SHA-256: never in memory."""
+    path = tmp_path_factory.mktemp("big") / "big.iso"
+    with path.open("wb") as file:
+        file.truncate(BIG_PART_BYTES)
+        for offset in [*range(0, BIG_PART_BYTES, MARK_EVERY_BYTES), BIG_PART_BYTES - 4096]:
+            file.seek(offset)
+            file.write(os.urandom(4096))
+    assert path.stat().st_size == BIG_PART_BYTES
+    return path, sha256_of(path)
+
+
+async def big_form_server(processes: StartProcess, tmp_path: Path) -> tuple[ServerProcess, int]:
+    """A tusserver process (as the big-PATCH memory test runs it) and its peak memory now."""
+    server = await start_server(processes, tmp_path / "data", "--fsync", "never")
+    return server, memory_kib(server.process.pid, "VmHWM")
+
+
+async def assert_big_part_stored(
+    server: ServerProcess, answer: dict[str, Any], digest: str, peak_before: int
+) -> None:
+    (upload,) = answer["uploads"]
+    assert upload["length"] == BIG_PART_BYTES
+    assert upload["sha256"] == digest
+    assert upload["metadata"] == {
+        "album": "big", "filename": "big.iso", "filetype": "application/x-iso9660-image",
+    }  # fmt: skip
+    stored = file_of(server.data_dir, upload["id"])
+    assert stored.stat().st_size == BIG_PART_BYTES
+    assert await asyncio.to_thread(sha256_of, stored) == digest
+    grown_mib = (memory_kib(server.process.pid, "VmHWM") - peak_before) / 1024
+    assert grown_mib < BODY_PEAK_GROWTH_MIB, f"the peak grew by {grown_mib:.0f} MiB for 2 GiB"
+
+
+@pytest.mark.slow
+async def test_curl_f_streams_a_2_gib_part_in_bounded_memory(
+    processes: StartProcess, tmp_path: Path, big_part: tuple[Path, str]
+) -> None:
+    require_tool(shutil.which("curl") is not None, "curl is not installed")
+    server, peak_before = await big_form_server(processes, tmp_path)
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--fail-with-body", "-F", "album=big",
+        "-F", f"file=@{big_part[0]};type=application/x-iso9660-image", server.url,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    output, _ = await curl.communicate()
+    assert curl.returncode == 0, output
+    await assert_big_part_stored(server, json.loads(output), big_part[1], peak_before)
+
+
+@pytest.mark.slow
+async def test_aiohttp_multipart_writer_streams_a_2_gib_part_in_bounded_memory(
+    processes: StartProcess, tmp_path: Path, http: aiohttp.ClientSession, big_part: tuple[Path, str]
+) -> None:
+    server, peak_before = await big_form_server(processes, tmp_path)
+    with big_part[0].open("rb") as file, aiohttp.MultipartWriter("form-data") as writer:
+        writer.append("big").set_content_disposition("form-data", name="album")
+        part = writer.append(file, {"Content-Type": "application/x-iso9660-image"})
+        part.set_content_disposition("form-data", name="file", filename="big.iso")
+        assert writer.size is not None  # sent with a Content-Length, as a browser sends it
+        status, answer = await post_form(http, server.url, writer)
+    assert status == 201, answer
+    await assert_big_part_stored(server, answer, big_part[1], peak_before)
