@@ -24,12 +24,13 @@ from tests.support.processes import (
     memory_kib,
     start_server,
 )
-from tests.support.raw_http import RawRequest
+from tests.support.raw_http import RawRequest, authority_of, exchange, request_bytes
 from tests.support.servers import Server, ServerFactory
 from tests.support.tools import require_tool
 from tests.support.tus import TUS, bearer, repr_digest_of, upload_id_of
 from tests.support.waiting import wait_until
 from tusserver.auth import issue_token
+from tusserver.http.form_handlers import MAX_FIELDS, MAX_FILES
 from tusserver.uploads.body import WRITE_BLOCK_BYTES
 
 
@@ -188,6 +189,68 @@ async def test_a_malformed_form_is_400_and_nothing_is_kept(
 ) -> None:
     status, answer = await post_form(http, server.url, body, **{"Content-Type": content_type})
     assert status == 400, answer
+    assert await stored_uploads(server) == []
+
+
+def file_part(filename: str, content: bytes, *extra_headers: bytes) -> bytes:
+    """One file part of a form whose boundary is `b`, with `extra_headers` lines."""
+    head = f'--b\r\nContent-Disposition: form-data; name="f"; filename="{filename}"\r\n'
+    return head.encode() + b"".join(line + b"\r\n" for line in extra_headers) + b"\r\n" + content
+
+
+@pytest.mark.parametrize(
+    "bad_part",
+    [
+        file_part("two", b"2" * 100, b"X-Long: " + b"x" * 10_000),  # past aiohttp's 8190 a line
+        file_part("two", b"2" * 100, *(f"X-{n}: v".encode() for n in range(200))),  # 128 lines
+    ],
+    ids=["part-header-line-too-long", "too-many-part-header-lines"],
+)
+async def test_a_part_with_oversized_headers_is_400_and_the_form_keeps_nothing(
+    server: Server, http: aiohttp.ClientSession, bad_part: bytes
+) -> None:
+    """The first part is stored whole before the second's headers are read: it goes too."""
+    body = file_part("one", b"1" * 100) + b"\r\n" + bad_part + b"\r\n--b--\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    status, answer = await post_form(http, server.url, body, **headers)
+    assert status == 400, answer
+    assert "malformed" in answer["text"]
+    assert await stored_uploads(server) == []
+
+
+async def test_a_request_header_block_past_max_header_size_is_431_and_nothing_is_stored(
+    make_server: ServerFactory,
+) -> None:
+    server = await make_server(max_header_bytes=8 * 2**10)
+    body = file_part("one", b"1" * 100) + b"\r\n--b--\r\n"
+    pads = [(f"X-Pad-{n}", "a" * 1000) for n in range(9)]  # 9 KB, no line over 1 KB
+    headers = [
+        ("Host", authority_of(server.url)), ("Content-Type", "multipart/form-data; boundary=b"),
+        ("Content-Length", str(len(body))),
+    ]  # fmt: skip
+    fits = await exchange(server.url, request_bytes("POST", "/files/", headers, body))
+    assert fits.status == 201  # the same form under the limit is stored
+    (kept,) = await stored_uploads(server)
+    refused = await exchange(server.url, request_bytes("POST", "/files/", headers + pads, body))
+    assert refused.status == 431
+    assert await stored_uploads(server) == [kept]
+
+
+@pytest.mark.parametrize(
+    ("fields", "files", "bound"),
+    [(MAX_FIELDS + 1, 1, "text fields"), (0, MAX_FILES + 1, "files")],
+    ids=["too-many-fields", "too-many-files"],
+)
+async def test_a_form_with_too_many_parts_is_400_and_keeps_nothing(
+    server: Server, http: aiohttp.ClientSession, fields: int, files: int, bound: str
+) -> None:
+    data = form(
+        *((f"f{n}.txt", b"x", "text/plain") for n in range(files)),
+        **{f"field{n}": "v" for n in range(fields)},
+    )
+    status, answer = await post_form(http, server.url, data)
+    assert status == 400, answer
+    assert f"at most {MAX_FIELDS if fields else MAX_FILES} {bound}" in answer["text"]
     assert await stored_uploads(server) == []
 
 

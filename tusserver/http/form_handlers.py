@@ -12,6 +12,8 @@ whatever its size. An adapter imitating a `StreamReader` was the other way, but 
 and `aiohttp_private` use the stream's own methods and fields (errors set on it to wake the
 reader, the bytes it buffered when it failed), and a real stream keeps all of that true.
 
+A part's header block is bounded (MAX_PART_HEADER_LINES of PART_HEADER_LINE_BYTES), as is the
+number of files (MAX_FILES); past either the form is malformed (400).
 Text fields (at most MAX_FIELDS of FIELD_MAX_BYTES each) become metadata of every file after
 them; a field after a file part is refused (400), since the file's upload already exists. The
 part's `filename` and `Content-Type` become `filename` and `filetype`. The size limit (the
@@ -31,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
@@ -46,6 +48,11 @@ from tusserver.uploads.service import Body, NewUpload, SizeLimit, Upload
 MAX_FIELDS = 32
 FIELD_MAX_BYTES = 4 * 2**10
 MAX_FILES = 64
+# A part's header block: Content-Disposition (with a file name), Content-Type, rarely more.
+# The request's own limits (--max-header-size a line, 128 lines) would let one part hold
+# megabytes of headers in memory.
+PART_HEADER_LINE_BYTES = 8 * 2**10
+MAX_PART_HEADER_LINES = 16
 PART_BUFFER_BYTES = 64 * 2**10  # a part's stream pauses its feeder past twice this
 PART_CHUNK_BYTES = 64 * 2**10
 # What aiohttp's multipart reader raises for a body that does not parse.
@@ -89,7 +96,10 @@ async def _store_parts(
     fields: dict[str, bytes | None] = {}
     limit = handlers.size_limit(request)
     try:
-        reader = await request.multipart()
+        reader = MultipartReader(
+            request.headers, request.content,
+            max_field_size=PART_HEADER_LINE_BYTES, max_headers=MAX_PART_HEADER_LINES,
+        )  # fmt: skip
     except MALFORMED as error:
         raise BadRequest(f"the multipart body is malformed: {error}") from None
     while True:
