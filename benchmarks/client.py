@@ -1,4 +1,5 @@
-"""The load: the few tus requests the scenarios send, with aiohttp.
+"""The load: the few tus requests the scenarios send, with aiohttp, and one form upload (a
+multipart/form-data POST, as `curl -F file=@big` sends it).
 
 Bodies stream from a generator that hands out one reused block of random bytes, so the
 client allocates nothing per MiB and does not limit the server. Every body carries its
@@ -18,6 +19,7 @@ from yarl import URL
 TUS = {"Tus-Resumable": "1.0.0"}
 OFFSET_STREAM = "application/offset+octet-stream"
 BLOCK = os.urandom(2**20)
+FORM_BOUNDARY = "------------------------" + os.urandom(8).hex()  # curl's shape
 
 
 class LoadError(Exception):
@@ -116,3 +118,34 @@ async def upload(
     while offset < length:
         offset = await patch(client, url, offset, min(step, length - offset), progress)
     return url
+
+
+async def form_upload(
+    client: aiohttp.ClientSession, endpoint: str, size: int, progress: Progress
+) -> str:
+    """One upload as one file part of a multipart/form-data POST with its Content-Length, as
+    `curl -F file=@big.bin` sends it; the new upload's URL (its length checked)."""
+    head = (
+        f"--{FORM_BOUNDARY}\r\n"
+        'Content-Disposition: form-data; name="file"; filename="big.bin"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{FORM_BOUNDARY}--\r\n".encode()
+
+    async def form() -> AsyncIterator[bytes]:
+        yield head
+        async for block in body(size, progress):
+            yield block
+        yield tail
+
+    headers = {
+        "Content-Type": f"multipart/form-data; boundary={FORM_BOUNDARY}",
+        "Content-Length": str(len(head) + size + len(tail)),
+    }
+    async with client.post(endpoint, headers=headers, data=form()) as response:
+        if response.status != 201:
+            raise await _fail(response, "form POST")
+        [upload] = (await response.json())["uploads"]
+    if upload["length"] != size:
+        raise LoadError(f"form POST: stored {upload['length']} bytes, sent {size}")
+    return str(upload["url"])

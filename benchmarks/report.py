@@ -1,8 +1,9 @@
 """Ratios to the baselines, the issue's targets, and the Markdown table.
 
 Every ratio reads "times as good as the baseline": throughput over the baseline's for
-a-e, the baseline's p99 over ours for f. The raw-write ratio of a row that fsyncs is taken
-against the raw write that fsyncs too.
+a-e and g, the baseline's p99 over ours for f. The raw-write ratio of a row that fsyncs is
+taken against the raw write that fsyncs too. A form upload (g) is also compared with the
+same target's single PATCH of the same bytes (a) in the same run: `vs_single_patch`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def human_size(size: int) -> str:
 
 def scenario_title(key: str, sizes: Sizes) -> str:
     return SCENARIOS[key].title.format(
+        single=human_size(sizes.single_bytes),
         patch=human_size(sizes.patch_bytes),
         n=sizes.concurrent_uploads if key == "c" else sizes.small_count,
         each=human_size(sizes.concurrent_bytes),
@@ -54,6 +56,13 @@ def add_ratios(results: list[Result]) -> None:
                     continue
                 ratio = base_value / value if scenario.metric == "p99_ms" else value / base_value
                 row.ratios[f"vs_{baseline}"] = round(ratio, 2)
+    for row in results:
+        single = _row(results, "a", row.target)
+        is_server = TARGETS[row.target].kind != "raw"  # raw g and a are the same write
+        if row.scenario == SCENARIOS["g"].name and single is not None and is_server:
+            form_mb_per_s, single_mb_per_s = row.metric("mb_per_s"), single.metric("mb_per_s")
+            if form_mb_per_s and single_mb_per_s:
+                row.ratios["vs_single_patch"] = round(form_mb_per_s / single_mb_per_s, 2)
 
 
 @dataclass
@@ -110,6 +119,33 @@ def _row(results: list[Result], key: str, target: str) -> Result | None:
         if result.scenario == SCENARIOS[key].name and result.target == target and not result.error:
             return result
     return None
+
+
+def _form_against_single(results: list[Result]) -> list[str]:
+    """g beside a, target by target: the same bytes as one form part and as one PATCH."""
+    rows = [
+        r for r in results
+        if r.scenario == SCENARIOS["g"].name and not r.error and TARGETS[r.target].kind != "raw"
+    ]  # fmt: skip
+    pairs = [(row, _row(results, "a", row.target)) for row in rows]
+    if not any(single is not None for _, single in pairs):
+        return []
+    lines = [
+        "",
+        "| the same bytes as one form part (g) and one PATCH (a) | a MB/s | g MB/s | g / a "
+        "| peak RSS MiB, largest process: a / g |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for form, single in pairs:
+        if single is None:
+            continue
+        ratio = form.ratios.get("vs_single_patch")
+        lines.append(
+            f"| {form.label} | {_cell(single.mb_per_s)} | {_cell(form.mb_per_s)} "
+            f"| {'-' if ratio is None else f'{ratio:.2f}x'} "
+            f"| {_cell(single.peak_rss_mib, 0)} / {_cell(form.peak_rss_mib, 0)} |"
+        )
+    return lines
 
 
 def _cell(value: float | None, digits: int = 1) -> str:
@@ -173,6 +209,7 @@ def markdown(results: list[Result], sizes: Sizes, machine: dict[str, Any]) -> st
         beside = f"; tusserver's single stream: {single.mb_per_s:,.1f} MB/s" if single else ""
         lines += ["", f"hashlib SHA-256 on this machine, one core: {sha256_mb_per_s:,.1f} MB/s"
                   f"{beside} (tusserver hashes every byte it receives)."]  # fmt: skip
+    lines += _form_against_single(results)
     sweep = machine.get("write_size_sweep")
     if sweep:
         shown = ", ".join(f"{size}: {m['mb_per_s']:,.0f} MB/s ({m['cpu_s']:.2f} s CPU)"

@@ -10,6 +10,8 @@ same bytes (or files) straight to the same disk from a thread: the physical limi
     d  --small-count uploads by creation-with-upload     (uploads/s, POST p50/p99)
     e  one long upload with RSS sampled throughout       (MB/s, peak RSS, RSS slope)
     f  HEAD+PATCH pairs of a probe upload during c       (p50/p99)
+    g  a's upload as one file part of a multipart form   (MB/s, and as a ratio to a)
+       (tusserver and the raw write only: the baselines take no forms)
 """
 
 from __future__ import annotations
@@ -62,12 +64,19 @@ QUICK_SIZES = Sizes(
 )
 
 
+ALL_KINDS = ("raw", "tusserver", "bare", "node")
+
+
 @dataclass(frozen=True)
 class Scenario:
     key: str
     name: str
     title: str
     metric: str  # the figure ratios are taken of: mb_per_s, uploads_per_s or p99_ms
+    target_kinds: tuple[str, ...] = ALL_KINDS  # the targets that can take this load
+
+    def takes(self, target: Target) -> bool:
+        return target.kind in self.target_kinds
 
 
 SCENARIOS = {
@@ -80,6 +89,8 @@ SCENARIOS = {
                  "uploads_per_s"),
         Scenario("e", "e_soak", "one upload of {soak}, RSS sampled", "mb_per_s"),
         Scenario("f", "f_latency_under_c", "HEAD+PATCH pair latency during c", "p99_ms"),
+        Scenario("g", "g_form_upload", "one upload of {single}, one multipart/form-data POST",
+                 "mb_per_s", ("raw", "tusserver")),
     )
 }  # fmt: skip
 
@@ -273,12 +284,24 @@ async def load_soak(ctx: Context, result: Result) -> list[Result]:
     return [result]
 
 
+async def load_form(ctx: Context, result: Result) -> list[Result]:
+    """a's bytes as one file part of a form (`curl -F`): the same size, so `g / a` is what
+    the multipart parsing and the part's flow-controlled stream cost."""
+    size = ctx.sizes.single_bytes
+    async with client.session() as http:
+        started = time.perf_counter()
+        await client.form_upload(http, ctx.endpoint, size, ctx.progress)
+        _throughput(result, size, 1, time.perf_counter() - started)
+    return [result]
+
+
 LOADS: dict[str, Load] = {
     "a": load_single,
     "b": load_chunked,
     "c": load_concurrent,
     "d": load_small,
     "e": load_soak,
+    "g": load_form,
 }
 
 
@@ -423,6 +446,7 @@ def _measure_raw(
     byte_counts = {
         "a": sizes.single_bytes,
         "b": sizes.single_bytes,
+        "g": sizes.single_bytes,
         "c": sizes.concurrent_uploads * sizes.concurrent_bytes,
         "e": sizes.soak_bytes,
     }

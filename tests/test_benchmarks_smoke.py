@@ -56,6 +56,7 @@ def test_every_scenario_has_a_result_for_every_target(
     servers = {"tusserver", "bare-aiohttp"}
     expected = {(s.name, t) for s in scenarios.SCENARIOS.values() for t in TARGETS}
     expected -= {(scenarios.SCENARIOS["f"].name, "raw")}  # f measures servers only
+    expected -= {(scenarios.SCENARIOS["g"].name, "bare-aiohttp")}  # the bare handler: no forms
     assert seen == expected
     for result in results:
         assert result["error"] is None, result
@@ -74,10 +75,20 @@ def test_tusserver_rows_carry_ratios_to_the_baselines(
 ) -> None:
     lines, _table = harness_run
     for result in lines:
-        if result["kind"] == "result" and result["target"] == "tusserver":
+        if result["kind"] != "result" or result["target"] != "tusserver":
+            continue
+        if result["scenario"] != scenarios.SCENARIOS["g"].name:  # the bare handler: no forms
             assert result["ratios"]["vs_bare-aiohttp"] > 0
-            if result["scenario"] != scenarios.SCENARIOS["f"].name:
-                assert result["ratios"]["vs_raw"] > 0
+        if result["scenario"] != scenarios.SCENARIOS["f"].name:
+            assert result["ratios"]["vs_raw"] > 0
+    form = next(
+        r for r in lines if r.get("scenario") == "g_form_upload" and r["target"] == "tusserver"
+    )
+    single = next(
+        r for r in lines if r.get("scenario") == "a_single_patch" and r["target"] == "tusserver"
+    )
+    assert form["ratios"]["vs_single_patch"] == round(form["mb_per_s"] / single["mb_per_s"], 2)
+    assert form["bytes"] == single["bytes"] and form["peak_rss_mib"] > 0
     concurrent = next(
         r for r in lines if r.get("scenario") == "c_concurrent" and r["target"] == "tusserver"
     )
@@ -102,6 +113,9 @@ def test_machine_facts_targets_and_table_are_reported(
     assert table.startswith("| scenario | target | MB/s |")
     assert "tusserver --fsync never" in table and "hashlib SHA-256" in table
     assert "| target of the issue |" in table
+    assert "| the same bytes as one form part (g) and one PATCH (a) |" in table
+    form_row = "| g: one upload of 4 MiB, one multipart/form-data POST | tusserver --fsync never |"
+    assert form_row in table
 
 
 def test_repeated_runs_report_the_median_run_and_the_highest_peak_rss() -> None:

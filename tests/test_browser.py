@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
@@ -18,7 +19,7 @@ from tests.support.files import random_file
 from tests.support.node import Run, require_node_package, run_script
 from tests.support.processes import ServerProcess, tusserver_process
 from tests.support.servers import ServerFactory
-from tests.support.sync_http import assert_stored_exactly, head, http_request
+from tests.support.sync_http import assert_stored_exactly, head, http_request, metadata_of
 from tests.support.tools import require_tool
 from tests.support.tus import bearer
 from tusserver.auth import issue_token
@@ -58,6 +59,29 @@ async def test_development_mode_serves_the_page_and_its_files(
             assert len(await response.read()) > 500, path
     async with http.get(server.root + "/static/") as response:
         assert response.status in (403, 404)  # no directory listing
+
+
+async def test_the_page_has_a_plain_form_that_comes_back_to_the_page_it_was_served_from(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server()
+    async with http.get(server.root + "/") as response:
+        policy = response.headers["Content-Security-Policy"]
+        page = await response.text()
+    assert "form-action 'self';" in policy
+    form = '<form id="plain-form" method="post" action="/files/" enctype="multipart/form-data">'
+    assert form in page
+    assert f'<input type="hidden" name="redirect" value="{server.root}/">' in page
+    async with http.get(server.root + "/", headers={"Host": "elsewhere.example"}) as response:
+        assert 'name="redirect"' not in await response.text()  # no URL made for that Host
+
+    behind = await make_server(public_url="https://up.example/tus/files/")
+    async with http.get(behind.root + "/") as response:
+        policy = response.headers["Content-Security-Policy"]
+        page = await response.text()
+    assert "form-action 'self' https://up.example;" in policy
+    assert 'action="https://up.example/tus/files/"' in page
+    assert '<input type="hidden" name="redirect" value="https://up.example/tus/">' in page
 
 
 async def test_vendored_bundle_matches_its_recorded_checksums() -> None:
@@ -265,3 +289,43 @@ def test_secured_endpoint_serves_its_configured_origin_only(
     assert refused.returncode == 0, refused
     assert "Access-Control-Allow-Origin" in refused.one("blocked")["text"]
     assert secured_server.log().count("POST /files/") == posts_before  # stopped at preflight
+
+
+@pytest.mark.slow
+def test_demo_pages_plain_form_posted_from_chromium_stores_each_file_and_comes_back(
+    page_server: ServerProcess, tmp_path: Path
+) -> None:
+    """The browser's own multipart/form-data submission, no JavaScript of ours in it: the
+    server answers 303 to the page with the new uploads' ids, and each file is stored whole,
+    with its SHA-256 and the note, file name and type as metadata."""
+    files = {
+        "holiday.jpg": (random_file(tmp_path / "holiday.jpg", MiB + 17), b"image/jpeg"),
+        "notes.txt": (random_file(tmp_path / "notes.txt", 300_000), b"text/plain"),
+    }
+    page_url = f"http://127.0.0.1:{page_server.port}/"
+    screenshot = tmp_path / "demo-page-plain-form.png"
+    run = run_script(
+        "browser_form.mjs",
+        {"pageUrl": page_url, "files": [str(tmp_path / name) for name in files],
+         "note": "from Chromium", "screenshot": str(screenshot)},
+        timeout_s=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run
+    [answer] = run.of("response")  # the form's one POST
+    assert answer["url"] == page_server.url
+    assert answer["status"] == 303
+    landed = run.one("landed")
+    assert landed["url"] == answer["location"]
+    address = urlsplit(landed["url"])
+    assert f"{address.scheme}://{address.netloc}{address.path}" == page_url
+    upload_ids = parse_qs(address.query)["uploads"][0].split(",")
+    assert landed["listed"] == upload_ids  # the page links what came back
+    assert landed["links"] == [page_server.url + upload_id for upload_id in upload_ids]
+    for upload_id, (name, (data, filetype)) in zip(upload_ids, files.items(), strict=True):
+        url = page_server.url + upload_id
+        assert_stored_exactly(url, data)
+        assert metadata_of(head(url)) == {
+            "note": b"from Chromium", "filename": name.encode(), "filetype": filetype,
+        }  # fmt: skip
+    assert_no_page_faults(run)
+    assert_screenshot(screenshot)

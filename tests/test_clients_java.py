@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from tests.support.mobile import java_patch, java_patch_headers
-from tests.support.processes import StartProcess
+from tests.support.processes import BODY_PEAK_GROWTH_MIB, StartProcess, memory_kib
 from tests.support.raw_http import RawRequest
 from tests.support.servers import ServerFactory
 from tests.support.tus import (
@@ -125,14 +125,6 @@ async def test_resume_right_after_a_dropped_request_takes_the_upload_over(
     assert await completed_digest(http, url) == repr_digest_of(DATA)
 
 
-def _memory_kib(pid: int, field: str) -> int:
-    """VmRSS or VmHWM (the peak resident memory so far) of a process, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} for pid {pid}")
-
-
 @pytest.mark.slow
 async def test_a_long_chunked_body_through_method_override_streams_in_bounded_memory(
     processes: StartProcess, tmp_path: Path, http: aiohttp.ClientSession
@@ -144,7 +136,7 @@ async def test_a_long_chunked_body_through_method_override_streams_in_bounded_me
     total, block = 256 * 2**20, bytes(range(256)) * 256  # 64 KiB, sent again and again
     url = await create_upload(http, server.url, total)
     pid = server.process.pid
-    peak_before = _memory_kib(pid, "VmHWM")
+    peak_before = memory_kib(pid, "VmHWM")
     method, headers = java_patch_headers(0, {}, override=True)
     request = await RawRequest.start(url, method, headers)
     try:
@@ -157,5 +149,5 @@ async def test_a_long_chunked_body_through_method_override_streams_in_bounded_me
     finally:
         await request.close()
     assert await head_offset(http, url) == total
-    grown_mib = (_memory_kib(pid, "VmHWM") - peak_before) / 1024
-    assert grown_mib < 48, f"the peak grew by {grown_mib:.0f} MiB for a 256 MiB body"
+    grown_mib = (memory_kib(pid, "VmHWM") - peak_before) / 1024
+    assert grown_mib < BODY_PEAK_GROWTH_MIB, f"the peak grew by {grown_mib:.0f} MiB for 256 MiB"

@@ -15,13 +15,22 @@ from typing import Any, cast
 import aiohttp
 import pytest
 
-from tests.support.events import event_types
-from tests.support.raw_http import RawRequest
+from tests.support.events import all_events, event_types
+from tests.support.files import file_of
+from tests.support.processes import (
+    BODY_PEAK_GROWTH_MIB,
+    ServerProcess,
+    StartProcess,
+    memory_kib,
+    start_server,
+)
+from tests.support.raw_http import RawRequest, authority_of, exchange, request_bytes
 from tests.support.servers import Server, ServerFactory
 from tests.support.tools import require_tool
 from tests.support.tus import TUS, bearer, repr_digest_of, upload_id_of
 from tests.support.waiting import wait_until
 from tusserver.auth import issue_token
+from tusserver.http.form_handlers import MAX_FIELDS, MAX_FILES
 from tusserver.uploads.body import WRITE_BLOCK_BYTES
 
 
@@ -112,6 +121,51 @@ async def test_a_part_past_max_size_is_413_and_nothing_is_kept(
     assert await stored_uploads(server) == []
 
 
+async def test_files_that_together_pass_max_size_are_413_and_none_of_them_is_kept(
+    make_server: ServerFactory, http: aiohttp.ClientSession, flushed_redis: str
+) -> None:
+    """Each part fits alone; the second takes the form past --max-size. The first, already
+    completed, is removed too, and the parent's events say so (completed, then terminated)."""
+    server = await make_server(max_size_bytes=1000)
+    data = form(("one.bin", b"1" * 600, "text/plain"), ("two.bin", b"2" * 600, "text/plain"))
+    async with http.post(server.url, data=data) as response:
+        assert response.status == 413
+        reason = await response.text()
+    assert "600 bytes of this request's earlier files" in reason
+    assert "maximum of 1000 bytes" in reason
+    assert await stored_uploads(server) == []
+    assert [path for path in server.settings.data_dir.rglob("uploads/*/*") if path.is_file()] == []
+    by_upload: dict[str, list[str]] = {}
+    for event in await all_events(flushed_redis):
+        by_upload.setdefault(event["upload_id"], []).append(event["type"])
+    assert sorted(by_upload.values()) == [
+        ["created", "completed", "terminated"],  # one.bin: stored whole, then removed
+        ["created", "terminated"],  # two.bin: refused as it streamed
+    ]
+
+
+async def test_files_that_together_fill_max_size_exactly_are_kept(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(max_size_bytes=1000)
+    data = form(("one.bin", b"1" * 600, "text/plain"), ("two.bin", b"2" * 400, "text/plain"))
+    status, answer = await post_form(http, server.url, data)
+    assert status == 201, answer
+    assert [upload["length"] for upload in answer["uploads"]] == [600, 400]
+
+
+async def test_a_tokens_maximum_bounds_the_forms_files_together(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(secrets=("s",))
+    token = issue_token("s", subject="alice", actions=("create",), ttl_s=60, max_size_bytes=100)
+    data = form(("one.bin", b"1" * 60, "text/plain"), ("two.bin", b"2" * 60, "text/plain"))
+    async with http.post(server.url, data=data, headers=bearer(token)) as response:
+        assert response.status == 413
+        assert "this token's maximum of 100 bytes" in await response.text()
+    assert await stored_uploads(server, "alice") == []
+
+
 @pytest.mark.parametrize(
     ("content_type", "body"),
     [
@@ -135,6 +189,68 @@ async def test_a_malformed_form_is_400_and_nothing_is_kept(
 ) -> None:
     status, answer = await post_form(http, server.url, body, **{"Content-Type": content_type})
     assert status == 400, answer
+    assert await stored_uploads(server) == []
+
+
+def file_part(filename: str, content: bytes, *extra_headers: bytes) -> bytes:
+    """One file part of a form whose boundary is `b`, with `extra_headers` lines."""
+    head = f'--b\r\nContent-Disposition: form-data; name="f"; filename="{filename}"\r\n'
+    return head.encode() + b"".join(line + b"\r\n" for line in extra_headers) + b"\r\n" + content
+
+
+@pytest.mark.parametrize(
+    "bad_part",
+    [
+        file_part("two", b"2" * 100, b"X-Long: " + b"x" * 10_000),  # past aiohttp's 8190 a line
+        file_part("two", b"2" * 100, *(f"X-{n}: v".encode() for n in range(200))),  # 128 lines
+    ],
+    ids=["part-header-line-too-long", "too-many-part-header-lines"],
+)
+async def test_a_part_with_oversized_headers_is_400_and_the_form_keeps_nothing(
+    server: Server, http: aiohttp.ClientSession, bad_part: bytes
+) -> None:
+    """The first part is stored whole before the second's headers are read: it goes too."""
+    body = file_part("one", b"1" * 100) + b"\r\n" + bad_part + b"\r\n--b--\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    status, answer = await post_form(http, server.url, body, **headers)
+    assert status == 400, answer
+    assert "malformed" in answer["text"]
+    assert await stored_uploads(server) == []
+
+
+async def test_a_request_header_block_past_max_header_size_is_431_and_nothing_is_stored(
+    make_server: ServerFactory,
+) -> None:
+    server = await make_server(max_header_bytes=8 * 2**10)
+    body = file_part("one", b"1" * 100) + b"\r\n--b--\r\n"
+    pads = [(f"X-Pad-{n}", "a" * 1000) for n in range(9)]  # 9 KB, no line over 1 KB
+    headers = [
+        ("Host", authority_of(server.url)), ("Content-Type", "multipart/form-data; boundary=b"),
+        ("Content-Length", str(len(body))),
+    ]  # fmt: skip
+    fits = await exchange(server.url, request_bytes("POST", "/files/", headers, body))
+    assert fits.status == 201  # the same form under the limit is stored
+    (kept,) = await stored_uploads(server)
+    refused = await exchange(server.url, request_bytes("POST", "/files/", headers + pads, body))
+    assert refused.status == 431
+    assert await stored_uploads(server) == [kept]
+
+
+@pytest.mark.parametrize(
+    ("fields", "files", "bound"),
+    [(MAX_FIELDS + 1, 1, "text fields"), (0, MAX_FILES + 1, "files")],
+    ids=["too-many-fields", "too-many-files"],
+)
+async def test_a_form_with_too_many_parts_is_400_and_keeps_nothing(
+    server: Server, http: aiohttp.ClientSession, fields: int, files: int, bound: str
+) -> None:
+    data = form(
+        *((f"f{n}.txt", b"x", "text/plain") for n in range(files)),
+        **{f"field{n}": "v" for n in range(fields)},
+    )
+    status, answer = await post_form(http, server.url, data)
+    assert status == 400, answer
+    assert f"at most {MAX_FIELDS if fields else MAX_FILES} {bound}" in answer["text"]
     assert await stored_uploads(server) == []
 
 
@@ -307,3 +423,84 @@ async def test_a_download_link_may_use_the_cookie_without_origin(
     evil = {"Origin": "https://evil.example", **cookie}
     async with http.get(answer["uploads"][0]["url"], headers=evil) as response:
         assert response.status == 401
+
+
+# -- a 2 GiB part, streamed in bounded memory: curl -F and aiohttp's MultipartWriter --------
+
+BIG_PART_BYTES = 2 * 2**30
+MARK_EVERY_BYTES = 64 * 2**20
+
+
+def sha256_of(path: Path) -> str:
+    running = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(4 * 2**20):
+            running.update(block)
+    return running.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def big_part(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A 2 GiB file, sparse but for 4 KiB of random bytes every 64 MiB and at its end (so a
+    block stored at the wrong place changes the digest), and its SHA-256: never in memory."""
+    path = tmp_path_factory.mktemp("big") / "big.iso"
+    with path.open("wb") as file:
+        file.truncate(BIG_PART_BYTES)
+        for offset in [*range(0, BIG_PART_BYTES, MARK_EVERY_BYTES), BIG_PART_BYTES - 4096]:
+            file.seek(offset)
+            file.write(os.urandom(4096))
+    assert path.stat().st_size == BIG_PART_BYTES
+    return path, sha256_of(path)
+
+
+async def big_form_server(processes: StartProcess, tmp_path: Path) -> tuple[ServerProcess, int]:
+    """A tusserver process (as the big-PATCH memory test runs it) and its peak memory now."""
+    server = await start_server(processes, tmp_path / "data", "--fsync", "never")
+    return server, memory_kib(server.process.pid, "VmHWM")
+
+
+async def assert_big_part_stored(
+    server: ServerProcess, answer: dict[str, Any], digest: str, peak_before: int
+) -> None:
+    (upload,) = answer["uploads"]
+    assert upload["length"] == BIG_PART_BYTES
+    assert upload["sha256"] == digest
+    assert upload["metadata"] == {
+        "album": "big", "filename": "big.iso", "filetype": "application/x-iso9660-image",
+    }  # fmt: skip
+    stored = file_of(server.data_dir, upload["id"])
+    assert stored.stat().st_size == BIG_PART_BYTES
+    assert await asyncio.to_thread(sha256_of, stored) == digest
+    grown_mib = (memory_kib(server.process.pid, "VmHWM") - peak_before) / 1024
+    assert grown_mib < BODY_PEAK_GROWTH_MIB, f"the peak grew by {grown_mib:.0f} MiB for 2 GiB"
+
+
+@pytest.mark.slow
+async def test_curl_f_streams_a_2_gib_part_in_bounded_memory(
+    processes: StartProcess, tmp_path: Path, big_part: tuple[Path, str]
+) -> None:
+    require_tool(shutil.which("curl") is not None, "curl is not installed")
+    server, peak_before = await big_form_server(processes, tmp_path)
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--fail-with-body", "-F", "album=big",
+        "-F", f"file=@{big_part[0]};type=application/x-iso9660-image", server.url,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    output, _ = await curl.communicate()
+    assert curl.returncode == 0, output
+    await assert_big_part_stored(server, json.loads(output), big_part[1], peak_before)
+
+
+@pytest.mark.slow
+async def test_aiohttp_multipart_writer_streams_a_2_gib_part_in_bounded_memory(
+    processes: StartProcess, tmp_path: Path, http: aiohttp.ClientSession, big_part: tuple[Path, str]
+) -> None:
+    server, peak_before = await big_form_server(processes, tmp_path)
+    with big_part[0].open("rb") as file, aiohttp.MultipartWriter("form-data") as writer:
+        writer.append("big").set_content_disposition("form-data", name="album")
+        part = writer.append(file, {"Content-Type": "application/x-iso9660-image"})
+        part.set_content_disposition("form-data", name="file", filename="big.iso")
+        assert writer.size is not None  # sent with a Content-Length, as a browser sends it
+        status, answer = await post_form(http, server.url, writer)
+    assert status == 201, answer
+    await assert_big_part_stored(server, answer, big_part[1], peak_before)

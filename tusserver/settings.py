@@ -238,7 +238,13 @@ OPTIONS: tuple[Option, ...] = (
         "use this Redis/Valkey (redis://, rediss://, unix://) instead of the embedded one",
         "URL",
     ),
-    ("max-size", parse_size, "largest upload accepted (Tus-Max-Size), e.g. 50GiB", "SIZE"),
+    (
+        "max-size",
+        parse_size,
+        "largest upload accepted (Tus-Max-Size), and the most the file "
+        "parts of one form upload may hold together, e.g. 50GiB",
+        "SIZE",
+    ),
     (
         "expire-after",
         parse_duration,

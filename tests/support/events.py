@@ -20,3 +20,13 @@ async def events_of(redis_url: str, upload_id: str) -> list[dict[str, str]]:
 async def event_types(redis_url: str, upload_id: str) -> list[str]:
     """The types of the events of `upload_id` (`created`, `completed`, ...), oldest first."""
     return [fields["type"] for fields in await events_of(redis_url, upload_id)]
+
+
+async def all_events(redis_url: str) -> list[dict[str, str]]:
+    """The fields of every event in every shard's stream (each stream oldest first)."""
+    found: list[dict[str, str]] = []
+    async with redis.asyncio.Redis.from_url(redis_url, decode_responses=True) as client:
+        async for stream in client.scan_iter(match="tus:{*}:events", _type="stream"):
+            entries = cast(list[tuple[str, dict[str, str]]], await client.xrange(stream))
+            found += [fields for _id, fields in entries]
+    return found

@@ -45,6 +45,18 @@ class ServerProcess:
 
 StartProcess = Callable[..., ServerProcess]  # the `processes` fixture
 
+# What one long body may add to a server process's peak resident memory: its blocks
+# (--body-memory), its buffers, never the body. The big-PATCH and big-form tests share it.
+BODY_PEAK_GROWTH_MIB = 48
+
+
+def memory_kib(pid: int, field: str) -> int:
+    """VmRSS or VmHWM (the peak resident memory so far) of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for pid {pid}")
+
 
 def start_process(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
     """Start `tusserver` in a subprocess on a free port; wait until it listens."""

@@ -12,11 +12,16 @@ whatever its size. An adapter imitating a `StreamReader` was the other way, but 
 and `aiohttp_private` use the stream's own methods and fields (errors set on it to wake the
 reader, the bytes it buffered when it failed), and a real stream keeps all of that true.
 
+A part's header block is bounded (MAX_PART_HEADER_LINES of PART_HEADER_LINE_BYTES), as is the
+number of files (MAX_FILES); past either the form is malformed (400).
 Text fields (at most MAX_FIELDS of FIELD_MAX_BYTES each) become metadata of every file after
 them; a field after a file part is refused (400), since the file's upload already exists. The
-part's `filename` and `Content-Type` become `filename` and `filetype`. The request is all or
-nothing: on any refusal (413 past the limit, 400 for a malformed body, a hang-up) the uploads
-it created are terminated, so nothing is half-stored. The answer is 201 with
+part's `filename` and `Content-Type` become `filename` and `filetype`. The size limit (the
+smaller of --max-size and the token's maximum) bounds each part and all the parts of one
+request together: a part that takes the form past it is refused (413) as it streams. The
+request is all or nothing: on any refusal (413, 400 for a malformed body, a hang-up) the
+uploads it created are terminated, the ones already completed too (the parent hears their
+`completed`, then their `terminated` event), so nothing is half-stored. The answer is 201 with
 `{"uploads": [{id, url, length, sha256, metadata}]}`, or for a browser form with a `redirect`
 field (not metadata), `303 See Other` to that URL with `uploads=<id>,<id>` added to its query;
 only a URL of the server's own origin or one named in --cors-origins is followed (400 before
@@ -28,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
@@ -38,11 +43,16 @@ from tusserver.auth import Grant
 from tusserver.errors import BadRequest
 from tusserver.http import handlers
 from tusserver.http.keys import PRE_CREATE, SETTINGS
-from tusserver.uploads.service import Body, NewUpload, Upload
+from tusserver.uploads.service import Body, NewUpload, SizeLimit, Upload
 
 MAX_FIELDS = 32
 FIELD_MAX_BYTES = 4 * 2**10
 MAX_FILES = 64
+# A part's header block: Content-Disposition (with a file name), Content-Type, rarely more.
+# The request's own limits (--max-header-size a line, 128 lines) would let one part hold
+# megabytes of headers in memory.
+PART_HEADER_LINE_BYTES = 8 * 2**10
+MAX_PART_HEADER_LINES = 16
 PART_BUFFER_BYTES = 64 * 2**10  # a part's stream pauses its feeder past twice this
 PART_CHUNK_BYTES = 64 * 2**10
 # What aiohttp's multipart reader raises for a body that does not parse.
@@ -84,8 +94,12 @@ async def _store_parts(
     """Read the form part by part: fields into `fields` (`redirect` apart), each file into a
     new upload."""
     fields: dict[str, bytes | None] = {}
+    limit = handlers.size_limit(request)
     try:
-        reader = await request.multipart()
+        reader = MultipartReader(
+            request.headers, request.content,
+            max_field_size=PART_HEADER_LINE_BYTES, max_headers=MAX_PART_HEADER_LINES,
+        )  # fmt: skip
     except MALFORMED as error:
         raise BadRequest(f"the multipart body is malformed: {error}") from None
     while True:
@@ -112,7 +126,10 @@ async def _store_parts(
         else:
             if len(created) >= MAX_FILES:
                 raise BadRequest(f"a form may have at most {MAX_FILES} files")
-            created.append(await _store_file(request, who, url_of, part, fields))
+            stored = sum(upload.length or 0 for upload in created)
+            created.append(
+                await _store_file(request, who, url_of, part, fields, limit.after(stored))
+            )
 
 
 def _field_name(part: BodyPartReader) -> str:
@@ -163,8 +180,10 @@ async def _store_file(
     url_of: str,
     part: BodyPartReader,
     fields: dict[str, bytes | None],
+    limit: SizeLimit,
 ) -> Upload:
-    """One file part as a new, completed upload (see the module's docstring)."""
+    """One file part as a new, completed upload of at most `limit` (see the module's
+    docstring)."""
     encoding = part.headers.get("Content-Transfer-Encoding", "").strip().lower()
     if encoding not in PLAIN_TRANSFER_ENCODINGS:
         raise BadRequest(f"Content-Transfer-Encoding {encoding!r} is not accepted")
@@ -185,7 +204,7 @@ async def _store_file(
     body = Body(stream=fed.stream, content_length=None, checksum=None, is_whole_upload=True)
     feeding = asyncio.create_task(_feed(part, fed))
     try:
-        outcome = await handlers.uploads(request).create(new, body, handlers.size_limit(request))
+        outcome = await handlers.uploads(request).create(new, body, limit)
     finally:
         feeding.cancel()
         await asyncio.gather(feeding, return_exceptions=True)

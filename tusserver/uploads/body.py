@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiohttp import StreamReader
 
@@ -67,10 +67,13 @@ class Body:
 @dataclass(frozen=True)
 class SizeLimit:
     """The most bytes one upload may hold for this request: the smaller of the server's
-    --max-size and the token's maximum (None: no limit). Computed once per request."""
+    --max-size and the token's maximum (None: no limit). Computed once per request.
+    `earlier_bytes`: what earlier uploads of the same request hold (a form's files count
+    together against the limit)."""
 
     max_bytes: int | None
     whose: str = "this server's"
+    earlier_bytes: int = 0
 
     @classmethod
     def of(cls, server_max: int | None, token_max: int | None) -> SizeLimit:
@@ -78,10 +81,26 @@ class SizeLimit:
             return cls(token_max, "this token's")
         return cls(server_max, "this server's")
 
+    def after(self, earlier_bytes: int) -> SizeLimit:
+        """The limit for an upload that follows `earlier_bytes` of the same request's."""
+        return replace(self, earlier_bytes=self.earlier_bytes + earlier_bytes)
+
+    @property
+    def room_bytes(self) -> int | None:
+        """The most bytes the next upload may hold (None: no limit)."""
+        return None if self.max_bytes is None else max(0, self.max_bytes - self.earlier_bytes)
+
     def check(self, size: int | None, what: str = "Upload-Length") -> None:
         """413 if `size` bytes are more than the limit (None, not known yet, passes)."""
-        if self.max_bytes is not None and size is not None and size > self.max_bytes:
-            raise PayloadTooLarge(f"{what} is over {self.whose} maximum of {self.max_bytes} bytes")
+        room = self.room_bytes
+        if room is None or size is None or size <= room:
+            return
+        if self.earlier_bytes:
+            raise PayloadTooLarge(
+                f"{what}, with the {self.earlier_bytes} bytes of this request's earlier files, "
+                f"is over {self.whose} maximum of {self.max_bytes} bytes"
+            )
+        raise PayloadTooLarge(f"{what} is over {self.whose} maximum of {self.max_bytes} bytes")
 
 
 class BodyMemory:

@@ -153,7 +153,7 @@ class Uploads:
             await self.storage.create(upload.upload_id)
             await self.state.create(upload)
             return Created(upload)
-        room = new.length if new.length is not None else limit.max_bytes
+        room = new.length if new.length is not None else limit.room_bytes
         fits = body.content_length is not None and (room is None or body.content_length <= room)
         if body.is_small and fits:
             return await self._create_with_small_body(new, body)

@@ -7,6 +7,8 @@
 //              sessionStorage so that a reload still has it, and removed from the address bar
 //   chunkSize  bytes per PATCH (default: one PATCH per file; set it behind proxies that cap
 //              request bodies)
+// The plain form below Uppy needs none of this: it posts to this server's endpoint, which
+// answers 303 back to this page with `?uploads=<id>,<id>`; the script only links those ids.
 // Resuming: tus-js-client keeps each unfinished upload's URL in localStorage (its
 // fingerprint), and Uppy's Golden Retriever keeps the selected files (up to 10 MiB each in
 // IndexedDB), so after a reload the upload goes on; a bigger file is picked again and then
@@ -84,6 +86,21 @@
     const status = error && error.originalResponse ? error.originalResponse.getStatus() : 0
     if (status === 401 || status === 403) notify(`The server refused the token (${status}).`)
   })
+
+  const formUploads = (query.get('uploads') || '').split(',').filter(Boolean)
+  if (formUploads.length) {
+    const ownEndpoint = new URL(meta('tus-endpoint'), window.location.href)
+    const list = document.getElementById('form-uploads')
+    for (const id of formUploads) {
+      const item = document.createElement('li')
+      const link = document.createElement('a')
+      link.href = new URL(encodeURIComponent(id), ownEndpoint).href
+      link.textContent = id
+      item.append(link)
+      list.append(item)
+    }
+    list.hidden = false
+  }
 
   // For people (and tests) who want to look inside from the browser's console.
   window.tusserverDemo = { uppy, endpoint }
