@@ -123,6 +123,8 @@ class Settings:
     max_connections: int = 4096
     max_concat_parts: int = 128
     max_batch_files: int = 10_000  # members one batch may have (its event lists them all)
+    max_form_files: int = 64  # file parts of one multipart form
+    max_form_fields: int = 32  # text fields of one multipart form
     orphan_grace_s: float = 3600.0
     metrics: bool = True
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve HTTPS
@@ -180,9 +182,12 @@ class Settings:
             raise SettingError("--tls-cert and --tls-key go together")
         if self.gone_status not in (404, 410):
             raise SettingError(f"--gone-status must be 404 or 410, got {self.gone_status}")
-        if min(self.max_connections, self.max_concat_parts, self.max_batch_files) < 1:
+        counts = (self.max_connections, self.max_concat_parts, self.max_batch_files,
+                  self.max_form_files, self.max_form_fields)  # fmt: skip
+        if min(counts) < 1:
             raise SettingError(
-                "--max-connections, --max-concat-parts and --max-batch-files must be at least 1"
+                "--max-connections, --max-concat-parts, --max-batch-files, --max-form-files "
+                "and --max-form-fields must be at least 1"
             )
         for allowed in self.allowed_hosts:
             if not split_host(allowed)[0]:
@@ -342,6 +347,8 @@ OPTIONS: tuple[Option, ...] = (
     ("max-connections", parse_int, "open connections a worker keeps (new ones are closed)", "N"),
     ("max-concat-parts", parse_int, "partial uploads one final upload may name", "N"),
     ("max-batch-files", parse_int, "files one batch may hold (its event lists them all)", "N"),
+    ("max-form-files", parse_int, "file parts one multipart form may have", "N"),
+    ("max-form-fields", parse_int, "text fields one multipart form may have (4KiB each)", "N"),
     (
         "orphan-grace",
         parse_duration,

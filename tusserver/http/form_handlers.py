@@ -13,8 +13,8 @@ and `aiohttp_private` use the stream's own methods and fields (errors set on it 
 reader, the bytes it buffered when it failed), and a real stream keeps all of that true.
 
 A part's header block is bounded (MAX_PART_HEADER_LINES of PART_HEADER_LINE_BYTES), as is the
-number of files (MAX_FILES); past either the form is malformed (400).
-Text fields (at most MAX_FIELDS of FIELD_MAX_BYTES each) become metadata of every file after
+number of files (--max-form-files); past either the form is malformed (400).
+Text fields (at most --max-form-fields of FIELD_MAX_BYTES each) become metadata of every file after
 them; a field after a file part is refused (400), since the file's upload already exists. The
 part's `filename` and `Content-Type` become `filename` and `filetype`. The size limit (the
 smaller of --max-size and the token's maximum) bounds each part and all the parts of one
@@ -45,9 +45,7 @@ from tusserver.http import handlers
 from tusserver.http.keys import PRE_CREATE, SETTINGS
 from tusserver.uploads.service import Body, NewUpload, SizeLimit, Upload
 
-MAX_FIELDS = 32
 FIELD_MAX_BYTES = 4 * 2**10
-MAX_FILES = 64
 # A part's header block: Content-Disposition (with a file name), Content-Type, rarely more.
 # The request's own limits (--max-header-size a line, 128 lines) would let one part hold
 # megabytes of headers in memory.
@@ -95,6 +93,7 @@ async def _store_parts(
     new upload."""
     fields: dict[str, bytes | None] = {}
     limit = handlers.size_limit(request)
+    settings = request.app[SETTINGS]
     try:
         reader = MultipartReader(
             request.headers, request.content,
@@ -114,8 +113,8 @@ async def _store_parts(
         if part.filename is None:
             if created:
                 raise BadRequest("text fields must come before the file parts")
-            if len(fields) >= MAX_FIELDS:
-                raise BadRequest(f"a form may have at most {MAX_FIELDS} text fields")
+            if len(fields) >= settings.max_form_fields:
+                raise BadRequest(f"a form may have at most {settings.max_form_fields} text fields")
             name, value = _field_name(part), await _read_field(part)
             if name == REDIRECT_FIELD:
                 redirect[:] = [_allowed_redirect(request, url_of, value)]
@@ -124,8 +123,8 @@ async def _store_parts(
         elif part.filename == "":  # a browser's file input with no file chosen
             await _read_to_end(part)
         else:
-            if len(created) >= MAX_FILES:
-                raise BadRequest(f"a form may have at most {MAX_FILES} files")
+            if len(created) >= settings.max_form_files:
+                raise BadRequest(f"a form may have at most {settings.max_form_files} files")
             stored = sum(upload.length or 0 for upload in created)
             created.append(
                 await _store_file(request, who, url_of, part, fields, limit.after(stored))
