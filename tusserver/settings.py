@@ -96,6 +96,9 @@ class Settings:
     workers: int = 1
     idle_timeout_s: float = 60.0
     fsync: FsyncPolicy = "always"
+    # Under fsync "always": an upload's offset goes to Redis's AOF at most this often (and
+    # when it completes); 0: at every commit (UploadState.commit).
+    offset_checkpoint_s: float = 10.0
     min_free_disk_bytes: int = 0
     body_memory_bytes: int = 64 * 2**20
     cors_origins: tuple[str, ...] = ()
@@ -154,6 +157,8 @@ class Settings:
             raise SettingError("--max-size must be positive")
         if self.expire_after_s <= 0:
             raise SettingError("--expire-after must be positive")
+        if self.offset_checkpoint_s < 0:
+            raise SettingError("--offset-checkpoint must not be negative")
         if self.idle_timeout_s <= 0:
             raise SettingError("--idle-timeout must be positive")
         if self.body_memory_bytes < 2**20:
@@ -287,6 +292,14 @@ OPTIONS: tuple[Option, ...] = (
         "upload completes), never",
         "POLICY",
     ),
+    (
+        "offset-checkpoint",
+        parse_duration,
+        "with --fsync always, write an upload's offset to Redis's AOF (and wait for its "
+        "fsync) at most this often and when it completes; after Redis restarts, offsets may "
+        "be this far behind the bytes on disk (0: at every commit)",
+        "DURATION",
+    ),
     ("min-free-disk", parse_size, "refuse writes with 507 when less is free", "SIZE"),
     (
         "body-memory",
@@ -389,6 +402,7 @@ _FIELD_OF_OPTION = {
     "header-timeout": "header_timeout_s",
     "keepalive-timeout": "keepalive_timeout_s",
     "orphan-grace": "orphan_grace_s",
+    "offset-checkpoint": "offset_checkpoint_s",
 }
 
 
@@ -409,7 +423,8 @@ def default_text(option: str) -> str:
         "min-free-disk": "0", "body-memory": "64MiB", "secret": "none (development mode)",
         "cors-origins": "see above", "allowed-hosts": "loopback names without a secret",
         "max-header-size": "96KiB", "header-timeout": "30s", "keepalive-timeout": "75s",
-        "orphan-grace": "1h", "metrics": "on", "metrics-token": "none (no token needed)",
+        "orphan-grace": "1h", "offset-checkpoint": "10s", "metrics": "on",
+        "metrics-token": "none (no token needed)",
         "tls-cert": "none (plain HTTP)", "tls-key": "none", "unix-socket": "none (TCP)",
         "demo-page": "on without a secret", "token-cookie": "none (header only)",
         "webhook-url": "none", "webhook-secret": "each --secret", "webhook-timeout": "10s",

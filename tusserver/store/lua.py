@@ -186,8 +186,8 @@ return CREATED
 # KEYS: upload hash, lock, expiry zset, events stream, release-request key, then for a batch
 #       member its batch's keys (records.BATCH_KINDS)
 # ARGV: lock token, expected offset, new offset, now, expires (score or ""), sha256 hex or "",
-#       commit-ack nonce or "", "1" to release the lock after committing, then the
-#       `completed` event's fields as pairs.
+#       commit-ack nonce or "", "1" to release the lock after committing, "1" for a durable
+#       commit (a checkpoint) else "", then the `completed` event's fields as pairs.
 # Result: {COMMITTED, offset, status}; {LOCK_NOT_HELD}; {NO_UPLOAD};
 #         {OFFSET_MISMATCH, stored offset}; {PAST_LENGTH} (the names: `Commit`).
 # Reaching the length makes the upload `received`, or `completed` when the sha256 is known,
@@ -202,14 +202,21 @@ if h[1] ~= ARGV[2] then return {OFFSET_MISMATCH, tonumber(h[1])} end
 local new = tonumber(ARGV[3])
 if h[2] ~= '' and new > tonumber(h[2]) then return {PAST_LENGTH} end
 local id = string.match(KEYS[1], ':upload:(.*)$')
+-- An offset may lag behind the bytes on disk (the client then sends some again), so only a
+-- checkpoint, or the commit that reaches the length, goes to the AOF and waits for its fsync.
+if ARGV[9] == '1' or (h[2] ~= '' and new == tonumber(h[2])) then
+  redis.call('HSET', KEYS[1], 'checkpoint', ARGV[4])
+else
+  volatile_writes_from_here()
+end
 redis.call('HSET', KEYS[1], 'offset', ARGV[3], 'activity', ARGV[4])
 local status = h[3]
 if h[2] ~= '' and new == tonumber(h[2]) and status == 'uploading' then
   if ARGV[6] ~= '' then
     status = 'completed'
     redis.call('HSET', KEYS[1], 'status', status, 'sha256', ARGV[6], 'completed', ARGV[4])
-    append_event(KEYS[4], argv_from(9))
-    batch_member_done(KEYS[1], batch_keys(6), KEYS[4], ARGV[4], argv_from(9))
+    append_event(KEYS[4], argv_from(10))
+    batch_member_done(KEYS[1], batch_keys(6), KEYS[4], ARGV[4], argv_from(10))
   else
     status = 'received'
     redis.call('HSET', KEYS[1], 'status', status)

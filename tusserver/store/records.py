@@ -94,6 +94,9 @@ class Upload:
     created_by: str = ""
     batch: str = ""  # the key of the batch it belongs to (batch_key_of), else ""
     batch_path: str = ""  # its path inside that batch
+    # When its offset last went to Redis's AOF (a checkpoint: UploadState.commit); 0: never
+    # since its creation, which was durable.
+    checkpoint_at: float = 0.0
 
     @property
     def is_complete(self) -> bool:
@@ -156,6 +159,7 @@ def upload_from_hash(upload_id: str, raw: Mapping[Any, Any]) -> Upload:
         created_by=fields.get("creator", ""),
         batch=fields.get("batch", ""),
         batch_path=fields.get("bpath", ""),
+        checkpoint_at=float(fields.get("checkpoint") or fields["created"]),
     )
 
 

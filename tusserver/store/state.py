@@ -82,11 +82,15 @@ class UploadState:
         *,
         tombstone_ttl_s: float,
         path_of: Callable[[str], str],
+        checkpoint_s: float = 0.0,
         observe: Callable[[str, int], None] = lambda event, committed_bytes: None,
     ) -> None:
         # `observe(event, committed_bytes)` hears of each event appended (created, completed,
         # terminated, expired) and each byte count committed (event ""), for the metrics.
         self.observe = observe
+        # A commit is durable (in the AOF, so it waits for Redis's fsync) when the upload's
+        # last durable one is this old, or it completes the upload; 0: every commit is.
+        self.checkpoint_s = checkpoint_s
         self.redis = client
         self.tombstone_ttl_ms = int(tombstone_ttl_s * 1000)
         self.path_of = path_of
@@ -235,11 +239,14 @@ class UploadState:
         """Move the committed offset from `upload.offset` to `new_offset` while holding the lock.
 
         Reaching the length marks the upload `received`, or `completed` (with its event) when
-        `sha256` is given. Raises LockLost, OffsetMismatch (409), PayloadTooLarge (413)."""
+        `sha256` is given. Other commits reach Redis's AOF only every `checkpoint_s` per
+        upload (docs/architecture.md, "What must reach the disk"). Raises LockLost,
+        OffsetMismatch (409), PayloadTooLarge (413)."""
         done = upload.length is not None and new_offset == upload.length
         finished = replace(upload, offset=new_offset, sha256=sha256, status="completed")
         path = self.path_of(upload.upload_id)
         event = finished.as_event("completed", now, path) if done and sha256 else {}
+        durable = self.checkpoint_s <= 0 or now - upload.checkpoint_at >= self.checkpoint_s
         result = await self._commit(
             keys=keys_of(upload.upload_id, "upload", "lock", "expiry", "events", "release")
             + upload.batch_keys,
@@ -252,6 +259,7 @@ class UploadState:
                 sha256,
                 ack,
                 "1" if release else "",
+                "1" if durable else "",
                 *flat_pairs(event),
             ],
         )
@@ -272,6 +280,7 @@ class UploadState:
             status=status,
             expires_at=expires_at,
             sha256=sha256 if status == "completed" else upload.sha256,
+            checkpoint_at=now if durable or status != "uploading" else upload.checkpoint_at,
         )
 
     async def complete(

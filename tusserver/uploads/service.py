@@ -266,6 +266,7 @@ class Uploads:
             created_by=new.created_by,
             batch=new.batch,
             batch_path=new.batch_path,
+            checkpoint_at=now,
         )
 
     # -- append ----------------------------------------------------------------------------
@@ -484,6 +485,9 @@ async def open_uploads(
             tombstone_ttl_s=settings.tombstone_ttl_s,
             path_of=storage.relative_path,
             observe=observe,
+            # under --fsync always, offsets reach the AOF only at checkpoints; otherwise Redis
+            # fsyncs once a second whatever is written, so every commit may go there
+            checkpoint_s=settings.offset_checkpoint_s if settings.fsync == "always" else 0.0,
         )
         storage.prepare()
         batch_state = BatchState(client, max_files=settings.max_batch_files)
