@@ -29,7 +29,8 @@ from tests.support.processes import ServerProcess, free_port
 from tests.support.waiting import wait_until_sync
 from tusserver import cli
 from tusserver.auth import issue_token
-from tusserver.uploader.files import ResumeState, find_files, resume_key
+from tusserver.uploader.batches import batches_url
+from tusserver.uploader.files import ResumeState, StoredBatch, find_files, folder_key, resume_key
 from tusserver.uploader.progress import PlainReporter
 from tusserver.uploader.transfer import FileResult, RetryPolicy, is_retryable
 from tusserver.uploader.tus import network_reason, parse_repr_digest
@@ -625,6 +626,40 @@ def test_the_resume_key_changes_with_the_content_and_the_state_file_survives_reu
     entry = ResumeState(state.path).get(key_before)
     assert entry is not None and entry.url == "http://a/files/1" and not entry.is_done
     assert (state.path.stat().st_mode & 0o777) == 0o600
+
+
+def test_the_batch_api_is_beside_the_endpoint_with_or_without_its_slash() -> None:
+    assert batches_url("http://h:1/files/") == "http://h:1/files/batches"
+    assert batches_url("http://h:1/files") == "http://h:1/files/batches"
+    assert batches_url("https://h/up/load/?a=1#x") == "https://h/up/load/batches?a=1"
+
+
+def test_the_state_file_keeps_batches_beside_uploads_and_a_file_key_names_its_batch(
+    tmp_path: Path,
+) -> None:
+    write_random(tmp_path / "tree" / "sub" / "a.bin", 100, seed=16)
+    [file], _ = find_files([str(tmp_path / "tree")])
+    assert (file.relative_path, file.path_in_folder) == ("tree/sub/a.bin", "sub/a.bin")
+    folder = (tmp_path / "tree").resolve()
+    assert file.folder == folder
+    endpoint = "http://a/files/"
+    plain, batched = resume_key(endpoint, file), resume_key(endpoint, file, "b1")
+    assert len({plain, batched, resume_key(endpoint, file, "b2")}) == 3
+    state = ResumeState(tmp_path / "state.json")
+    state.put(plain, "http://a/files/1", file.path, is_done=True)
+    key = folder_key(endpoint, folder, [file])
+    state.put_batch(key, StoredBatch("b1", "http://a/files/batches/b1"), folder)
+    state.put(batched, "http://a/files/2", file.path, is_done=False)
+
+    again = ResumeState(state.path)  # as the next run reads it
+    assert again.get_batch(key) == StoredBatch("b1", "http://a/files/batches/b1")
+    assert again.get(plain) is not None and again.get(plain).is_done  # type: ignore[union-attr]
+    assert again.get(batched) is not None
+    again.remove_batch(key)
+    assert again.get_batch(key) is None and again.get(batched) is not None
+    write_random(tmp_path / "tree" / "b.txt", 1, seed=17)  # another file: another folder key
+    files, _ = find_files([str(tmp_path / "tree")])
+    assert folder_key(endpoint, folder, files) != key
 
 
 def test_retry_policy_retries_what_may_pass_and_backs_off() -> None:
