@@ -115,6 +115,28 @@ async def test_a_batch_completes_once_when_its_expected_files_are_complete(
         assert members[path]["length"] == str(len(data))
 
 
+async def test_a_batch_expecting_files_and_bytes_waits_for_its_empty_files_too(
+    server: Server, http: aiohttp.ClientSession, flushed_redis: str
+) -> None:
+    """`tusserver upload` opens a folder's batch with both counts; the bytes are all there
+    before an empty file has even joined, and that must not complete the batch without it."""
+    opened = await open_batch(http, server, {"files": 3, "bytes": 8})
+    name = opened["id"]
+    await send_file(http, server, b"1234", batch=name, relativePath="a")
+    await send_file(http, server, b"5678", batch=name, relativePath="b")
+
+    status, view = await get_batch(http, server, name)
+    assert status == 200 and view["state"] == "open"
+    assert view["progress"]["bytes_completed"] == 8
+    assert await batch_events(flushed_redis, "anonymous", name) == []
+
+    await send_file(http, server, b"", batch=name, relativePath="empty")
+    status, view = await get_batch(http, server, name)
+    assert view["state"] == "completed"
+    [event] = await batch_events(flushed_redis, "anonymous", name)
+    assert sorted(m["path"] for m in json.loads(event["members"])) == ["a", "b", "empty"]
+
+
 async def test_a_batch_named_only_in_metadata_completes_when_sealed_with_what_it_has(
     server: Server, http: aiohttp.ClientSession, flushed_redis: str
 ) -> None:

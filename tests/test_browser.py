@@ -7,6 +7,8 @@ test's tmp_path, where the test checks them.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -195,6 +197,60 @@ def token(subject: str, *actions: str) -> str:
     return issue_token(SECRET, subject=subject, actions=actions, ttl_s=600)
 
 
+def is_batch_request(request: dict[str, Any]) -> bool:
+    return "/files/batches" in str(request["url"])
+
+
+@pytest.mark.slow
+def test_demo_page_sends_the_files_of_one_upload_as_one_batch(
+    page_server: ServerProcess, tmp_path: Path
+) -> None:
+    """A folder picked through the Dashboard's folder input (the browser gives each of its files
+    its relative path, as for a dropped folder) and a file picked alone go in one run: one
+    batch, completed on the server with each file at its path, and shown complete on the
+    page."""
+    folder = tmp_path / "album"
+    (folder / "disc1" / "extras").mkdir(parents=True)
+    contents = {
+        "album/cover.jpg": random_file(folder / "cover.jpg", 40_000),
+        "album/disc1/track 1.flac": random_file(folder / "disc1" / "track 1.flac", MiB + 5),
+        "album/disc1/extras/notes.txt": random_file(folder / "disc1" / "extras" / "notes.txt", 9),
+        "liner.pdf": random_file(tmp_path / "liner.pdf", 3000),
+    }
+    port = page_server.port
+    screenshot = tmp_path / "demo-page-batch.png"
+    run = run_browser(
+        pageUrl=f"http://localhost:{port}/?endpoint=http://127.0.0.1:{port}/files/",
+        file=str(tmp_path / "liner.pdf"),
+        folder=str(folder),
+        expectUploads=len(contents),
+        screenshot=str(screenshot),
+    )
+    assert run.returncode == 0, run
+
+    [opened] = [r for r in run.sent("POST") if is_batch_request(r)]
+    assert opened["url"] == f"http://127.0.0.1:{port}/files/batches"
+    assert len([r for r in run.sent("POST") if not is_batch_request(r)]) == len(contents)
+    shown = run.one("batch")
+    assert shown["state"] == "completed"
+    match = re.fullmatch(r"batch (\S+): completed, 4 files", shown["text"])
+    assert match, shown
+    answer = http_request("GET", f"http://127.0.0.1:{port}/files/batches/{match.group(1)}")
+    assert answer.status == 200, answer
+    batch = json.loads(answer.body)
+    assert batch["state"] == "completed"
+    assert batch["expected"]["files"] == len(contents)
+    members = {member["path"]: member for member in batch["members"]}
+    assert set(members) == set(contents)
+    for path, data in contents.items():
+        assert members[path]["sha256"] == hashlib.sha256(data).hexdigest(), path
+        assert_stored_exactly(members[path]["url"], data)
+    links = {link["name"]: link["url"] for link in run.one("success")["links"]}
+    assert links["track 1.flac"] == members["album/disc1/track 1.flac"]["url"]
+    assert_no_page_faults(run)
+    assert_screenshot(screenshot)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("size", "is_picked_again"),
@@ -220,8 +276,12 @@ def test_demo_page_uploads_across_origins_and_resumes_after_a_reload(
     )
     assert run.returncode == 0, run
 
-    [created] = run.sent("POST")
+    [created] = [r for r in run.sent("POST") if not is_batch_request(r)]
     assert created["phase"] == "before-reload"
+    # the file keeps its batch across the reload: one batch, opened before it
+    [opened] = [r for r in run.sent("POST") if is_batch_request(r)]
+    assert opened["phase"] == "before-reload"
+    assert re.fullmatch(r"batch \S+: completed, 1 file", run.one("batch")["text"])
     kept = run.one("kept")
     assert kept["status"] == 200
     assert 0 < kept["offset"] < len(data)  # the cut-off PATCH kept what had arrived

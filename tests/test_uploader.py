@@ -1,5 +1,6 @@
-"""`tusserver upload` against real tusserver processes: the uploader runs as a subprocess
-(`python -m tusserver upload ...`), so signals, exit codes and output are the real ones."""
+"""`tusserver upload` against real tusserver processes (and aiohttp-tus, a tus server without
+batches): the uploader runs as a subprocess (`python -m tusserver upload ...`), so signals,
+exit codes and output are the real ones."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ from typing import Any
 
 import pytest
 
+from tests.support.other_tus_server import OtherTusServer, other_tus_server
 from tests.support.processes import ServerProcess, free_port
 from tests.support.waiting import wait_until_sync
 from tusserver import cli
 from tusserver.auth import issue_token
-from tusserver.uploader.files import ResumeState, find_files, resume_key
+from tusserver.uploader.batches import batches_url
+from tusserver.uploader.files import ResumeState, StoredBatch, find_files, folder_key, resume_key
 from tusserver.uploader.progress import PlainReporter
 from tusserver.uploader.transfer import FileResult, RetryPolicy, is_retryable
 from tusserver.uploader.tus import network_reason, parse_repr_digest
@@ -121,8 +124,10 @@ def listed_uploads(endpoint: str, token: str | None = None) -> dict[str, dict[st
 
 
 def assert_identical_on_server(
-    endpoint: str, files: dict[str, Path], token: str | None = None
+    endpoint: str, files: dict[str, Path], token: str | None = None, batch: str | None = None
 ) -> None:
+    """The server has exactly `files` (by relativePath), completed, with their bytes, each in
+    `batch` (its metadata), or in none when `batch` is None."""
     uploads = listed_uploads(endpoint, token)
     assert set(uploads) == set(files)
     for relative_path, path in files.items():
@@ -133,6 +138,42 @@ def assert_identical_on_server(
         assert status == 200
         assert body == path.read_bytes(), relative_path
         assert upload["metadata"]["filename"] == path.name
+        assert upload["metadata"].get("batch") == batch, relative_path
+
+
+BATCH_LINE = re.compile(r"batch (\S+): (http\S+) \((.+)\)")
+
+
+def batches_said(output: str) -> dict[str, tuple[str, str]]:
+    """The batches a run said it opened or resumed: id -> (URL, what the brackets say)."""
+    return {m.group(1): (m.group(2), m.group(3)) for m in BATCH_LINE.finditer(output)}
+
+
+def batch_view(url: str, token: str | None = None) -> dict[str, Any]:
+    status, _, body = request(url, token=token)
+    assert status == 200, body
+    view: dict[str, Any] = json.loads(body)
+    return view
+
+
+def assert_batch_completed_with(url: str, files: dict[str, Path], token: str | None = None) -> str:
+    """The batch at `url` is complete with exactly `files` as members (by path), each with its
+    file's SHA-256; its id."""
+    view = batch_view(url, token)
+    assert view["state"] == "completed"
+    assert view["expected"] == {
+        "files": len(files), "bytes": sum(p.stat().st_size for p in files.values()) or None
+    }  # fmt: skip
+    members = {member["path"]: member for member in view["members"]}
+    assert set(members) == set(files)
+    for path, file in files.items():
+        assert members[path]["state"] == "completed"
+        assert members[path]["sha256"] == sha256_of(file), path
+    return str(view["id"])
+
+
+def batch_ids_in_state(state_file: Path) -> list[str]:
+    return [str(entry["id"]) for entry in json.loads(state_file.read_text())["batches"].values()]
 
 
 def state_entry(state_file: Path, path: Path) -> dict[str, object] | None:
@@ -153,7 +194,8 @@ WAIT_S = 30.0  # for an uploader process to reach a point the test watches for
 
 
 def make_tree(root: Path) -> dict[str, Path]:
-    """A folder of mixed sizes, empty and multi-MiB files included; by relative path."""
+    """A folder of mixed sizes, empty and multi-MiB files included, in nested folders; by
+    their path inside it (the relativePath of a batch member)."""
     sizes = {
         "empty.txt": 0,
         "small.txt": 5,
@@ -165,11 +207,11 @@ def make_tree(root: Path) -> dict[str, Path]:
     files = {}
     for n, (name, size) in enumerate(sizes.items()):
         write_random(root / name, size, seed=n)
-        files[f"{root.name}/{name}"] = root / name
+        files[name] = root / name
     return files
 
 
-def test_folder_uploads_in_parallel_with_identical_bytes_and_plain_lines(
+def test_folder_uploads_as_one_batch_in_parallel_with_identical_bytes_and_plain_lines(
     tmp_path: Path, processes: Processes
 ) -> None:
     server = processes(tmp_path / "data")
@@ -180,21 +222,115 @@ def test_folder_uploads_in_parallel_with_identical_bytes_and_plain_lines(
     first = run_upload(*args)
 
     assert first.returncode == 0, first.stdout + first.stderr
-    assert_identical_on_server(server.url, files)
+    [(batch_id, (url, said))] = batches_said(first.stdout).items()
+    assert said == "tree, 6 files"
+    assert url == f"{server.url}batches/{batch_id}"
+    assert assert_batch_completed_with(url, files) == batch_id
+    assert batch_view(url)["metadata"] == {"folder": "tree"}
+    assert_identical_on_server(server.url, files, batch=batch_id)
     # no terminal: plain lines, no bars, no escape sequences, one "done" line per file
     assert not ANSI_OR_CR.search(first.stdout)
     lines = first.stdout.splitlines()
     assert lines[0].startswith("uploading 6 files (8.1 MiB) to ")
     assert "done tree/five.bin (5.0 MiB, SHA-256 verified)" in lines
     assert "done tree/empty.txt (0 B, SHA-256 verified)" in lines
+    assert "done tree/sub/deeper/three.bin (3.0 MiB, SHA-256 verified)" in lines
     assert sum(line.startswith("done ") for line in lines) == 6
+    assert lines[-2] == f"batch {batch_id}: completed, 6 files"
     assert lines[-1].startswith("6 uploaded, 0 skipped (uploaded before), 0 failed; 8.1 MiB")
 
     second = run_upload(*args)
 
     assert second.returncode == 0, second.stderr
+    assert batches_said(second.stdout) == {batch_id: (url, "tree, 6 files, resumed")}
+    assert f"batch {batch_id}: completed, 6 files" in second.stdout.splitlines()
     assert "0 uploaded, 6 skipped (uploaded before), 0 failed; 0 B sent" in second.stdout
     assert len(listed_uploads(server.url)) == 6  # nothing was uploaded again
+    assert batch_ids_in_state(tmp_path / "state.json") == [batch_id]
+
+
+def test_each_folder_is_its_own_batch_and_loose_files_are_plain_uploads(
+    tmp_path: Path, processes: Processes
+) -> None:
+    server = processes(tmp_path / "data")
+    write_random(tmp_path / "photos" / "2024" / "a.jpg", 300, seed=10)
+    write_random(tmp_path / "photos" / "b.jpg", 200, seed=11)
+    write_random(tmp_path / "docs" / "deep" / "er" / "c.txt", 100, seed=12)
+    write_random(tmp_path / "loose.txt", 50, seed=13)
+
+    result = run_upload(
+        str(tmp_path / "photos"), str(tmp_path / "loose.txt"), str(tmp_path / "docs"),
+        "--endpoint", server.url, "--state-file", str(tmp_path / "state.json"),
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    said = batches_said(result.stdout)
+    by_folder = {what: (batch_id, url) for batch_id, (url, what) in said.items()}
+    assert set(by_folder) == {"photos, 2 files", "docs, 1 file"}
+    photos_id, photos_url = by_folder["photos, 2 files"]
+    docs_id, docs_url = by_folder["docs, 1 file"]
+    assert photos_id != docs_id
+    assert_batch_completed_with(
+        photos_url, {"2024/a.jpg": tmp_path / "photos" / "2024" / "a.jpg",
+                     "b.jpg": tmp_path / "photos" / "b.jpg"},
+    )  # fmt: skip
+    assert_batch_completed_with(docs_url, {"deep/er/c.txt": tmp_path / "docs/deep/er/c.txt"})
+    uploads = listed_uploads(server.url)
+    assert set(uploads) == {"2024/a.jpg", "b.jpg", "deep/er/c.txt", "loose.txt"}
+    assert "batch" not in uploads["loose.txt"]["metadata"]
+    assert uploads["b.jpg"]["metadata"]["batch"] == photos_id
+
+
+def test_no_batch_sends_a_folder_as_separate_uploads_as_before(
+    tmp_path: Path, processes: Processes
+) -> None:
+    server = processes(tmp_path / "data")
+    write_random(tmp_path / "tree" / "sub" / "a.bin", 1000, seed=14)
+    write_random(tmp_path / "tree" / "b.txt", 10, seed=15)
+
+    result = run_upload(str(tmp_path / "tree"), "--endpoint", server.url, "--no-batch",
+                        "--state-file", str(tmp_path / "state.json"))  # fmt: skip
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert batches_said(result.stdout) == {}
+    files = {"tree/sub/a.bin": tmp_path / "tree/sub/a.bin", "tree/b.txt": tmp_path / "tree/b.txt"}
+    assert_identical_on_server(server.url, files, batch=None)
+    assert "/files/batches" not in server.log()
+
+
+@pytest.fixture
+def other_server(tmp_path: Path) -> Iterator[OtherTusServer]:
+    yield from other_tus_server(tmp_path)
+
+
+def test_a_server_without_batches_gets_plain_uploads_with_a_warning(
+    tmp_path: Path, other_server: OtherTusServer
+) -> None:
+    """aiohttp-tus answers 405 to POST <endpoint>/batches: the folder still goes, file by
+    file, and a second run finds it all uploaded."""
+    sizes = {"a.txt": 10, "sub/b.bin": 300_000, "sub/deeper/c.bin": 2 * 2**20 + 3}
+    for n, (name, size) in enumerate(sizes.items()):
+        write_random(tmp_path / "tree" / name, size, seed=20 + n)
+    args = [str(tmp_path / "tree"), "--endpoint", other_server.url, "--chunk-size", "1MiB",
+            "--state-file", str(tmp_path / "state.json")]  # fmt: skip
+
+    first = run_upload(*args)
+
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "warning: the server has no batches (open a batch: 405 Method Not Allowed" in (
+        first.stderr
+    )
+    assert "the files of each folder go as separate uploads" in first.stderr
+    assert batches_said(first.stdout) == {}
+    assert "3 uploaded, 0 skipped (uploaded before), 0 failed" in first.stdout
+    for name in sizes:  # aiohttp-tus stores each file by its name
+        stored = other_server.upload_dir / Path(name).name
+        assert stored.read_bytes() == (tmp_path / "tree" / name).read_bytes(), name
+
+    second = run_upload(*args)
+
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "0 uploaded, 3 skipped (uploaded before), 0 failed" in second.stdout
 
 
 def test_on_a_terminal_each_file_gets_a_progress_bar(tmp_path: Path, processes: Processes) -> None:
@@ -230,10 +366,12 @@ def test_on_a_terminal_each_file_gets_a_progress_bar(tmp_path: Path, processes: 
     assert re.search(r"total: 6/6 files +━+ 8\.5/8\.5 MB [\d.]+ [kMG]?B/s", plain), plain
     assert re.search(r"tree/five\.bin +━*╸?━* [\d.]+/5\.2 MB", plain), plain
     assert "done tree/five.bin (5.0 MiB)" in text
-    assert_identical_on_server(server.url, files)
+    [batch_id] = batch_ids_in_state(tmp_path / "state.json")
+    assert f"batch {batch_id}: completed, 6 files" in plain
+    assert_identical_on_server(server.url, files, batch=batch_id)
 
 
-def test_interrupted_runs_resume_from_the_server_offset(
+def test_interrupted_runs_resume_from_the_server_offset_in_the_same_batch(
     tmp_path: Path, processes: Processes, uploaders: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
     server = processes(tmp_path / "data")
@@ -264,6 +402,15 @@ def test_interrupted_runs_resume_from_the_server_offset(
     first.send_signal(signal.SIGINT)
     assert first.wait(20) == 130
     assert "run the same command again" in (tmp_path / "upload-0.err").read_text()
+    [(batch_id, (batch_url, said))] = batches_said((tmp_path / "upload-0.out").read_text()).items()
+    assert said == "tree, 2 files"
+    assert batch_ids_in_state(state_file) == [batch_id]
+    interrupted = batch_view(batch_url)
+    assert interrupted["state"] == "open"
+    assert interrupted["progress"]["files_completed"] == 1
+    assert {m["path"]: m["state"] for m in interrupted["members"]} == {
+        "small.txt": "completed", "big.bin": "uploading"
+    }  # fmt: skip
     offset_after_sigint = server_offset(url)
     assert 0 < offset_after_sigint < big.stat().st_size
 
@@ -279,6 +426,8 @@ def test_interrupted_runs_resume_from_the_server_offset(
     offset_after_sigkill = server_offset(url)
     assert offset_after_sigint < offset_after_sigkill < big.stat().st_size
     assert big_url() == url  # resumed the same upload, not a new one
+    resumed_batch = batches_said(second_out.read_text())
+    assert resumed_batch == {batch_id: (batch_url, "tree, 2 files, resumed")}
 
     third = run_upload(*args, "--chunk-size", "4MiB", "--checksum", "sha256")
 
@@ -288,7 +437,13 @@ def test_interrupted_runs_resume_from_the_server_offset(
     [resuming] = [line for line in lines if line.startswith("start tree/big.bin")]
     assert re.fullmatch(r"start tree/big\.bin \(64\.0 MiB, resuming at [1-9][\d.]* \w+\)", resuming)
     assert "done tree/big.bin (64.0 MiB, SHA-256 verified)" in lines
-    assert_identical_on_server(server.url, {"tree/small.txt": small, "tree/big.bin": big})
+    assert batches_said(third.stdout) == {batch_id: (batch_url, "tree, 2 files, resumed")}
+    assert f"batch {batch_id}: completed, 2 files" in lines
+    files = {"small.txt": small, "big.bin": big}
+    assert_batch_completed_with(batch_url, files)
+    # every upload the three runs made is in that one batch, and the state names no other
+    assert_identical_on_server(server.url, files, batch=batch_id)
+    assert batch_ids_in_state(state_file) == [batch_id]
     assert big_url() == url
 
 
@@ -329,38 +484,60 @@ def test_an_expired_token_is_refused_clearly_and_renewed_by_the_token_command(
                           now=time.time() - 3600)  # fmt: skip
     state = ["--state-file", str(tmp_path / "state.json"), "--checksum", "sha256"]
 
-    refused = run_upload(str(tmp_path / "tree"), "--endpoint", server.url, "--token", expired,
-                         *state)  # fmt: skip
+    def fresh(subject: str) -> str:
+        return issue_token(SECRET, subject=subject, actions=actions, ttl_s=60)
 
-    assert refused.returncode == 1
-    assert "create the upload: 401 Unauthorized: token expired" in refused.stderr
-    assert "--token-command can renew it" in refused.stderr
-    assert "retry" not in refused.stderr  # a 4xx is not retried
-    assert listed_uploads(server.url, issue_token(SECRET, subject="alice", actions=actions,
-                                                  ttl_s=60)) == {}  # fmt: skip
+    for mode, said in [
+        ([], "tusserver upload: tree: open a batch: 401 Unauthorized: token expired"),
+        (["--no-batch"], "create the upload: 401 Unauthorized: token expired"),
+    ]:
+        refused = run_upload(str(tmp_path / "tree"), "--endpoint", server.url, "--token",
+                             expired, *mode, *state)  # fmt: skip
+
+        assert refused.returncode == 1
+        assert said in refused.stderr
+        assert "--token-command can renew it" in refused.stderr
+        assert "retry" not in refused.stderr  # a 4xx is not retried
+        assert listed_uploads(server.url, fresh("alice")) == {}
 
     # the command's first token is already expired (as a short one would be mid-run);
-    # every later call prints a fresh one
-    calls = tmp_path / "calls"
+    # every later call prints a fresh one (calls are counted in the file named first)
     script = tmp_path / "fresh_token.py"  # not token.py: that would shadow a stdlib module
     script.write_text(
         "import pathlib, sys, time\n"
         "from tusserver.auth import issue_token\n"
-        f"calls = pathlib.Path({str(calls)!r})\n"
+        "calls = pathlib.Path(sys.argv[1])\n"
         "calls.write_text(calls.read_text() + 'x' if calls.exists() else 'x')\n"
-        f"now = time.time() - (3600 if len(calls.read_text()) == 1 else 0)\n"
-        f"print(issue_token({SECRET!r}, subject='alice', actions={actions!r}, ttl_s=60,"
+        "now = time.time() - (3600 if len(calls.read_text()) == 1 else 0)\n"
+        f"print(issue_token({SECRET!r}, subject=sys.argv[2], actions={actions!r}, ttl_s=60,"
         " now=now))\n"
     )
-    command = shlex.join([sys.executable, str(script)])
 
-    renewed = run_upload(str(tmp_path / "tree"), "--endpoint", server.url, "--parallel", "3",
-                         "--token-command", command, *state)  # fmt: skip
+    def token_command(calls: Path, subject: str) -> str:
+        return shlex.join([sys.executable, str(script), str(calls), subject])
 
-    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
-    assert calls.read_text() == "xx"  # once at start, once after the 401s of all 3 threads
-    fresh = issue_token(SECRET, subject="alice", actions=actions, ttl_s=60)
-    assert_identical_on_server(server.url, files, fresh)
+    plain = run_upload(str(tmp_path / "tree"), "--endpoint", server.url, "--parallel", "3",
+                       "--no-batch", "--token-command", token_command(tmp_path / "calls-a",
+                       "alice"), *state)  # fmt: skip
+
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    # once at start, once after the 401s of all 3 threads
+    assert (tmp_path / "calls-a").read_text() == "xx"
+    assert_identical_on_server(server.url, {f"tree/{k}": v for k, v in files.items()},
+                               fresh("alice"))  # fmt: skip
+
+    batched = run_upload(str(tmp_path / "tree"), "--endpoint", server.url, "--parallel", "3",
+                         "--token-command", token_command(tmp_path / "calls-b", "bob"),
+                         *state)  # fmt: skip
+
+    assert batched.returncode == 0, batched.stdout + batched.stderr
+    # once at start, once after the 401 that opening the batch got
+    assert (tmp_path / "calls-b").read_text() == "xx"
+    [(batch_id, (batch_url, _))] = batches_said(batched.stdout).items()
+    assert_batch_completed_with(batch_url, files, fresh("bob"))
+    # a file sent plain before goes again in the batch: a batch member is its own upload
+    assert "6 uploaded, 0 skipped" in batched.stdout
+    assert_identical_on_server(server.url, files, fresh("bob"), batch=batch_id)
 
 
 def test_a_token_without_the_create_action_is_a_clear_failure(
@@ -449,6 +626,40 @@ def test_the_resume_key_changes_with_the_content_and_the_state_file_survives_reu
     entry = ResumeState(state.path).get(key_before)
     assert entry is not None and entry.url == "http://a/files/1" and not entry.is_done
     assert (state.path.stat().st_mode & 0o777) == 0o600
+
+
+def test_the_batch_api_is_beside_the_endpoint_with_or_without_its_slash() -> None:
+    assert batches_url("http://h:1/files/") == "http://h:1/files/batches"
+    assert batches_url("http://h:1/files") == "http://h:1/files/batches"
+    assert batches_url("https://h/up/load/?a=1#x") == "https://h/up/load/batches?a=1"
+
+
+def test_the_state_file_keeps_batches_beside_uploads_and_a_file_key_names_its_batch(
+    tmp_path: Path,
+) -> None:
+    write_random(tmp_path / "tree" / "sub" / "a.bin", 100, seed=16)
+    [file], _ = find_files([str(tmp_path / "tree")])
+    assert (file.relative_path, file.path_in_folder) == ("tree/sub/a.bin", "sub/a.bin")
+    folder = (tmp_path / "tree").resolve()
+    assert file.folder == folder
+    endpoint = "http://a/files/"
+    plain, batched = resume_key(endpoint, file), resume_key(endpoint, file, "b1")
+    assert len({plain, batched, resume_key(endpoint, file, "b2")}) == 3
+    state = ResumeState(tmp_path / "state.json")
+    state.put(plain, "http://a/files/1", file.path, is_done=True)
+    key = folder_key(endpoint, folder, [file])
+    state.put_batch(key, StoredBatch("b1", "http://a/files/batches/b1"), folder)
+    state.put(batched, "http://a/files/2", file.path, is_done=False)
+
+    again = ResumeState(state.path)  # as the next run reads it
+    assert again.get_batch(key) == StoredBatch("b1", "http://a/files/batches/b1")
+    assert again.get(plain) is not None and again.get(plain).is_done  # type: ignore[union-attr]
+    assert again.get(batched) is not None
+    again.remove_batch(key)
+    assert again.get_batch(key) is None and again.get(batched) is not None
+    write_random(tmp_path / "tree" / "b.txt", 1, seed=17)  # another file: another folder key
+    files, _ = find_files([str(tmp_path / "tree")])
+    assert folder_key(endpoint, folder, files) != key
 
 
 def test_retry_policy_retries_what_may_pass_and_backs_off() -> None:

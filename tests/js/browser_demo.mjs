@@ -1,9 +1,12 @@
 // Drive tusserver's demo page in Debian's headless Chromium with playwright-core, as a person
-// would: pick a file in Uppy's Dashboard, press upload, (optionally) reload mid-upload and
-// resume, then take a screenshot.
+// would: pick a file (and a folder) in Uppy's Dashboard, press upload, (optionally) reload
+// mid-upload and resume, wait for the batch's state on the page, then take a screenshot.
 //
 // Usage: node browser_demo.mjs '<options as JSON>'
 // Options: pageUrl, file, screenshot (PNG path), and optionally
+//   folder                 a folder picked too, through the Dashboard's folder input (its
+//                          files get their relativePath from the browser, as when dropped)
+//   expectUploads          how many files the page lists as uploaded at the end (default 1)
 //   reloadAfterBytes       reload the page once the upload has sent this many bytes
 //   uploadBytesPerSecond   throttle the browser's uploads (Chromium's own network emulation)
 //                          until the reload, so that the reload lands while a PATCH is running
@@ -16,7 +19,8 @@
 // Every line on stdout is one JSON event: request (to the tus endpoint, with the phase
 // before/after the reload), kept (HEAD from Node after the reload: the bytes the server kept),
 // console (errors and warnings of the page, CSP violations among them), address (the page's
-// URL once loaded), success, blocked, screenshot; `error` when something went wrong.
+// URL once loaded), success (with every uploaded link), batch (the page's batch status once
+// the run ended), blocked, screenshot; `error` when something went wrong.
 
 import { chromium } from 'playwright-core'
 
@@ -71,7 +75,9 @@ try {
   })
   page.on('response', (response) => {
     const location = response.headers().location
-    if (response.request().method() === 'POST' && location) uploadUrls.add(new URL(location, endpoint).href)
+    if (response.request().method() !== 'POST' || !location) return
+    const url = new URL(location, endpoint)
+    if (!url.pathname.includes('/batches/')) uploadUrls.add(url.href) // uploads, not batches
   })
 
   const cdp = await context.newCDPSession(page)
@@ -89,7 +95,12 @@ try {
   await page.locator('.uppy-Dashboard').waitFor()
   emit('address', { url: page.url() })
 
-  await page.locator('input[type=file]').first().setInputFiles(options.file)
+  if (options.folder) {
+    // the folder first: once the Dashboard lists files, its inputs are in the "add more" panel
+    await page.locator('input[type=file][webkitdirectory]').first().setInputFiles(options.folder)
+    await page.locator('.uppy-DashboardContent-addMore').first().click()
+  }
+  await page.locator('input[type=file]:not([webkitdirectory])').first().setInputFiles(options.file)
   if (options.uploadBytesPerSecond) await throttle(options.uploadBytesPerSecond)
   if (options.reloadAfterBytes !== undefined) {
     await page.evaluate((threshold) => {
@@ -141,12 +152,25 @@ try {
     emit('blocked', { text })
   } else {
     const link = page.locator('#uploaded li a')
-    await link.waitFor()
+    await link.first().waitFor()
+    await page.waitForFunction(
+      (count) => document.querySelectorAll('#uploaded li a').length >= count,
+      options.expectUploads ?? 1,
+    )
+    const links = await link.evaluateAll((anchors) =>
+      anchors.map((anchor) => ({ name: anchor.textContent, url: anchor.href })),
+    )
     emit('success', {
-      url: await link.getAttribute('href'),
+      url: links[0].url,
+      links,
       text: await page.locator('#uploaded').innerText(),
       address: page.url(),
     })
+    // the page reads the batch once the run has ended, and says what it found
+    const status = page.locator('#batch-status:not([data-state=""])[data-state]')
+    await status.waitFor()
+    const state = await status.getAttribute('data-state')
+    emit('batch', { state, text: await status.innerText() })
   }
   await page.screenshot({ path: options.screenshot, fullPage: true })
   emit('screenshot', { path: options.screenshot })

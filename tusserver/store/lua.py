@@ -57,16 +57,19 @@ local function batch_keys(first)
   return {KEYS[first], KEYS[first + 1], KEYS[first + 2], KEYS[first + 3]}
 end
 -- Complete the batch if it is due: every path it knows has a completed member, and it is
--- sealed or has the files or bytes it expected. Then, once, its status and its
--- `batch.completed` event listing every member. True if this call completed it.
+-- sealed or has all it expected: the files and the bytes, when it expects both (the bytes
+-- alone would complete a batch whose last files are empty before they join). Then, once,
+-- its status and its `batch.completed` event listing every member. True if this call
+-- completed it.
 local function batch_settle(b, stream, now, request_id)
   local h = redis.call('HMGET', b[1], 'status', 'files', 'done', 'files_expected',
     'bytes_expected', 'done_bytes', 'retain', 'name', 'owner', 'metadata', 'url')
   if not h[1] or h[1] == 'completed' then return false end
   local files, done = tonumber(h[2]), tonumber(h[3])
   if done < files then return false end
-  local full = h[1] == 'sealed' or (h[4] ~= '' and done >= tonumber(h[4]))
-    or (h[5] ~= '' and tonumber(h[6]) >= tonumber(h[5]))
+  local has_files = h[4] == '' or done >= tonumber(h[4])
+  local has_bytes = h[5] == '' or tonumber(h[6]) >= tonumber(h[5])
+  local full = h[1] == 'sealed' or ((h[4] ~= '' or h[5] ~= '') and has_files and has_bytes)
   if not full then return false end
   local id = string.match(b[1], ':batch:(.*)$')
   local expires = ''

@@ -2,9 +2,11 @@
 
 Several files go at once (`--parallel`), each resumable: the upload URL of every file is kept
 in a small state file, so running the same command again after Ctrl-C, a network drop or a
-reboot resumes unfinished files from the server's offset and skips finished ones. The work
-of one file is in `uploader_transfer`, the local files and the state file in
-`uploader_files`, the display in `uploader_progress`; this module is the command.
+reboot resumes unfinished files from the server's offset and skips finished ones. The files
+of each folder go as one batch of the server (unless `--no-batch`), which the state file
+keeps too. The work of one file is in `uploader_transfer`, the local files and the state
+file in `uploader_files`, the batches in `uploader_batches`, the display in
+`uploader_progress`; this module is the command.
 
 Exit codes: 0 every file is on the server, 1 some failed, 2 bad usage, 130 interrupted.
 """
@@ -26,11 +28,20 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from tusserver.settings import SettingError, parse_size
-from tusserver.uploader.files import LocalFile, ResumeState, default_state_path, find_files
+from tusserver.uploader.files import (
+    LocalFile,
+    ResumeState,
+    default_state_path,
+    files_by_folder,
+    find_files,
+)
 
 if TYPE_CHECKING:
+    from tusserver.uploader.batches import BatchClient, FolderBatch
     from tusserver.uploader.progress import Reporter
     from tusserver.uploader.transfer import FileResult, TokenSource, UploadOptions
+
+Job = tuple[LocalFile, str | None]  # a file and the batch it goes in
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -40,10 +51,13 @@ CHECKSUM_ALGORITHMS = ("md5", "sha1", "sha256", "sha512")
 TOKEN_ENV = "TUS_TOKEN"  # noqa: S105 (the name of a variable, not a token)
 DESCRIPTION = (
     "Upload files and folders (recursively) to a tus server, several at once, each with "
-    "a progress bar. Run the same command again to resume what was interrupted; files "
-    "already uploaded are skipped. Exit status: 0 all uploaded, 1 some failed, 2 bad usage, "
-    "130 interrupted."
+    "a progress bar; the files of a folder go as one batch, which the server completes "
+    "once all of them are there. Run the same command again to resume what was "
+    "interrupted; files already uploaded are skipped. Exit status: 0 all uploaded, 1 some "
+    "failed, 2 bad usage, 130 interrupted."
 )
+SETTLE_S = 5.0  # how long to wait for a batch whose files are all sent to complete, at least
+SETTLE_BYTES_PER_S = 100e6  # and a little longer for more bytes (the server hashes them)
 
 
 def _size(text: str) -> int:
@@ -103,8 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                         help="give up on a request silent for this long [default: 60]")  # fmt: skip
     parser.add_argument("--state-file", type=Path, metavar="PATH",
-                        help=f"where upload URLs are kept for resuming "
+                        help=f"where upload URLs and batches are kept for resuming "
                         f"[default: {default_state_path()}]")  # fmt: skip
+    parser.add_argument("--no-batch", action="store_true",
+                        help="send the files of a folder as separate uploads, not as "
+                        "one batch (a server without batches gets them so anyway)")  # fmt: skip
 
 
 def _usage_error(message: str) -> int:
@@ -144,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # imported here, so `tusserver serve` never loads the client libraries
+    from tusserver.uploader.batches import BatchClient
     from tusserver.uploader.transfer import RetryPolicy, TokenSource, UploadOptions
     from tusserver.uploader.tus import UploadFailed
 
@@ -182,7 +200,37 @@ def _run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
     )
     state = ResumeState(args.state_file or default_state_path())
-    return _upload_all(files, state, tokens, options, args.parallel)
+    client = BatchClient(endpoint, tokens, options.retry, options.timeout_s, _warn)
+    folder_batches: list[FolderBatch] = []
+    if not args.no_batch:
+        try:
+            folder_batches = _open_batches(files, state, client, endpoint)
+        except UploadFailed as error:
+            print(f"tusserver upload: {error}", file=sys.stderr)
+            return EXIT_FAILED
+    return _upload_all(files, folder_batches, state, tokens, options, args.parallel, client)
+
+
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _open_batches(
+    files: list[LocalFile], state: ResumeState, client: BatchClient, endpoint: str
+) -> list[FolderBatch]:
+    """A batch for each folder's files (none for a server without batches, with a warning).
+    Raises UploadFailed when the server refuses one."""
+    from tusserver.uploader.batches import BatchesUnsupported, open_folder_batches
+
+    folders = files_by_folder(files)
+    if not folders:
+        return []
+    try:
+        return open_folder_batches(folders, state, client, endpoint)
+    except BatchesUnsupported as error:
+        _warn(f"warning: the server has no batches ({error}); the files of each folder go "
+              "as separate uploads")  # fmt: skip
+        return []
 
 
 def _checksum_to_send(
@@ -216,10 +264,12 @@ def _make_reporter() -> Reporter:
 
 def _upload_all(
     files: list[LocalFile],
+    folder_batches: list[FolderBatch],
     state: ResumeState,
     tokens: TokenSource,
     options: UploadOptions,
     parallel: int,
+    client: BatchClient,
 ) -> int:
     from tusserver.uploader.progress import format_size
 
@@ -229,11 +279,19 @@ def _upload_all(
         f"to {options.endpoint}, {min(parallel, len(files))} at a time",
         flush=True,
     )
+    batch_of: dict[Path, str] = {}
+    for folder_batch in folder_batches:
+        batch, count = folder_batch.batch, len(folder_batch.files)
+        resumed = ", resumed" if folder_batch.is_resumed else ""
+        print(f"batch {batch.batch_id}: {batch.url} ({folder_batch.folder.name}, {count} "
+              f"file{'s' * (count != 1)}{resumed})", flush=True)  # fmt: skip
+        batch_of.update((file.path, batch.batch_id) for file in folder_batch.files)
+    jobs = [(file, batch_of.get(file.path)) for file in files]
     reporter = _make_reporter()
     results: list[FileResult] = []
     started_at = time.monotonic()
     reporter.begin(len(files), total_bytes)
-    workers = _start_workers(iter(files), results, state, tokens, options, reporter, parallel)
+    workers = _start_workers(iter(jobs), results, state, tokens, options, reporter, parallel)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         for worker in workers:
@@ -248,6 +306,7 @@ def _upload_all(
     finally:
         signal.signal(signal.SIGTERM, previous)
     reporter.close()
+    _report_batches(folder_batches, results, client)
     return _summarize(results, time.monotonic() - started_at)
 
 
@@ -256,7 +315,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _start_workers(
-    pending: Iterator[LocalFile],
+    pending: Iterator[Job],
     results: list[FileResult],
     state: ResumeState,
     tokens: TokenSource,
@@ -273,11 +332,12 @@ def _start_workers(
     def work() -> None:
         while True:
             with lock:
-                file = next(pending, None)
-            if file is None:
+                job = next(pending, None)
+            if job is None:
                 return
+            file, batch = job
             try:
-                result = upload_file(file, state, tokens, options, reporter)
+                result = upload_file(file, state, tokens, options, reporter, batch)
             except Exception as error:  # a bug must not hang the other files
                 result = FileResult(file, "failed", 0, f"unexpected error: {error!r}")
             reporter.file_done(result)
@@ -289,6 +349,33 @@ def _start_workers(
     for worker in workers:
         worker.start()
     return workers
+
+
+def _report_batches(
+    folder_batches: list[FolderBatch], results: list[FileResult], client: BatchClient
+) -> None:
+    """Say whether each batch completed: once all of its files are on the server, after
+    waiting a little for the server to complete it."""
+    from tusserver.uploader.tus import UploadFailed
+
+    failed = {result.file.path for result in results if result.outcome == "failed"}
+    for folder_batch in folder_batches:
+        batch, count = folder_batch.batch, len(folder_batch.files)
+        is_sent = not any(file.path in failed for file in folder_batch.files)
+        wait_s = SETTLE_S + sum(file.size for file in folder_batch.files) / SETTLE_BYTES_PER_S
+        try:
+            now = client.settled(batch, wait_s if is_sent else 0.0)
+        except UploadFailed as error:
+            _warn(f"batch {batch.batch_id}: cannot read it ({error})")
+            continue
+        if now is None:
+            print(f"batch {batch.batch_id}: gone from the server", flush=True)
+        elif now.is_complete:
+            print(f"batch {batch.batch_id}: completed, {count} file{'s' * (count != 1)}",
+                  flush=True)  # fmt: skip
+        else:
+            print(f"batch {batch.batch_id}: not complete ({now.state}, {now.files_completed} "
+                  f"of {count} files complete)", flush=True)  # fmt: skip
 
 
 def _summarize(results: list[FileResult], elapsed_s: float) -> int:

@@ -138,6 +138,40 @@ class FileResult:
     detail: str = ""  # the failure, or what the SHA-256 check found
 
 
+def call_with_retries(
+    what: str,
+    send: Callable[[dict[str, str]], T],
+    tokens: TokenSource,
+    retry: RetryPolicy,
+    note: Callable[[str], None],
+) -> T:
+    """Run one request (`send`, given the auth headers) with the current token; refresh it on
+    401, retry what may pass with backoff (saying so through `note`); raise UploadFailed with
+    a clear reason for anything else. `send` raises TusCommunicationError for a failure."""
+    failures = refreshes = 0
+    while True:
+        token = tokens.current()
+        try:
+            return send(tokens.headers(token))
+        except TusCommunicationError as error:
+            status: int | None = error.status_code
+            reason = f"{what}: {describe_failure(error)}"
+        if status == 401 and tokens.can_refresh and refreshes < MAX_AUTH_REFRESHES:
+            refreshes += 1
+            tokens.refresh(token)
+            continue
+        if status == 401 and not tokens.can_refresh:
+            reason += " (the token was refused or has expired; --token-command can renew it)"
+        if not is_retryable(status):
+            raise UploadFailed(reason, status)
+        failures += 1
+        if failures > retry.retries:
+            raise UploadFailed(f"{reason} (gave up after {retry.retries} retries)", status)
+        delay_s = retry.delay_s(failures)
+        note(f"{reason}; retry {failures}/{retry.retries} in {delay_s:.1f} s")
+        time.sleep(delay_s)
+
+
 # -- one file ------------------------------------------------------------------------------
 
 
@@ -147,16 +181,18 @@ def upload_file(
     tokens: TokenSource,
     options: UploadOptions,
     progress: Progress,
+    batch: str | None = None,
 ) -> FileResult:
-    """Upload (or resume, or skip as finished) one file; never raises for a failed upload."""
+    """Upload (or resume, or skip as finished) one file, as a member of `batch` if given;
+    never raises for a failed upload."""
     transfer: _Transfer | None = None
     try:
-        key = resume_key(options.endpoint, file)
+        key = resume_key(options.endpoint, file, batch)
         entry = state.get(key)
         if entry is not None and entry.is_done:
             return FileResult(file, "skipped")
         with open(file.path, "rb") as stream:
-            transfer = _Transfer(file, stream, tokens, options, progress)
+            transfer = _Transfer(file, stream, tokens, options, progress, batch)
             try:
                 return transfer.run(key, entry.url if entry else None, state)
             finally:
@@ -177,6 +213,7 @@ class _Transfer:
         tokens: TokenSource,
         options: UploadOptions,
         progress: Progress,
+        batch: str | None,
     ) -> None:
         self.file = file
         self.tokens = tokens
@@ -188,7 +225,7 @@ class _Transfer:
             stream,
             self.client,
             chunk_size=options.chunk_size,
-            metadata=metadata_of(file),
+            metadata=metadata_of(file, batch),
             checksum_algorithm=options.checksum_algorithm,
             timeout_s=options.timeout_s,
             on_sent=functools.partial(progress.file_sent, file),
@@ -245,35 +282,14 @@ class _Transfer:
         self.sent += self.uploader.offset - before
 
     def _call(self, what: str, operation: Callable[[], T]) -> T:
-        """Run one request with the current token; refresh it on 401, retry what may pass
-        with backoff; raise UploadFailed with a clear reason for anything else."""
-        failures = refreshes = 0
-        retry = self.options.retry
-        while True:
-            token = self.tokens.current()
-            self.client.headers = self.tokens.headers(token)
-            try:
-                return operation()
-            except TusCommunicationError as error:
-                status: int | None = error.status_code
-                reason = f"{what}: {describe_failure(error)}"
-            if status == 401 and self.tokens.can_refresh and refreshes < MAX_AUTH_REFRESHES:
-                refreshes += 1
-                self.tokens.refresh(token)
-                continue
-            if status == 401 and not self.tokens.can_refresh:
-                reason += " (the token was refused or has expired; --token-command can renew it)"
-            if not is_retryable(status):
-                raise UploadFailed(reason, status)
-            failures += 1
-            if failures > retry.retries:
-                raise UploadFailed(f"{reason} (gave up after {retry.retries} retries)", status)
-            delay_s = retry.delay_s(failures)
-            self.progress.note(
-                f"{self.file.relative_path}: {reason}; retry {failures}/{retry.retries} "
-                f"in {delay_s:.1f} s"
-            )
-            time.sleep(delay_s)
+        def send(auth_headers: dict[str, str]) -> T:
+            self.client.headers = auth_headers
+            return operation()
+
+        def note(text: str) -> None:
+            self.progress.note(f"{self.file.relative_path}: {text}")
+
+        return call_with_retries(what, send, self.tokens, self.options.retry, note)
 
     def _is_unchanged(self) -> bool:
         try:

@@ -247,14 +247,19 @@ def offset_of(headers: Mapping[str, str]) -> int:
     return int(value)
 
 
-def metadata_of(file: LocalFile) -> dict[str, str]:
+def metadata_of(file: LocalFile, batch: str | None = None) -> dict[str, str]:
     """Upload-Metadata: filename and relativePath (as tus-js-client and Uppy send them), and
-    filetype when the name says it. Names that are not UTF-8 get replacement characters."""
+    filetype when the name says it. In a batch, also `batch`, and relativePath is the path
+    inside the folder that the batch holds. Names that are not UTF-8 get replacement
+    characters."""
 
     def text(value: str) -> str:
         return os.fsencode(value).decode("utf-8", "replace")
 
-    metadata = {"filename": text(file.name), "relativePath": text(file.relative_path)}
+    relative_path = file.relative_path if batch is None else file.path_in_folder
+    metadata = {"filename": text(file.name), "relativePath": text(relative_path)}
+    if batch is not None:
+        metadata["batch"] = batch
     filetype, _ = mimetypes.guess_type(file.name)
     if filetype:
         metadata["filetype"] = filetype

@@ -66,9 +66,10 @@ class Batches:
         url_of: str,
         quota: BatchQuota,
     ) -> Batch:
-        """Open a batch that expects `files` files or `total_bytes` bytes (or neither: it
-        completes when sealed). Named by the client, else by the token, else at random.
-        400 for bad numbers, 403 past the token's limits, 409 if the name is taken."""
+        """Open a batch that expects `files` files, `total_bytes` bytes, or both (it
+        completes when all it expects is complete), or neither (it completes when sealed).
+        Named by the client, else by the token, else at random. 400 for bad numbers, 403
+        past the token's limits, 409 if the name is taken."""
         if name is None:
             name = quota.name or secrets.token_hex(16)
         name = protocol.parse_batch_name(name)

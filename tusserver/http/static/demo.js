@@ -13,6 +13,11 @@
 // fingerprint), and Uppy's Golden Retriever keeps the selected files (up to 10 MiB each in
 // IndexedDB), so after a reload the upload goes on; a bigger file is picked again and then
 // resumes where it stopped.
+// Batches: the files of one upload run (a dropped folder, several files) go as one batch of
+// the server (POST <endpoint>batches before the run; each file's `batch` and `relativePath`
+// metadata), so the service behind it hears about them once, when all are there; the page
+// shows the batch's state when the run ends. A file keeps its batch in its Uppy metadata,
+// so a run that resumes it after a reload or an error fills the batch it started in.
 'use strict'
 ;(() => {
   const TOKEN_KEY = 'tusserver-demo-token'
@@ -35,6 +40,23 @@
     return fromFragment
   }
 
+  function batchesUrl(endpointUrl) {
+    const url = new URL(endpointUrl)
+    url.pathname = `${url.pathname.replace(/\/+$/, '')}/batches`
+    url.hash = ''
+    return url.href
+  }
+
+  // A file's path in its batch: the path of a dropped or picked folder's file as Uppy gives
+  // it (sometimes with a leading slash), else the file's name; made unique within the run.
+  function memberPath(file, taken) {
+    const given = (file.meta.relativePath || file.name || file.id).replace(/^\/+/, '')
+    let path = given
+    for (let n = 2; taken.has(path); n += 1) path = given.replace(/(\.[^./]*)?$/, ` (${n})$1`)
+    taken.add(path)
+    return path
+  }
+
   function notify(text) {
     const notice = document.getElementById('notice')
     notice.textContent = text
@@ -45,6 +67,7 @@
   const endpointSetting = query.get('endpoint') || fragment.get('endpoint') || meta('tus-endpoint')
   const endpoint = new URL(endpointSetting, window.location.href).href
   const chunkSize = Number(query.get('chunkSize') || fragment.get('chunkSize')) || Infinity
+  const authHeaders = token ? { Authorization: `Bearer ${token}` } : {}
   document.getElementById('endpoint').textContent = endpoint
   if (meta('tus-secured') === 'true' && !token) {
     notify(
@@ -67,11 +90,91 @@
     .use(Uppy.Tus, {
       endpoint,
       chunkSize,
-      headers: token ? { Authorization: `Bearer ${token}` } : {},
+      headers: authHeaders,
       retryDelays: [0, 1000, 3000, 5000, 10000],
       removeFingerprintOnSuccess: true,
+      // Every metadata field a file has goes as Upload-Metadata: name and type (as filename
+      // and filetype), relativePath and batch (set below, never left null: a null would go
+      // as the text "null").
+      allowedMetaFields: true,
     })
     .use(Uppy.GoldenRetriever)
+
+  async function openBatch(files) {
+    const response = await fetch(batchesUrl(endpoint), {
+      method: 'POST',
+      headers: { ...authHeaders, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ files }),
+    })
+    if (!response.ok) throw new Error(`the server answered ${response.status}`)
+    return response.json()
+  }
+
+  async function readBatch(id) {
+    const response = await fetch(`${batchesUrl(endpoint)}/${encodeURIComponent(id)}`, {
+      headers: authHeaders,
+      cache: 'no-store',
+    })
+    if (!response.ok) throw new Error(`the server answered ${response.status}`)
+    return response.json()
+  }
+
+  function showBatches(lines, state) {
+    const status = document.getElementById('batch-status')
+    status.textContent = lines.join('\n')
+    status.hidden = lines.length === 0
+    status.dataset.state = state
+  }
+
+  // Before a run: the files that have no batch yet get one, together.
+  uppy.addPreProcessor(async (fileIDs) => {
+    const fresh = fileIDs.map((id) => uppy.getFile(id)).filter((file) => !file.meta.batch)
+    if (fresh.length === 0) return
+    showBatches([`opening a batch for ${fresh.length} files…`], '')
+    let batch = null
+    try {
+      batch = await openBatch(fresh.length)
+    } catch (error) {
+      showBatches([`no batch (${error.message}): the files go as separate uploads`], 'none')
+    }
+    const taken = new Set()
+    for (const file of fresh) {
+      const meta = { relativePath: memberPath(file, taken) }
+      if (batch) meta.batch = batch.id
+      uppy.setFileMeta(file.id, meta)
+    }
+  })
+
+  function describeBatch(view) {
+    const { files, files_completed: done } = view.progress
+    const plural = files === 1 ? '' : 's'
+    if (view.state === 'completed') return `batch ${view.id}: completed, ${files} file${plural}`
+    const expected = view.expected.files ?? files
+    return `batch ${view.id}: ${view.state}, ${done} of ${expected} files complete`
+  }
+
+  // After a run: the state of each batch its files are in (the server may complete a batch
+  // a moment after the last file's answer, once it has hashed a resumed file: ask again).
+  uppy.on('complete', async (result) => {
+    const files = [...(result.successful || []), ...(result.failed || [])]
+    const ids = [...new Set(files.map((file) => file.meta.batch).filter(Boolean))]
+    if (ids.length === 0) return
+    let lines = []
+    let isComplete = false
+    for (let attempt = 0; attempt < 20 && !isComplete; attempt += 1) {
+      if (attempt > 0) await new Promise((resolve) => setTimeout(resolve, 250))
+      try {
+        const views = await Promise.all(ids.map(readBatch))
+        lines = views.map(describeBatch)
+        isComplete = views.every((view) => view.state === 'completed')
+      } catch (error) {
+        lines = ids.map((id) => `batch ${id}: cannot read it (${error.message})`)
+        break
+      }
+      if (result.failed && result.failed.length > 0) break // it cannot complete now
+    }
+    showBatches(lines, isComplete ? 'completed' : 'incomplete')
+  })
 
   uppy.on('upload-success', (file, response) => {
     const item = document.createElement('li')
