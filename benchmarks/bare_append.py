@@ -24,7 +24,7 @@ from pathlib import Path
 from aiohttp import StreamReader, web
 
 DATA_DIR = web.AppKey("data_dir", Path)
-READ_BUFFER_BYTES = 512 * 1024  # the same socket read size tusserver uses
+READ_BUFFER_BYTES = 256 * 1024  # the same socket read size tusserver uses
 
 
 def _path(request: web.Request) -> Path:

@@ -100,7 +100,7 @@ class Settings:
     # when it completes); 0: at every commit (UploadState.commit).
     offset_checkpoint_s: float = 10.0
     min_free_disk_bytes: int = 0
-    body_memory_bytes: int = 64 * 2**20
+    body_memory_bytes: int = 24 * 2**20
     cors_origins: tuple[str, ...] = ()
     # A cookie that may carry the signed token too ("" : none); accepted only from an
     # allowed origin (http/middleware.py, docs/tokens.md).
@@ -420,7 +420,7 @@ def default_text(option: str) -> str:
     shown = {
         "max-size": "none", "retention": "keep until deleted", "redis-url": "embedded Valkey",
         "public-url": "from the request", "expire-after": "24h", "idle-timeout": "60s",
-        "min-free-disk": "0", "body-memory": "64MiB", "secret": "none (development mode)",
+        "min-free-disk": "0", "body-memory": "24MiB", "secret": "none (development mode)",
         "cors-origins": "see above", "allowed-hosts": "loopback names without a secret",
         "max-header-size": "96KiB", "header-timeout": "30s", "keepalive-timeout": "75s",
         "orphan-grace": "1h", "offset-checkpoint": "10s", "metrics": "on",
