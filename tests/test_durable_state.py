@@ -9,7 +9,6 @@ Real tusserver processes, a real Valkey with `appendfsync always` killed with SI
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import os
 import signal
@@ -144,6 +143,4 @@ async def test_a_planned_stop_of_the_embedded_valkey_keeps_the_newest_offsets(
     url = on(server, url)
     assert await head_offset(http, url) == MiB
     assert await finish_upload(http, url, source) == [204]
-    assert hashlib.sha256(file_of(data_dir, url).read_bytes()).digest() == hashlib.sha256(
-        source
-    ).digest()
+    assert file_of(data_dir, url).read_bytes() == source
