@@ -1,18 +1,24 @@
 """GET /ready: what a load balancer asks before sending uploads to a process. Real servers,
-real Redis (one of the test's own, stopped and started again), a real data directory."""
+real Redis (one of the test's own, stopped and started again), a real data directory, and
+real processes sent SIGTERM (not ready at once, still serving until --drain-delay ends)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
+from tests.support.processes import StartProcess, start_server
 from tests.support.servers import Server, ServerFactory
+from tests.support.tus import create_upload, patch
 from tests.support.waiting import wait_until
 from tusserver.http.access_log import AccessLogger
 from tusserver.http.app import build_app, make_runner
@@ -107,3 +113,32 @@ async def test_ready_answers_cors_like_health(
     async with http.get(server.root + "/ready", headers=headers) as response:
         assert response.status == 200
         assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.fresh_connections  # with two workers, each request may land on either
+async def test_sigterm_makes_ready_503_while_the_listener_still_serves(
+    workers: str, tmp_path: Path, processes: StartProcess, http: aiohttp.ClientSession
+) -> None:
+    process = await start_server(
+        processes, tmp_path / "data", "--workers", workers, "--drain-delay", "1h"
+    )
+    root = process.url.split("/files/")[0]
+    async with http.get(root + "/ready") as before:
+        assert before.status == 200
+    process.process.send_signal(signal.SIGTERM)
+
+    async def not_ready() -> bool:
+        async with http.get(root + "/ready") as response:
+            return response.status == 503 and (await response.json())["failed"] == ["stopping"]
+
+    await wait_until(not_ready, what="/ready answering 503 after SIGTERM")
+    for _ in range(4):  # every worker is draining, and each still serves uploads
+        assert await not_ready()
+        url = await create_upload(http, process.url, 5)
+        assert (await patch(http, url, 0, b"hello")).status == 204
+    async with http.get(root + "/health") as health:
+        assert health.status == 200
+    assert "draining: /ready answers 503" in process.log()
+    process.process.send_signal(signal.SIGTERM)  # the second one ends the delay
+    assert await asyncio.to_thread(process.process.wait, 30) == 0

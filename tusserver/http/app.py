@@ -66,6 +66,13 @@ async def _uploads_context(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+def start_draining(app: web.Application) -> None:
+    """The process is going to stop: /ready answers 503 from now on (load balancers stop
+    sending), while the listener still serves what comes."""
+    if UPLOADS in app:
+        app[UPLOADS].drain()
+
+
 async def _stop_writers(app: web.Application) -> None:
     """On shutdown (after the listener closed): running PATCHes commit and answer 503."""
     if UPLOADS in app:

@@ -22,7 +22,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from tusserver.http.access_log import AccessLogger, JsonAccessLogger
-from tusserver.http.app import build_app, make_runner
+from tusserver.http.app import build_app, make_runner, start_draining
 from tusserver.http.metrics import MULTIPROC_DIR_VARIABLE
 from tusserver.server.memory import tune_malloc
 from tusserver.settings import Settings
@@ -210,9 +210,14 @@ async def _serve_worker(
     site = web.SockSite(runner, sock, ssl_context=context)
     await site.start()
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # a second SIGTERM: end the drain delay now
+
+    def stop_asked() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, stop_asked)
     if context is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload_tls, settings, context)
     exit_code = 0
@@ -229,8 +234,24 @@ async def _serve_worker(
                 exit_code = 1
                 break
     finally:
+        start_draining(app)
+        if stop.is_set():
+            await _drain(settings.drain_delay_s, hurry)
         await runner.cleanup()
     return exit_code
+
+
+async def _drain(delay_s: float, hurry: asyncio.Event) -> None:
+    """Keep serving (while /ready answers 503) for `delay_s`, or until `hurry` is set, so a
+    load balancer that polls /ready stops sending before the listener closes."""
+    if delay_s <= 0:
+        return
+    log.info(
+        "draining: /ready answers 503; the listener closes in %gs (a second SIGTERM closes "
+        "it now)", delay_s,
+    )  # fmt: skip
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(hurry.wait(), delay_s)
 
 
 def _prepare_metrics_dir(settings: Settings) -> None:

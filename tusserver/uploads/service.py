@@ -156,6 +156,7 @@ class Uploads:
         )
         self._background: set[asyncio.Task[None]] = set()
         self._small_bodies: set[StreamReader] = set()  # small creations reading their body
+        self.is_draining = False
 
     # -- create ----------------------------------------------------------------------------
 
@@ -420,7 +421,12 @@ class Uploads:
 
     @property
     def is_stopping(self) -> bool:
-        return self.leases.is_stopping
+        return self.is_draining or self.leases.is_stopping
+
+    def drain(self) -> None:
+        """The process was asked to stop: /ready says so from now on, while requests are
+        still served until the listener closes (`stop_writers` follows)."""
+        self.is_draining = True
 
     def stop_writers(self) -> None:
         """Graceful shutdown: every running PATCH, and every small creation still reading its
