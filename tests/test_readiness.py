@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.support.processes import StartProcess, start_server
+from tests.support.processes import StartProcess, pid_is_gone, start_server
 from tests.support.servers import Server, ServerFactory
 from tests.support.tus import create_upload, patch
 from tests.support.waiting import wait_until, wait_until_sync
@@ -170,3 +170,7 @@ async def test_a_worker_that_dies_while_draining_takes_its_socket_with_it(
     for _ in range(8):
         async with http.get(root + "/ready", timeout=aiohttp.ClientTimeout(total=10)) as answer:
             assert answer.status == 503
+    # a draining worker whose supervisor is killed stops too, without waiting out the delay
+    [survivor] = children_of(process.process.pid) - {valkey}
+    process.process.kill()
+    await wait_until(lambda: pid_is_gone(survivor), what="the orphaned worker stopping")

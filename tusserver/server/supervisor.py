@@ -244,22 +244,28 @@ async def _serve_worker(
     finally:
         start_draining(app)
         if stop.is_set():
-            await _drain(settings.drain_delay_s, hurry)
+            await _drain(settings.drain_delay_s, hurry, supervisor_pid)
         await runner.cleanup()
     return exit_code
 
 
-async def _drain(delay_s: float, hurry: asyncio.Event) -> None:
-    """Keep serving (while /ready answers 503) for `delay_s`, or until `hurry` is set, so a
-    load balancer that polls /ready stops sending before the listener closes."""
+async def _drain(delay_s: float, hurry: asyncio.Event, supervisor_pid: int | None) -> None:
+    """Keep serving (while /ready answers 503) for `delay_s`, so a load balancer that polls
+    /ready stops sending before the listener closes; less if `hurry` is set or (a forked
+    worker) the supervisor is gone."""
     if delay_s <= 0:
         return
     log.info(
         "draining: /ready answers 503; the listener closes in %gs (a second SIGTERM closes "
         "it now)", delay_s,
     )  # fmt: skip
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(hurry.wait(), delay_s)
+    deadline = time.monotonic() + delay_s
+    while (left := deadline - time.monotonic()) > 0 and not hurry.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), min(left, 0.5))
+        if supervisor_pid is not None and os.getppid() != supervisor_pid:
+            log.error("the supervisor (pid %d) is gone; stopping now", supervisor_pid)
+            return
 
 
 def _prepare_metrics_dir(settings: Settings) -> None:
