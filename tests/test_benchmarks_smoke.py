@@ -188,3 +188,19 @@ async def test_no_hash_takes_the_sha256_out_of_streamed_bodies_only(
             small_creation = response.headers["Repr-Digest"]
     assert streamed == format_repr_digest(bytes(32))  # the running hash did no work
     assert small_creation == repr_digest_of(b"abc")  # a hash started with data stays real
+
+
+def test_the_scrape_cost_benchmark_runs_and_reports_both_ways(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scrape_cost", "--bytes", "2MiB", "--rounds", "2",
+         "--settle", "0", "--interval", "10ms", "--direct-scrapes", "5",
+         "--work-dir", str(tmp_path / "work")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout)
+    assert len(report["quiet_mb_per_s"]) == len(report["scraped_mb_per_s"]) == 2
+    assert len(report["pair_ratios"]) == 2 and report["ratio_scraped_over_quiet"] > 0
+    assert report["scrape_bytes"] > 0  # the scrapes during the uploads answered metrics
+    assert "server_cpu_ms_per_scrape" in report
+    assert not (tmp_path / "work" / "data").exists(), "the benchmark must delete its uploads"

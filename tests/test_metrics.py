@@ -1,20 +1,28 @@
 """GET /metrics: Prometheus text counting real uploads on real servers: requests by method
 and status class, bytes, uploads created/completed/terminated, open connections, PATCH time,
-disk-full refusals; the bearer token; --no-metrics; and two workers summed in one scrape."""
+disk-full refusals; the bearer token; --no-metrics; two workers summed in one scrape, with
+refusals by status and reason, a lock takeover, uploads in flight, webhook deliveries, a
+dead-lettered event and pre-create checks."""
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.faults import MiB, finish_upload
 from tests.support.processes import StartProcess, start_server
-from tests.support.raw_http import exchange
+from tests.support.raw_http import exchange, raw_patch, send_until_answered
 from tests.support.servers import Server, ServerFactory
-from tests.support.tus import TUS, create_upload, patch_headers
+from tests.support.tus import TUS, create_upload, head_offset, patch, patch_headers
+from tests.support.waiting import wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -130,3 +138,130 @@ async def test_a_request_the_parser_refused_is_counted(
     malformed = b"POST /files/ HTTP/1.1\r\nHost: h\r\nContent-Length: abc\r\n\r\n"
     assert (await exchange(server.url, malformed)).status == 400
     assert refused(await scrape(http, server.root)) == refused(before) + 1
+
+
+# -- two workers: every kind of count, summed over the workers -----------------------------
+
+
+@dataclass
+class Parent:
+    """A parent service on 127.0.0.1: accepts every pre-create question and every webhook
+    event but `terminated`, which it refuses (500) so that event is dead-lettered."""
+
+    events: list[str] = field(default_factory=list)
+    questions: int = 0
+
+    async def hook(self, request: web.Request) -> web.Response:
+        kind = (await request.json())["type"]
+        self.events.append(kind)
+        return web.Response(status=500 if kind == "terminated" else 204)
+
+    async def pre_create(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.questions += 1
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def parent() -> AsyncIterator[tuple[Parent, str]]:
+    answers = Parent()
+    app = web.Application()
+    app.router.add_post("/hooks", answers.hook)
+    app.router.add_post("/pre-create", answers.pre_create)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield answers, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+async def take_over_a_running_patch(
+    http: aiohttp.ClientSession, endpoint: str, root: str
+) -> list[int]:
+    """A PATCH that sent part of its body and went silent is taken over by a new PATCH (as in
+    test_takeover.py); the upload is then finished. While the silent PATCH holds the upload,
+    the workers' in-flight gauge sums to 1. The statuses of the PATCHes after the takeover
+    (a 409 when HEAD read the offset before the holder committed)."""
+    source = os.urandom(4 * MiB)
+    url = await create_upload(http, endpoint, len(source))
+    async with raw_patch(url, 0, len(source)) as silent:
+        await silent.send(source[:MiB])
+
+        async def one_in_flight() -> bool:
+            return value(await scrape(http, root), "tusserver_uploads_in_flight") == 1
+
+        await wait_until(one_in_flight, what="the silent PATCH counted in flight")
+        resume_at = await head_offset(http, url)
+        async with raw_patch(url, resume_at, 64 * 1024) as new:
+            answer = await send_until_answered(new, source[resume_at : resume_at + 64 * 1024])
+        assert answer is not None and answer.status in (204, 409), answer
+        interrupted = await silent.response()
+    assert interrupted.status == 400, interrupted
+    return [answer.status, *await finish_upload(http, url, source)]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="one socket per worker (SO_REUSEPORT)")
+@pytest.mark.fresh_connections  # every request may land on either worker
+async def test_two_workers_count_refusals_takeovers_webhooks_and_checks_in_one_sum(
+    tmp_path: Path,
+    processes: StartProcess,
+    http: aiohttp.ClientSession,
+    parent: tuple[Parent, str],
+) -> None:
+    answers, parent_url = parent
+    server = await start_server(
+        processes, tmp_path / "data", "--workers", "2",
+        "--webhook-url", parent_url + "/hooks", "--webhook-max-tries", "1",
+        "--pre-create-url", parent_url + "/pre-create",
+    )  # fmt: skip
+    root = server.url.split("/files/")[0]
+    completed = await create_upload(http, server.url, 5)
+    assert (await patch(http, completed, 0, b"hello")).status == 204
+    assert (await patch(http, completed, 2, b"llo")).status == 409
+    terminated = await create_upload(http, server.url, 10)
+    async with http.delete(terminated, headers=TUS) as deleted:
+        assert deleted.status == 204
+    async with http.head(server.url + "0" * 32, headers=TUS) as missing:
+        assert missing.status == 404
+    async with http.head(completed, headers={"Tus-Resumable": "0.2.2"}) as old_version:
+        assert old_version.status == 412
+    after_takeover = await take_over_a_running_patch(http, server.url, root)
+    assert set(after_takeover) <= {204, 409}, after_takeover
+    # 3 creations: created x3, completed x2 delivered; terminated refused, then dead-lettered
+    await wait_until(lambda: len(answers.events) == 6, what=lambda: f"events: {answers.events}")
+
+    expected = {
+        ("tusserver_uploads_created_total", ()): 3,
+        ("tusserver_uploads_completed_total", ()): 2,
+        ("tusserver_uploads_terminated_total", ()): 1,
+        ("tusserver_bytes_received_total", ()): 5 + 4 * MiB,
+        ("tusserver_errors_total", (("status", "409"), ("reason", "offset_mismatch"))): 1
+        + after_takeover.count(409),
+        ("tusserver_errors_total", (("status", "404"), ("reason", "upload_not_found"))): 1,
+        ("tusserver_errors_total", (("status", "412"), ("reason", "precondition_failed"))): 1,
+        ("tusserver_errors_total", (("status", "400"), ("reason", "interrupted"))): 1,
+        ("tusserver_lock_waits_total", (("result", "acquired"),)): 1,
+        ("tusserver_lock_takeovers_total", ()): 1,
+        ("tusserver_webhook_deliveries_total", (("result", "delivered"),)): 5,
+        ("tusserver_webhook_deliveries_total", (("result", "refused"),)): 1,
+        ("tusserver_events_dead_lettered_total", ()): 1,
+        ("tusserver_pre_create_checks_total", (("result", "accepted"),)): 3,
+        ("tusserver_uploads_in_flight", ()): 0,
+    }
+
+    def seen(samples: Samples) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(name, labels): value(samples, name, **dict(labels)) for name, labels in expected}
+
+    last: list[Samples] = []
+
+    async def counted() -> bool:  # the dead letter is counted just after the parent answers
+        last[:] = [await scrape(http, root)]
+        return seen(last[0]) == expected
+
+    await wait_until(counted, what=lambda: f"the counts, seen: {seen(last[0])}")
+    for _ in range(4):  # each scrape lands on either worker: every one sees the sum
+        assert seen(await scrape(http, root)) == expected
+    assert answers.questions == 3
+    # both workers counted (prometheus-client keeps one file per process and kind)
+    writers = {path.stem.rpartition("_")[2] for path in (tmp_path / "data" / "metrics").iterdir()}
+    assert len(writers) >= 2, writers

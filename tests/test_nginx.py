@@ -1,15 +1,26 @@
-"""deploy/nginx.conf in front of a real tusserver: Debian's nginx binary (not daemonized, its
-logs, pid and temp files in the test's folder) proxies to a tusserver process listening on a
-unix socket with --behind-proxy. Through nginx: the Location is nginx's public URL (spoofed
-forwarding headers from the client do not change it), HEAD, a 4xx reason, request ids, the
-health, readiness and metrics endpoints, a 64 MiB PATCH that reaches tusserver while it is
-being sent (nothing written to nginx's temp folder, nginx's memory small), and a PATCH cut off
-midway that the client resumes."""
+"""deploy/nginx.conf in front of real tusserver processes: Debian's nginx binary (not
+daemonized, its logs, pid and temp files in the test's folder) proxies to tusserver processes
+listening on unix sockets with --behind-proxy.
+
+One process: the Location is nginx's public URL (spoofed forwarding headers from the client
+do not change it), HEAD, a 4xx reason, request ids, the health, readiness and metrics
+endpoints, a 64 MiB PATCH that reaches tusserver while it is being sent (nothing written to
+nginx's temp folder, nginx's memory small), and a PATCH cut off midway that the client resumes.
+
+Two processes on one Redis and one data directory, both in nginx's upstream (what
+docker-compose.yml runs, without containers): PATCHes of one upload alternate between them
+(each process's access log and nginx's upstream address show it) and the upload completes
+with the right SHA-256 at nginx's public URL; a 1 GiB PATCH streams through unbuffered (HEAD
+shows the bytes while the client still sends, nothing in nginx's temp folder, its peak memory
+small); and killing the process that holds an upload mid-PATCH lets the client resume through
+the other."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import itertools
 import os
 import pwd
 import re
@@ -23,8 +34,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
-from tests.support.processes import StartProcess, free_port, start_server
+from tests.support.files import distinct_blocks
+from tests.support.processes import ServerProcess, StartProcess, free_port, start_server
 from tests.support.raw_http import RawRequest
 from tests.support.tools import has_tool, require_tool
 from tests.support.tus import (
@@ -37,6 +50,8 @@ from tests.support.tus import (
     upload_id_of,
 )
 from tests.support.waiting import wait_until, wait_until_sync
+from tusserver.store.embedded import EmbeddedRedis
+from tusserver.store.records import redis_key, shard_of
 
 SHIPPED_CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
 MiB = 1024 * 1024
@@ -282,3 +297,144 @@ async def test_a_patch_cut_off_through_nginx_resumes(
     await wait_until(resumed, 30, every_s=0.1, what="the resumed PATCH accepted")
     assert 0 < offsets[0] < len(data), offsets
     assert await completed_digest(client, url) == repr_digest_of(data)
+
+
+# -- two tusserver processes behind nginx: the docker-compose topology without containers --
+
+
+@dataclass
+class Topology:
+    nginx: Nginx
+    servers: list[ServerProcess]
+    redis_url: str
+
+
+@pytest.fixture
+async def two_behind_nginx(
+    nginx_binary: None, tmp_path: Path, processes: StartProcess, own_redis: EmbeddedRedis
+) -> AsyncIterator[Topology]:
+    """One Redis, two tusserver processes on one data directory (each on its own unix
+    socket), nginx with the shipped config and both in its upstream, all on this machine."""
+    sockets = [tmp_path / "a.sock", tmp_path / "b.sock"]
+    flags = ("--behind-proxy", "--redis-url", own_redis.url)
+    starting = [
+        start_server(processes, tmp_path / "data", "--unix-socket", str(path), *flags)
+        for path in sockets
+    ]
+    servers = list(await asyncio.gather(*starting))
+    # two upstream servers through the one placeholder, as its comment shows
+    upstream = f"unix:{sockets[0]}; server unix:{sockets[1]}"
+    proxy = await asyncio.to_thread(start_nginx, tmp_path / "nginx", upstream)
+    try:
+        yield Topology(proxy, servers, own_redis.url)
+    finally:
+        await asyncio.to_thread(stop_nginx, proxy)
+
+
+def served_by(servers: list[ServerProcess], request_id: str) -> list[int]:
+    """The indexes of the processes whose access log has a line for `request_id`."""
+    return [i for i, server in enumerate(servers) if f"rid={request_id}\n" in server.log()]
+
+
+async def test_patches_alternate_between_two_processes_through_nginx(
+    two_behind_nginx: Topology, client: aiohttp.ClientSession
+) -> None:
+    nginx, servers = two_behind_nginx.nginx, two_behind_nginx.servers
+    data = payload(8 * MiB + 12345)
+    url = await create_upload(client, nginx.endpoint, len(data))
+    assert url == f"{nginx.public_url}/files/{upload_id_of(url)}"  # nginx's, not a socket's
+    cuts = [0, MiB, 3 * MiB, 4 * MiB, 6 * MiB, 7 * MiB, len(data)]
+    request_ids = [f"alternating-{turn}" for turn in range(len(cuts) - 1)]
+    for request_id, start, end in zip(request_ids, cuts, cuts[1:], strict=False):
+        answer = await patch(client, url, start, data[start:end], **{"X-Request-Id": request_id})
+        assert answer.status == 204, await answer.text()
+        assert answer.headers["Upload-Offset"] == str(end)
+    assert await completed_digest(client, url) == repr_digest_of(data)
+
+    async def all_logged() -> bool:
+        return all(len(served_by(servers, rid)) == 1 for rid in request_ids)
+
+    await wait_until(all_logged, what="each PATCH in one process's access log")
+    order = [served_by(servers, rid)[0] for rid in request_ids]
+    assert all(a != b for a, b in itertools.pairwise(order)), order  # alternated
+    upstreams = re.findall(r"request_id=alternating-\d+ upstream=(\S+)", nginx.access_log())
+    assert len(upstreams) == len(request_ids) and len(set(upstreams)) == 2, upstreams
+
+
+async def test_a_1_gib_patch_streams_through_nginx_unbuffered(
+    two_behind_nginx: Topology, client: aiohttp.ClientSession
+) -> None:
+    nginx = two_behind_nginx.nginx
+    size, block = 1024 * MiB, 4 * MiB
+    url = await create_upload(client, nginx.endpoint, size)
+    sha256 = hashlib.sha256()
+    request = await RawRequest.patch(url, 0, size)
+    try:
+        for index, data in enumerate(distinct_blocks(size // block, block)):
+            sha256.update(data)
+            await request.send(data)
+            sent = (index + 1) * block
+            if sent in (
+                size // 4,
+                size * 3 // 4,
+            ):  # the server has bytes the client is still sending
+
+                async def has_half_of_what_was_sent(sent: int = sent) -> bool:
+                    return await head_offset(client, url) >= sent // 2
+
+                await wait_until(has_half_of_what_was_sent, 60, what=f"half of {sent} bytes")
+                assert nginx.body_temp_files() == []
+                assert nginx.peak_memory_kib() < 32 * 1024, "nginx holds the body in memory"
+        response = await request.response(120)
+        assert response.status == 204, response
+        assert response.headers["upload-offset"] == str(size)
+    finally:
+        await request.close()
+    digest = base64.b64encode(sha256.digest()).decode()
+    assert await completed_digest(client, url) == f"sha-256=:{digest}:"
+    assert nginx.body_temp_files() == []
+    assert nginx.peak_memory_kib() < 32 * 1024, "nginx held the body in memory"
+
+
+async def test_killing_the_process_holding_an_upload_resumes_through_the_other(
+    two_behind_nginx: Topology, client: aiohttp.ClientSession
+) -> None:
+    nginx, servers = two_behind_nginx.nginx, two_behind_nginx.servers
+    data = payload(32 * MiB)
+    url = await create_upload(client, nginx.endpoint, len(data))
+    request = await RawRequest.patch(url, 0, len(data))
+    await request.send(data[: 8 * MiB])
+
+    async def tusserver_has_bytes() -> bool:
+        return await head_offset(client, url) >= MiB
+
+    await wait_until(tusserver_has_bytes, 30, what="bytes through nginx")
+    holder = await lock_holder_pid(two_behind_nginx.redis_url, url)
+    [victim] = [server for server in servers if server.process.pid == holder]
+    os.kill(holder, signal.SIGKILL)
+    assert victim.process.wait(10) == -signal.SIGKILL
+    request.writer.transport.abort()
+    await request.close()
+
+    offsets: list[int] = []
+
+    async def resumed() -> bool:  # HEAD, PATCH the rest; 423 while the dead holder's lock lasts
+        offset = await head_offset(client, url)
+        offsets.append(offset)
+        response = await patch(client, url, offset, data[offset:])
+        assert response.status in (204, 409, 423), (response.status, await response.text())
+        return response.status == 204
+
+    await wait_until(resumed, 30, every_s=0.1, what="the resumed PATCH accepted")
+    assert MiB <= offsets[0] < len(data), offsets
+    assert await completed_digest(client, url) == repr_digest_of(data)
+
+
+async def lock_holder_pid(redis_url: str, url: str) -> int:
+    """The pid of the process holding the upload's lock (its value is `host:pid:random`)."""
+    upload_id = upload_id_of(url)
+    async with aioredis.Redis.from_url(redis_url) as redis:
+        holder = await redis.get(redis_key(shard_of(upload_id), "lock", upload_id))
+    assert holder is not None, "nobody holds the upload"
+    text = holder.decode() if isinstance(holder, bytes) else holder
+    return int(text.split(":")[-2])

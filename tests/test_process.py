@@ -206,6 +206,14 @@ def test_help_shows_every_option_with_its_default_and_env_name(args: list[str]) 
         assert f"default: {default_text(option)}]" in described, described
 
 
+def test_help_names_the_endpoints_and_signals_beside_the_options() -> None:
+    result = run_cli("--help", env=clean_environ(COLUMNS="2000"))
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for named in ("GET /health", "GET /ready", "GET /metrics", "SIGTERM", "SIGHUP"):
+        assert named in text, named
+
+
 def test_readme_settings_table_names_every_option_and_no_other() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     rows = re.findall(r"^\| `--([a-z-]+)` \|", readme, re.MULTILINE)

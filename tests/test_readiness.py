@@ -1,19 +1,28 @@
 """GET /ready: what a load balancer asks before sending uploads to a process. Real servers,
-real Redis (one of the test's own, stopped and started again), a real data directory."""
+real Redis (one of the test's own, stopped and started again), a real data directory, and
+real processes sent SIGTERM (not ready at once, still serving until --drain-delay ends)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import shutil
+import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
+from tests.support.processes import StartProcess, pid_is_gone, start_server
 from tests.support.servers import Server, ServerFactory
-from tests.support.waiting import wait_until
+from tests.support.tus import create_upload, patch
+from tests.support.waiting import wait_until, wait_until_sync
+from tests.support.workers import children_of, tcp_socket_inodes
 from tusserver.http.access_log import AccessLogger
 from tusserver.http.app import build_app, make_runner
 from tusserver.settings import Settings
@@ -107,3 +116,61 @@ async def test_ready_answers_cors_like_health(
     async with http.get(server.root + "/ready", headers=headers) as response:
         assert response.status == 200
         assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.fresh_connections  # with two workers, each request may land on either
+async def test_sigterm_makes_ready_503_while_the_listener_still_serves(
+    workers: str, tmp_path: Path, processes: StartProcess, http: aiohttp.ClientSession
+) -> None:
+    process = await start_server(
+        processes, tmp_path / "data", "--workers", workers, "--drain-delay", "1h"
+    )
+    root = process.url.split("/files/")[0]
+    # at once: workers may still be starting (a SIGTERM must wait for their handlers, not
+    # kill them and leave their sockets taking connections that nobody accepts)
+    process.process.send_signal(signal.SIGTERM)
+
+    async def not_ready() -> bool:
+        async with http.get(root + "/ready", timeout=aiohttp.ClientTimeout(total=10)) as answer:
+            return answer.status == 503 and (await answer.json())["failed"] == ["stopping"]
+
+    await wait_until(not_ready, what="/ready answering 503 after SIGTERM")
+    for _ in range(8):  # every worker is draining, and each still serves uploads
+        assert await not_ready()
+        url = await create_upload(http, process.url, 5)
+        assert (await patch(http, url, 0, b"hello")).status == 204
+    async with http.get(root + "/health") as health:
+        assert health.status == 200
+    assert "draining: /ready answers 503" in process.log()
+    process.process.send_signal(signal.SIGTERM)  # the second one ends the delay
+    assert await asyncio.to_thread(process.process.wait, 30) == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="one socket per worker (SO_REUSEPORT)")
+@pytest.mark.fresh_connections
+async def test_a_worker_that_dies_while_draining_takes_its_socket_with_it(
+    tmp_path: Path, processes: StartProcess, http: aiohttp.ClientSession
+) -> None:
+    process = await start_server(
+        processes, tmp_path / "data", "--workers", "2", "--drain-delay", "1h"
+    )
+    root = process.url.split("/files/")[0]
+    valkey = int((process.data_dir / "redis" / "valkey.pid").read_text())
+    wait_until_sync(lambda: len(children_of(process.process.pid) - {valkey}) == 2)
+    process.process.send_signal(signal.SIGTERM)
+    os.kill(min(children_of(process.process.pid) - {valkey}), signal.SIGKILL)
+
+    def listening_sockets() -> int:
+        return len(tcp_socket_inodes(process.port, None))
+
+    # the supervisor closes the dead worker's socket (it holds every worker's): the kernel
+    # must not queue connections where nobody will accept them
+    await wait_until(lambda: listening_sockets() == 1, what="one listening socket left")
+    for _ in range(8):
+        async with http.get(root + "/ready", timeout=aiohttp.ClientTimeout(total=10)) as answer:
+            assert answer.status == 503
+    # a draining worker whose supervisor is killed stops too, without waiting out the delay
+    [survivor] = children_of(process.process.pid) - {valkey}
+    process.process.kill()
+    await wait_until(lambda: pid_is_gone(survivor), what="the orphaned worker stopping")

@@ -59,6 +59,19 @@ def _argtype(parse: Any) -> Any:
     return convert
 
 
+# What `tusserver --help` says besides the options: the endpoints beside the tus one, and
+# the signals.
+SERVE_EPILOG = (
+    "Endpoints besides the tus endpoint (--base-path), without a token: GET /health (200 "
+    "while Redis answers), GET /ready (JSON; 200 when this process should get uploads, 503 "
+    "with the failed checks: Redis, the data directory, --min-free-disk, or stopping), GET "
+    "/metrics (Prometheus text summed over the workers; --metrics-token, --no-metrics). "
+    "Signals: SIGTERM or SIGINT stop gracefully (/ready answers 503 at once, the listener "
+    "closes after --drain-delay, a second signal ends that wait, running PATCHes commit what "
+    "arrived); SIGHUP reloads --tls-cert and --tls-key."
+)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tusserver",
@@ -73,6 +86,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="Serve tus uploads (the default command). Each option can also be set "
         "with the TUS_* environment variable named beside it; flags win. Other commands: "
         "`tusserver token --help`.",
+        epilog=SERVE_EPILOG,
     )
     _serve_parser(serve)
     token = commands.add_parser("token", help="print a signed access token for a client")

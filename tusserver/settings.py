@@ -134,6 +134,9 @@ class Settings:
     tls_key: Path | None = None
     unix_socket: Path | None = None  # listen here instead of --host/--port
     metrics_token: str | None = field(default=None, repr=False)
+    # After SIGTERM, /ready answers 503 at once while the listener stays open this long, so a
+    # load balancer that polls /ready stops sending before connections are refused.
+    drain_delay_s: float = 0.0
 
     @property
     def is_secured(self) -> bool:
@@ -383,6 +386,13 @@ OPTIONS: tuple[Option, ...] = (
         "listen on this unix socket (for a local proxy) instead of --host and --port",
         "PATH",
     ),
+    (
+        "drain-delay",
+        parse_duration,
+        "after SIGTERM, answer 503 on /ready but keep serving this long before closing the "
+        "listener, so a load balancer stops sending first (a second SIGTERM ends it)",
+        "DURATION",
+    ),
 )
 
 _DEFAULT = Settings.__dataclass_fields__
@@ -403,6 +413,7 @@ _FIELD_OF_OPTION = {
     "keepalive-timeout": "keepalive_timeout_s",
     "orphan-grace": "orphan_grace_s",
     "offset-checkpoint": "offset_checkpoint_s",
+    "drain-delay": "drain_delay_s",
 }
 
 
@@ -429,6 +440,7 @@ def default_text(option: str) -> str:
         "demo-page": "on without a secret", "token-cookie": "none (header only)",
         "webhook-url": "none", "webhook-secret": "each --secret", "webhook-timeout": "10s",
         "webhook-max-age": "24h", "pre-create-url": "none (off)", "pre-create-timeout": "3s",
+        "drain-delay": "0s (close at once)",
     }  # fmt: skip
     return shown.get(option, str(default))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.support.tus import upload_id_of
@@ -19,3 +20,13 @@ def random_file(path: Path, size: int) -> bytes:
     data = os.urandom(size)
     path.write_bytes(data)
     return data
+
+
+def distinct_blocks(count: int, size: int) -> Iterator[bytes]:
+    """`count` blocks of `size` random bytes, each unlike the others (its index in its first
+    8 bytes, so a block lost, repeated or out of order changes the digest): gigabytes of
+    content without holding more than one block."""
+    block = bytearray(os.urandom(size))
+    for index in range(count):
+        block[:8] = index.to_bytes(8, "big")
+        yield bytes(block)

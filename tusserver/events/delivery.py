@@ -32,6 +32,7 @@ from redis.exceptions import RedisError, ResponseError
 from tusserver import protocol
 from tusserver.errors import TusError
 from tusserver.events.parent import (
+    CountResult,
     PreCreateCheck,
     json_bytes,
     post_headers,
@@ -52,6 +53,14 @@ MAX_IN_FLIGHT_PER_SHARD = 8
 READ_BLOCK_MS = 1000
 READ_RETRY_S = 1.0
 FORGET_CONSUMER_AFTER_MS = 3600 * 1000
+# What `WebhookDelivery` tells its `count` callback: each try's result, and a burial.
+DELIVERED, REFUSED, TIMEOUT, UNREACHABLE, DEAD_LETTERED = (
+    "delivered", "refused", "timeout", "unreachable", "dead_lettered",
+)  # fmt: skip
+
+
+def _uncounted(_result: str) -> None:
+    return None
 
 
 def events_key(shard: int) -> str:
@@ -292,7 +301,9 @@ class DeliveryPolicy:
 
 
 class WebhookDelivery:
-    """Sends every event of the outbox to the parent's webhook, at least once each."""
+    """Sends every event of the outbox to the parent's webhook, at least once each; tells
+    `count` each try's result (DELIVERED, REFUSED, TIMEOUT, UNREACHABLE) and each burial
+    (DEAD_LETTERED)."""
 
     def __init__(
         self,
@@ -301,7 +312,9 @@ class WebhookDelivery:
         url: str,
         signing_secrets: Sequence[str],
         policy: DeliveryPolicy,
+        count: CountResult = _uncounted,
     ) -> None:
+        self.count = count
         self.outbox = outbox
         self.session = session
         self.url = url
@@ -352,11 +365,15 @@ class WebhookDelivery:
             ) as response:
                 await read_some(response, 4096)
                 if 200 <= response.status < 300:
+                    self.count(DELIVERED)
                     return None
+                self.count(REFUSED)
                 return f"HTTP {response.status}"
         except TimeoutError:
+            self.count(TIMEOUT)
             return f"no answer within {self.policy.timeout_s:g}s"
         except aiohttp.ClientError as error:
+            self.count(UNREACHABLE)
             return f"{type(error).__name__}: {error}"
 
     async def _wait_holding(self, entry: Entry, delay_s: float) -> bool:
@@ -370,6 +387,7 @@ class WebhookDelivery:
 
     async def _bury(self, entry: Entry, tries: int, error: str) -> None:
         if await asyncio.shield(self.outbox.bury(entry, tries=tries, error=error)):
+            self.count(DEAD_LETTERED)
             log.error(
                 "event %s (%s of upload %s) failed %d tries, last: %s; moved to %s",
                 entry.event_id,
@@ -465,10 +483,13 @@ class _ShardReader:
 
 
 def events_context(
-    settings: Settings, redis_url: str, pre_create: PreCreateCheck
+    settings: Settings,
+    redis_url: str,
+    pre_create: PreCreateCheck,
+    count_webhook: CountResult = _uncounted,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """The app's cleanup_ctx entry: the pre-create check's client, and webhook delivery when
-    --webhook-url is set."""
+    --webhook-url is set (its results told to `count_webhook`)."""
 
     async def context(_app: web.Application) -> AsyncIterator[None]:
         await pre_create.start()
@@ -476,7 +497,8 @@ def events_context(
             if settings.webhook_url is None:
                 yield
             else:
-                async with _delivering(settings, settings.webhook_url, redis_url):
+                url = settings.webhook_url
+                async with _delivering(settings, url, redis_url, count_webhook):
                     yield
         finally:
             await pre_create.close()
@@ -485,7 +507,9 @@ def events_context(
 
 
 @contextlib.asynccontextmanager
-async def _delivering(settings: Settings, url: str, redis_url: str) -> AsyncIterator[None]:
+async def _delivering(
+    settings: Settings, url: str, redis_url: str, count: CountResult
+) -> AsyncIterator[None]:
     """Run webhook delivery in the background while the block runs."""
     policy = DeliveryPolicy.from_settings(settings)
     signing = signing_secrets_of(settings)
@@ -497,7 +521,7 @@ async def _delivering(settings: Settings, url: str, redis_url: str) -> AsyncIter
     client = await connect(redis_url)  # blocking reads hold connections: apart from requests'
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=policy.timeout_s))
     outbox = Outbox(client)
-    delivery = WebhookDelivery(outbox, session, url, signing, policy)
+    delivery = WebhookDelivery(outbox, session, url, signing, policy, count)
     delivery.start()
     try:
         yield

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import aiohttp
 
@@ -26,6 +26,12 @@ log = logging.getLogger("tusserver.events.parent")
 SIGNATURE_HEADER = "Tus-Signature"
 MAX_REASON_CHARS = 200
 USER_AGENT = "tusserver"
+# Told the result of each question to the parent or try of a webhook (the metrics listen).
+CountResult = Callable[[str], None]
+
+
+def _uncounted(_result: str) -> None:
+    return None
 
 
 # -- signatures ----------------------------------------------------------------------------
@@ -99,9 +105,11 @@ class PreCreateCheck:
 
     Without a URL every upload passes. The parent answers 2xx to accept and 4xx to refuse
     (the client gets 403 with the parent's reason); 5xx, no answer in time or no connection
-    make the client retry later (503)."""
+    make the client retry later (503). Each question's result ("accepted", "refused",
+    "failed") is told to `count`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, count: CountResult = _uncounted) -> None:
+        self.count = count
         self.url = settings.pre_create_url
         self.timeout_s = settings.pre_create_timeout_s
         self.signing_secrets = signing_secrets_of(settings)
@@ -131,6 +139,24 @@ class PreCreateCheck:
         ServiceUnavailable (503) if it fails or does not answer in time."""
         if self.url is None:
             return
+        try:
+            await self._ask(self.url, subject, length, metadata, concat)
+        except Forbidden:
+            self.count("refused")
+            raise
+        except ServiceUnavailable:
+            self.count("failed")
+            raise
+        self.count("accepted")
+
+    async def _ask(
+        self,
+        url: str,
+        subject: str,
+        length: int | None,
+        metadata: Mapping[str, bytes | None],
+        concat: protocol.Concat | None,
+    ) -> None:
         if self._session is None:
             raise ServiceUnavailable("the server is starting or stopping; retry shortly")
         body = json_bytes(
@@ -146,7 +172,7 @@ class PreCreateCheck:
         headers = post_headers(self.signing_secrets, body)
         try:
             async with self._session.post(
-                self.url, data=body, headers=headers, allow_redirects=False
+                url, data=body, headers=headers, allow_redirects=False
             ) as response:
                 status, answer = response.status, await read_some(response, 4096)
         except (TimeoutError, aiohttp.ClientError) as error:

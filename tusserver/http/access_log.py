@@ -8,7 +8,7 @@ import time
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from tusserver.http.keys import REQUEST_ID, UPLOAD_ID
+from tusserver.http.keys import ERROR_REASON, REQUEST_ID, UPLOAD_ID
 from tusserver.http.metrics import Metrics
 
 
@@ -25,7 +25,8 @@ class AccessLogger(AbstractAccessLogger):
         """Log one line; also for a request the HTTP parser refused, which has no route and
         may have no readable Content-Length."""
         if self.metrics is not None:
-            self.metrics.count_request(request.method, response.status, time_s)
+            reason = request.get(ERROR_REASON, "")
+            self.metrics.count_request(request.method, response.status, time_s, reason)
         fields = {
             "method": request.method,
             "path": request.path,

@@ -29,7 +29,7 @@ from tusserver.http.middleware import (
 from tusserver.settings import Settings
 from tusserver.tasks import cancel_and_wait
 from tusserver.uploads import expiry
-from tusserver.uploads.service import open_uploads
+from tusserver.uploads.service import Observers, open_uploads
 
 # Bytes a request body may buffer before aiohttp pauses the socket (twice this at most):
 # larger reads mean fewer wake-ups per MiB, but 16 streams per worker hold 32 times this;
@@ -58,14 +58,21 @@ async def ready(request: web.Request) -> web.Response:
 
 async def _uploads_context(app: web.Application) -> AsyncIterator[None]:
     metrics = app.get(METRICS)
-    observe = metrics.count_upload if metrics is not None else _unobserved
-    async with open_uploads(app[SETTINGS], app[REDIS_URL], observe) as uploads:
+    observers = Observers()
+    if metrics is not None:
+        observers = Observers(
+            upload=metrics.count_upload, lock=metrics.count_lock, in_flight=metrics.count_in_flight
+        )
+    async with open_uploads(app[SETTINGS], app[REDIS_URL], observers) as uploads:
         app[UPLOADS] = uploads
         yield
 
 
-def _unobserved(_event: str, _committed_bytes: int) -> None:
-    pass
+def start_draining(app: web.Application) -> None:
+    """The process is going to stop: /ready answers 503 from now on (load balancers stop
+    sending), while the listener still serves what comes."""
+    if UPLOADS in app:
+        app[UPLOADS].drain()
 
 
 async def _stop_writers(app: web.Application) -> None:
@@ -161,6 +168,13 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
     app.on_shutdown.append(_stop_writers)
     app.cleanup_ctx.append(_uploads_context)
     app.cleanup_ctx.append(_sweeper_context)
-    app[PRE_CREATE] = parent.PreCreateCheck(settings)
-    app.cleanup_ctx.append(events.events_context(settings, redis_url, app[PRE_CREATE]))
+    metrics = app.get(METRICS)
+    if metrics is None:
+        app[PRE_CREATE] = parent.PreCreateCheck(settings)
+        app.cleanup_ctx.append(events.events_context(settings, redis_url, app[PRE_CREATE]))
+    else:
+        app[PRE_CREATE] = parent.PreCreateCheck(settings, metrics.count_pre_create)
+        app.cleanup_ctx.append(
+            events.events_context(settings, redis_url, app[PRE_CREATE], metrics.count_webhook)
+        )
     return app

@@ -26,3 +26,5 @@ DRAFT = web.RequestKey("draft", Version)
 FORM = web.RequestKey("form", bool)
 # The request's id: the client's X-Request-Id when safe, else a new one (logs, answers).
 REQUEST_ID = web.RequestKey("request_id", str)
+# Why a request was refused (metrics.reason_of), for the errors counted by the access log.
+ERROR_REASON = web.RequestKey("error_reason", str)

@@ -27,7 +27,8 @@ from tusserver.errors import (
     UploadGone,
 )
 from tusserver.http import handlers
-from tusserver.http.keys import DRAFT, FORM, GRANT, METRICS, REQUEST_ID, SETTINGS
+from tusserver.http.keys import DRAFT, ERROR_REASON, FORM, GRANT, METRICS, REQUEST_ID, SETTINGS
+from tusserver.http.metrics import reason_of
 from tusserver.protocol import split_host
 from tusserver.settings import Settings, is_loopback_host
 
@@ -124,28 +125,33 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render refusals as short plain-text answers; anything unexpected is a logged 500."""
+    """Render refusals as short plain-text answers; anything unexpected is a logged 500.
+    Each refusal's kind is noted for the metrics (`ERROR_REASON`, counted by the access log)."""
     try:
         return await handler(request)
     except TusError as error:
         if isinstance(error, InsufficientStorage) and METRICS in request.app:
             request.app[METRICS].disk_full.inc()
+        request[ERROR_REASON] = reason_of(error)
         status = _status_of(request, error)
         return _refusal(request, status, error.reason, error.headers, error.problem)
     except (RedisConnectionError, RedisTimeoutError, ConnectionRefusedError) as error:
         log.warning("Redis unreachable: %s", error)
         if METRICS in request.app:
             request.app[METRICS].redis_errors.inc()
+        request[ERROR_REASON] = "redis_unavailable"
         unavailable = ServiceUnavailable("the state store (Redis) is unreachable; retry later")
         return _refusal(request, 503, unavailable.reason, unavailable.headers)
     except web.HTTPException as error:
         if error.status < 400:
             raise
+        request[ERROR_REASON] = reason_of(error)
         return _refusal(request, error.status, error.reason, {})
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
+        request[ERROR_REASON] = "internal_error"
         return _refusal(request, 500, "internal server error", {})
 
 

@@ -22,7 +22,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from tusserver.http.access_log import AccessLogger, JsonAccessLogger
-from tusserver.http.app import build_app, make_runner
+from tusserver.http.app import build_app, make_runner, start_draining
 from tusserver.http.metrics import MULTIPROC_DIR_VARIABLE
 from tusserver.server.memory import tune_malloc
 from tusserver.settings import Settings
@@ -35,6 +35,7 @@ SHUTDOWN_TIMEOUT_S = 10.0
 # Connections the kernel queues before a worker accepts them: thousands of phones may connect
 # within a second (the kernel caps it at net.core.somaxconn, 4096 on current Linux).
 LISTEN_BACKLOG = 4096
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -147,6 +148,11 @@ def serve(settings: Settings) -> int:
             "development mode: no secret is set, so requests need no token and uploads "
             "belong to 'anonymous'; set TUS_SECRET for real use"
         )
+    # From here on a SIGTERM stops gracefully: until the process that serves (or each forked
+    # worker) has its handlers, the signal waits, blocked, instead of killing it (a worker
+    # killed so would leave its socket, which the supervisor holds too, taking connections
+    # that nobody accepts).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     print(f"tusserver listening on {_listening_on(settings, sockets[0])}", flush=True)
     try:
         if settings.workers == 1:
@@ -210,11 +216,18 @@ async def _serve_worker(
     site = web.SockSite(runner, sock, ssl_context=context)
     await site.start()
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # a second SIGTERM: end the drain delay now
+
+    def stop_asked() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop_asked)
     if context is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload_tls, settings, context)
+    # blocked since `serve` announced the address: one sent meanwhile is delivered now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     exit_code = 0
     try:
         while not stop.is_set():
@@ -229,8 +242,30 @@ async def _serve_worker(
                 exit_code = 1
                 break
     finally:
+        start_draining(app)
+        if stop.is_set():
+            await _drain(settings.drain_delay_s, hurry, supervisor_pid)
         await runner.cleanup()
     return exit_code
+
+
+async def _drain(delay_s: float, hurry: asyncio.Event, supervisor_pid: int | None) -> None:
+    """Keep serving (while /ready answers 503) for `delay_s`, so a load balancer that polls
+    /ready stops sending before the listener closes; less if `hurry` is set or (a forked
+    worker) the supervisor is gone."""
+    if delay_s <= 0:
+        return
+    log.info(
+        "draining: /ready answers 503; the listener closes in %gs (a second SIGTERM closes "
+        "it now)", delay_s,
+    )  # fmt: skip
+    deadline = time.monotonic() + delay_s
+    while (left := deadline - time.monotonic()) > 0 and not hurry.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), min(left, 0.5))
+        if supervisor_pid is not None and os.getppid() != supervisor_pid:
+            log.error("the supervisor (pid %d) is gone; stopping now", supervisor_pid)
+            return
 
 
 def _prepare_metrics_dir(settings: Settings) -> None:
@@ -260,6 +295,7 @@ def _supervise_workers(
     if settings.metrics:
         _prepare_metrics_dir(settings)
     children: list[int] = []
+    socket_of: dict[int, socket.socket] = {}
     supervisor = os.getpid()
     for index in range(settings.workers):
         pid = os.fork()
@@ -274,6 +310,8 @@ def _supervise_workers(
             finally:
                 os._exit(code)
         children.append(pid)
+        if len(sockets) > 1:  # its own socket (SO_REUSEPORT): it goes when the worker goes
+            socket_of[pid] = sockets[index]
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -291,6 +329,7 @@ def _supervise_workers(
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward_hangup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since `serve` said so
     exit_code = 0
     alive = set(children)
     while alive:
@@ -298,6 +337,8 @@ def _supervise_workers(
         if pid:
             alive.discard(pid)
             _forget_metrics_of(pid)
+            if pid in socket_of:  # the kernel must not queue connections for a dead worker
+                socket_of.pop(pid).close()
             if not stopping:
                 log.error("worker %d exited (status %d); shutting down", pid, status)
                 exit_code = 1

@@ -61,6 +61,8 @@ class AppendContext:
     idle_timeout_s: float
     # Hash a `received` upload's file off the request (its process lost the running hash).
     finish_later: Callable[[Upload], None]
+    # Told +1 when a request starts writing bytes onto an upload, -1 when it ends (metrics).
+    count_in_flight: Callable[[int], None]
 
 
 def _waker(stream: StreamReader) -> Callable[[Exception], None]:
@@ -122,6 +124,13 @@ class AppendSession:
         (400) when the client hung up, ServiceUnavailable (503) when the server stops or the
         lock is lost; those keep what arrived (unless checksummed). A file shorter than the
         committed offset moves the offset back and answers 409 with it."""
+        self.context.count_in_flight(1)
+        try:
+            return await self._append(body, limit)
+        finally:
+            self.context.count_in_flight(-1)
+
+    async def _append(self, body: Body, limit: SizeLimit) -> Upload:
         upload = self.upload
         size = body.content_length
         if upload.length is not None and upload.offset + (size or 0) > upload.length:

@@ -35,9 +35,16 @@ POLL_S = 0.02
 
 WakeReader = Callable[[Exception], None]
 CommitNow = Callable[[str], Awaitable[object]]
+# Told of contention (the metrics listen): "takeover" when a running holder was asked to stop
+# and the lock passed on, and a wait's result, "acquired" or "locked" (423).
+CountLock = Callable[[str], None]
 
 
 def _nobody_reading(_error: Exception) -> None:
+    return None
+
+
+def _uncounted(_result: str) -> None:
     return None
 
 
@@ -83,8 +90,9 @@ class Lease:
 class Leases:
     """The locks this process holds, so a graceful stop can wake every holder."""
 
-    def __init__(self, state: UploadState) -> None:
+    def __init__(self, state: UploadState, count_lock: CountLock = _uncounted) -> None:
         self.state = state
+        self.count_lock = count_lock
         self._held: set[Lease] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._commits: set[asyncio.Task[None]] = set()
@@ -104,13 +112,20 @@ class Leases:
         self.refuse_if_stopping()
         acquired = await self.state.acquire(upload_id, owner, LOCK_TTL_MS)
         deadline = time.monotonic() + TAKEOVER_WAIT_S
+        waited = asked = False
         while acquired is None:
+            waited = True
             if time.monotonic() > deadline:
+                self.count_lock("locked")
                 raise UploadLocked()
             if takeover:
-                await self.state.ask_holder(upload_id, "stop", LOCK_TTL_MS)
+                asked = await self.state.ask_holder(upload_id, "stop", LOCK_TTL_MS) or asked
             await asyncio.sleep(POLL_S)
             acquired = await self.state.acquire(upload_id, owner, LOCK_TTL_MS)
+        if waited:
+            self.count_lock("acquired")
+            if asked:
+                self.count_lock("takeover")
         upload, token = acquired
         async with self.held(upload_id, token) as lease:
             yield upload, lease

@@ -49,15 +49,43 @@ from tusserver.uploads.body import (
     verified_small_body,
 )
 from tusserver.uploads.hashing import RunningHashes
-from tusserver.uploads.lease import LOCK_TTL_MS, POLL_S, TAKEOVER_WAIT_S, Leases
+from tusserver.uploads.lease import LOCK_TTL_MS, POLL_S, TAKEOVER_WAIT_S, CountLock, Leases
 from tusserver.uploads.lifetimes import RECEIVED_GRACE_S, Lifetimes
 
-__all__ = ["Body", "NewUpload", "Readiness", "SizeLimit", "Upload", "Uploads", "open_uploads"]
+__all__ = [
+    "Body",
+    "NewUpload",
+    "Observers",
+    "Readiness",
+    "SizeLimit",
+    "Upload",
+    "Uploads",
+    "open_uploads",
+]
 
 log = logging.getLogger("tusserver.uploads")
 READY_REDIS_TIMEOUT_S = 1.0  # /ready: a Redis slower than this is as good as down
 ORPHAN_BATCH = 1000  # ids checked in one Redis round trip
 ORPHANS_WITHOUT_DOUBT = 10  # more orphans than this, and no file with a record: suspect Redis
+
+
+def _ignore_upload(_event: str, _committed_bytes: int) -> None:
+    return None
+
+
+def _ignore(_value: object) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Observers:
+    """Who hears what the service does (the metrics, in the HTTP layer, listen): plain
+    callbacks, each a no-op unless given, so nothing here calls up a layer."""
+
+    # (event, committed_bytes): created, completed, terminated, expired; "" for bytes
+    upload: Callable[[str, int], None] = _ignore_upload
+    lock: CountLock = _ignore  # lease.CountLock
+    in_flight: Callable[[int], None] = _ignore  # +1 / -1 around each body being written
 
 
 @dataclass(frozen=True)
@@ -109,7 +137,12 @@ class Uploads:
     """The upload service of one process."""
 
     def __init__(
-        self, state: UploadState, storage: Storage, settings: Settings, batch_state: BatchState
+        self,
+        state: UploadState,
+        storage: Storage,
+        settings: Settings,
+        batch_state: BatchState,
+        observers: Observers = Observers(),
     ) -> None:
         self.state = state
         self.batch_state = batch_state
@@ -119,7 +152,8 @@ class Uploads:
         self.orphan_grace_s = settings.orphan_grace_s
         self.hashes = RunningHashes()
         self.body_memory = BodyMemory(settings.body_memory_bytes)
-        self.leases = Leases(state)
+        self.leases = Leases(state, observers.lock)
+        self.count_in_flight = observers.in_flight
         self._appending = AppendContext(
             state=state,
             storage=storage,
@@ -128,9 +162,11 @@ class Uploads:
             lifetimes=self.lifetimes,
             idle_timeout_s=settings.idle_timeout_s,
             finish_later=self.finish_in_background,
+            count_in_flight=observers.in_flight,
         )
         self._background: set[asyncio.Task[None]] = set()
         self._small_bodies: set[StreamReader] = set()  # small creations reading their body
+        self.is_draining = False
 
     # -- create ----------------------------------------------------------------------------
 
@@ -186,11 +222,13 @@ class Uploads:
         assert body.content_length is not None
         await body.before_reading()
         self._small_bodies.add(body.stream)
+        self.count_in_flight(1)
         try:
             data, stop = await read_small_body(
                 body.stream, body.content_length, self.idle_timeout_s
             )
         finally:
+            self.count_in_flight(-1)
             self._small_bodies.discard(body.stream)
         data, mismatch = verified_small_body(data, stop, body.checksum)
         upload = self._new_upload(new)
@@ -428,7 +466,12 @@ class Uploads:
 
     @property
     def is_stopping(self) -> bool:
-        return self.leases.is_stopping
+        return self.is_draining or self.leases.is_stopping
+
+    def drain(self) -> None:
+        """The process was asked to stop: /ready says so from now on, while requests are
+        still served until the listener closes (`stop_writers` follows)."""
+        self.is_draining = True
 
     def stop_writers(self) -> None:
         """Graceful shutdown: every running PATCH, and every small creation still reading its
@@ -467,11 +510,12 @@ class Uploads:
 async def open_uploads(
     settings: Settings,
     redis_url: str,
-    observe: Callable[[str, int], None] = lambda event, committed_bytes: None,
+    observers: Observers = Observers(),
 ) -> AsyncIterator[Uploads]:
     """The upload service of this process on the Redis at `redis_url` and the data directory
     of `settings`, checked (shard layout, folders) before it is handed out; closed after.
-    `observe` hears of upload events and committed bytes (UploadState)."""
+    `observers` hear of upload events, committed bytes, lock contention and bodies being
+    written."""
     client = await connect_redis(redis_url)
     try:
         storage = Storage(
@@ -484,14 +528,14 @@ async def open_uploads(
             client,
             tombstone_ttl_s=settings.tombstone_ttl_s,
             path_of=storage.relative_path,
-            observe=observe,
+            observe=observers.upload,
             # under --fsync always, offsets reach the AOF only at checkpoints; otherwise Redis
             # fsyncs once a second whatever is written, so every commit may go there
             checkpoint_s=settings.offset_checkpoint_s if settings.fsync == "always" else 0.0,
         )
         storage.prepare()
         batch_state = BatchState(client, max_files=settings.max_batch_files)
-        uploads = Uploads(state, storage, settings, batch_state)
+        uploads = Uploads(state, storage, settings, batch_state, observers)
         try:
             yield uploads
         finally:
