@@ -151,3 +151,26 @@ async def test_an_upload_through_a_unix_socket(tmp_path: Path, processes: StartP
         assert await head_offset(http, url) == 3
     assert server.stop() == 0
     assert not socket_path.exists()  # the socket file is removed on a clean stop
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sighup_without_tls_changes_nothing(
+    tmp_path: Path, processes: StartProcess, workers: str
+) -> None:
+    """Log rotation sends SIGHUP: without a certificate to reload, the server (and, with
+    --workers, every worker it passes the signal on to) keeps serving."""
+    server = await start_server(processes, tmp_path / "data", "--workers", workers)
+    async with aiohttp.ClientSession() as http:
+        url = await create_upload(http, server.url, 4)
+        for sent in range(1, 3):  # one at a time: signals of one kind do not queue
+            server.process.send_signal(signal.SIGHUP)
+
+            async def logged(sent: int = sent) -> bool:
+                seen = server.log().count("SIGHUP: no TLS certificate to reload")
+                return seen >= sent * int(workers)
+
+            await wait_until(logged, 10, what="every process logged the SIGHUP")
+        assert server.process.poll() is None
+        async with http.patch(url, data=b"abcd", headers=patch_headers(0)) as response:
+            assert response.status == 204
+        assert await head_offset(http, url) == 4

@@ -36,6 +36,10 @@ SHUTDOWN_TIMEOUT_S = 10.0
 # within a second (the kernel caps it at net.core.somaxconn, 4096 on current Linux).
 LISTEN_BACKLOG = 4096
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Blocked from the announcement of the address until a process has its handlers: a stop
+# waits instead of killing a worker still starting, and a SIGHUP (TLS reload, or nothing)
+# instead of taking its default action, which ends the process.
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -82,6 +86,13 @@ def _reload_tls(settings: Settings, context: ssl.SSLContext) -> None:
         log.error("TLS certificate not reloaded, keeping the old one: %s", error)
         return
     log.info("TLS certificate reloaded from %s", settings.tls_cert)
+
+
+def _hangup(settings: Settings, context: ssl.SSLContext | None) -> None:
+    if context is None:
+        log.info("SIGHUP: no TLS certificate to reload")
+        return
+    _reload_tls(settings, context)
 
 
 def _bind(settings: Settings) -> list[socket.socket]:
@@ -152,7 +163,7 @@ def serve(settings: Settings) -> int:
     # worker) has its handlers, the signal waits, blocked, instead of killing it (a worker
     # killed so would leave its socket, which the supervisor holds too, taking connections
     # that nobody accepts).
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     print(f"tusserver listening on {_listening_on(settings, sockets[0])}", flush=True)
     try:
         if settings.workers == 1:
@@ -224,10 +235,12 @@ async def _serve_worker(
     loop = asyncio.get_running_loop()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop_asked)
-    if context is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload_tls, settings, context)
+    # SIGHUP reloads the TLS pair; without TLS it changes nothing (it must not end the
+    # process, as its default action would: log rotation sends it, and the supervisor
+    # passes it on to every worker)
+    loop.add_signal_handler(signal.SIGHUP, _hangup, settings, context)
     # blocked since `serve` announced the address: one sent meanwhile is delivered now
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     exit_code = 0
     try:
         while not stop.is_set():
@@ -329,7 +342,7 @@ def _supervise_workers(
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward_hangup)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since `serve` said so
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # blocked since `serve` said so
     exit_code = 0
     alive = set(children)
     while alive:
