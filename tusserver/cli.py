@@ -68,7 +68,7 @@ SERVE_EPILOG = (
     "/metrics (Prometheus text summed over the workers; --metrics-token, --no-metrics). "
     "Signals: SIGTERM or SIGINT stop gracefully (/ready answers 503 at once, the listener "
     "closes after --drain-delay, a second signal ends that wait, running PATCHes commit what "
-    "arrived); SIGHUP reloads --tls-cert and --tls-key."
+    "arrived); SIGHUP reloads --tls-cert and --tls-key (without them it changes nothing)."
 )
 
 
