@@ -14,7 +14,16 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "tusserver"
 # The top-level modules every layer may use: pure parsing, settings, errors, tokens, tasks,
 # and the one module that touches aiohttp's private details.
-FOUNDATION = {"errors", "protocol", "draft", "settings", "auth", "tasks", "aiohttp_private"}
+FOUNDATION = {
+    "errors",
+    "protocol",
+    "draft",
+    "batching",
+    "settings",
+    "auth",
+    "tasks",
+    "aiohttp_private",
+}
 # What each part may import from the package, besides itself and the foundation.
 MAY_IMPORT: dict[str, set[str]] = {
     "foundation": set(),

@@ -20,6 +20,7 @@ from tests.support.files import file_of
 from tests.support.servers import Server, ServerFactory
 from tests.support.tus import create_upload, head_offset, upload_id_of
 from tests.support.waiting import wait_until
+from tusserver.uploads import expiry
 
 GRACE_S = 3600.0
 OLD_S = 2 * GRACE_S
@@ -74,12 +75,12 @@ async def test_an_old_file_without_a_record_is_removed_and_nothing_else(
         path.write_bytes(b"not an upload file")
         age(path, OLD_S)
 
-    assert await server.uploads.remove_orphans(time.time()) == 1
+    assert await expiry.remove_orphans(server.uploads, time.time()) == 1
     assert not old_orphan.exists()
     assert young_orphan.exists() and recorded.exists()
     assert all(path.exists() for path in other_shapes)
     # past the grace the young orphan goes too; a file with a record never does
-    assert await server.uploads.remove_orphans(time.time() + GRACE_S) == 1
+    assert await expiry.remove_orphans(server.uploads, time.time() + GRACE_S) == 1
     assert not young_orphan.exists() and recorded.exists()
     assert await head_offset(http, server.url + upload_id_of(str(recorded))) == 0
 
@@ -90,7 +91,7 @@ async def test_a_folder_named_like_an_upload_file_is_left_alone(swept_server: Se
     folder.mkdir(parents=True)
     age(folder, OLD_S)
     old_orphan = orphan(data_dir, "cd" + "3" * 30, age_s=OLD_S)
-    assert await swept_server.uploads.remove_orphans(time.time()) == 1
+    assert await expiry.remove_orphans(swept_server.uploads, time.time()) == 1
     assert folder.is_dir() and not old_orphan.exists()
 
 
@@ -102,11 +103,11 @@ async def test_no_file_is_removed_when_no_old_file_has_a_record(
     caplog.set_level(logging.ERROR, logger="tusserver.uploads")
     server, data_dir = swept_server, swept_server.settings.data_dir
     orphans = [orphan(data_dir, f"{n:02x}" + "4" * 30, age_s=OLD_S) for n in range(11)]
-    assert await server.uploads.remove_orphans(time.time()) == 0
+    assert await expiry.remove_orphans(server.uploads, time.time()) == 0
     assert all(path.exists() for path in orphans)
     assert any("Nothing was removed" in r.getMessage() for r in caplog.records)
     # one old file with a record: the others are orphans after all
     recorded = age(server.file_of(await create_upload(http, server.url, 3)), OLD_S)
-    assert await server.uploads.remove_orphans(time.time()) == 11
+    assert await expiry.remove_orphans(server.uploads, time.time()) == 11
     assert not any(path.exists() for path in orphans)
     assert recorded.exists()

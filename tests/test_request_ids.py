@@ -18,7 +18,7 @@ from tests.support.events import events_of
 from tests.support.servers import Server, ServerFactory
 from tests.support.tus import TUS, create_upload, patch_headers, upload_id_of
 from tests.support.waiting import wait_until
-from tusserver.events.delivery import Entry
+from tusserver.events.entries import Entry
 from tusserver.protocol import MAX_REQUEST_ID_LENGTH, parse_request_id
 
 TOKEN_CHARS = set(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +28,10 @@ from aiohttp import web
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
-from tusserver import protocol
-from tusserver.errors import TusError
+from tusserver.events.entries import Entry, entries_of
 from tusserver.events.parent import (
     CountResult,
     PreCreateCheck,
-    json_bytes,
     post_headers,
     read_some,
     signing_secrets_of,
@@ -42,7 +39,7 @@ from tusserver.events.parent import (
 from tusserver.settings import Settings
 from tusserver.store import lua
 from tusserver.store.client import RedisClient, connect
-from tusserver.store.records import SHARD_COUNT, flat_pairs, redis_key
+from tusserver.store.records import SHARD_COUNT, as_text, flat_pairs, redis_key
 from tusserver.tasks import cancel_and_wait, was_cancelled
 
 log = logging.getLogger("tusserver.events.delivery")
@@ -69,116 +66,6 @@ def events_key(shard: int) -> str:
 
 def dead_letter_key(shard: int) -> str:
     return redis_key(shard, "dead")
-
-
-def _stored_metadata_text(raw: str) -> dict[str, str | None]:
-    try:
-        return protocol.metadata_text(protocol.parse_metadata(raw))
-    except TusError:  # stored metadata was parsed once already; never fail an event on it
-        return {}
-
-
-# -- the outbox in Redis -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One event of a shard's stream, as read for delivery."""
-
-    shard: int
-    stream_id: str
-    fields: Mapping[str, str]
-
-    @property
-    def event_id(self) -> str:
-        """Unique across shards, stable across retries and restarts: the parent dedups on it."""
-        return f"{self.shard}:{self.stream_id}"
-
-    def age_s(self, now: float) -> float:
-        """Seconds since the event was written (stream ids start with Redis's clock in ms)."""
-        return now - int(self.stream_id.split("-")[0]) / 1000
-
-    def body(self) -> bytes:
-        """The JSON the webhook receives; the same bytes at every try."""
-        fields = self.fields
-        if fields.get("type", "").startswith("batch."):
-            return self._batch_body()
-        length = fields.get("length", "")
-        return json_bytes(
-            {
-                "id": self.event_id,
-                "shard": self.shard,
-                "stream_id": self.stream_id,
-                "type": fields.get("type", ""),
-                "upload_id": fields.get("upload_id", ""),
-                "owner": fields.get("owner", ""),
-                "length": int(length) if length.isdigit() else None,
-                "offset": int(fields.get("offset") or 0),
-                "metadata": _stored_metadata_text(fields.get("metadata", "")),
-                "upload_metadata": fields.get("metadata", ""),
-                "sha256": fields.get("sha256") or None,
-                "path": fields.get("path", ""),
-                "url": fields.get("url", ""),
-                "time": float(fields.get("time") or 0),
-                "request_id": fields.get("request_id") or None,
-            }
-        )
-
-    def _batch_body(self) -> bytes:
-        """A batch's event: `batch.completed` lists every member with its length, SHA-256
-        and metadata; `batch.terminated` and `batch.expired` the ids and paths it had."""
-        fields = self.fields
-        files, total = fields.get("files", ""), fields.get("bytes", "")
-        body: dict[str, object] = {
-            "id": self.event_id,
-            "shard": self.shard,
-            "stream_id": self.stream_id,
-            "type": fields.get("type", ""),
-            "batch": fields.get("batch", ""),
-            "owner": fields.get("owner", ""),
-            "url": fields.get("url", ""),
-        }
-        if fields.get("type") == "batch.completed":
-            body |= {
-                "files": int(files) if files.isdigit() else 0,
-                "bytes": int(total) if total.isdigit() else 0,
-                "metadata": _stored_metadata_text(fields.get("metadata", "")),
-                "batch_metadata": fields.get("metadata", ""),
-            }
-        members = [_member(member) for member in json.loads(fields.get("members") or "[]")]
-        body |= {
-            "members": sorted(members, key=lambda member: str(member["path"])),
-            "time": float(fields.get("time") or 0),
-            "request_id": fields.get("request_id") or None,
-        }
-        return json_bytes(body)
-
-
-def _member(stored: Mapping[str, str]) -> dict[str, object]:
-    """A batch member as its event shows it (`lua.batch_member_done` stores strings)."""
-    member: dict[str, object] = {"id": stored.get("id", ""), "path": stored.get("path", "")}
-    if "sha256" in stored:  # a completed member
-        length = str(stored.get("length", ""))
-        member |= {
-            "length": int(length) if length.isdigit() else None,
-            "sha256": stored.get("sha256") or None,
-            "metadata": _stored_metadata_text(stored.get("metadata", "")),
-            "upload_metadata": stored.get("metadata", ""),
-            "url": stored.get("url", ""),
-        }
-    return member
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _entries(shard: int, rows: Sequence[Any]) -> list[Entry]:
-    return [
-        Entry(shard, _text(stream_id), {_text(k): _text(v) for k, v in fields.items()})
-        for stream_id, fields in rows
-        if stream_id is not None and fields
-    ]
 
 
 class Outbox:
@@ -212,7 +99,7 @@ class Outbox:
         reply: list[tuple[bytes, Sequence[Any]]] | None = await self.redis.xreadgroup(
             GROUP, self.consumer, {events_key(shard): ">"}, count=count, block=block_ms
         )  # type: ignore[assignment]  # RESP2: [[stream, rows]], None after a timeout
-        return [entry for _stream, rows in reply or [] for entry in _entries(shard, rows)]
+        return [entry for _stream, rows in reply or [] for entry in entries_of(shard, rows)]
 
     async def claim_stale(
         self, shard: int, count: int, min_idle_ms: int, cursor: str
@@ -222,7 +109,7 @@ class Outbox:
         reply = await self.redis.xautoclaim(
             events_key(shard), GROUP, self.consumer, min_idle_ms, cursor, count=count
         )
-        return _entries(shard, reply[1]), _text(reply[0])
+        return entries_of(shard, reply[1]), as_text(reply[0])
 
     async def hold(self, entry: Entry, *, new_try: bool) -> int:
         """Keep the entry ours (resets its idle time); its tries, or 0
@@ -255,7 +142,7 @@ class Outbox:
     async def forget_idle_consumers(self, shard: int, idle_ms: int) -> None:
         """Remove consumers of dead processes once they hold nothing and were long idle."""
         for consumer in await self.redis.xinfo_consumers(events_key(shard), GROUP):
-            name = _text(consumer["name"])
+            name = as_text(consumer["name"])
             if name != self.consumer and int(consumer["idle"]) > idle_ms:
                 await self._forget(keys=[events_key(shard)], args=[GROUP, name])
 

@@ -57,12 +57,12 @@ async def batch(request: web.Request) -> web.StreamResponse:
     if request.method in ("GET", "HEAD"):
         who.require("read")
         who.batch_quota.check_batch(name)
-        view = await batches(request).view(who.subject, protocol.parse_batch_name(name))
+        view = await batches(request).view(who.subject, name)
         return web.json_response(batch_json(view), headers={"Cache-Control": "no-store"})
     if request.method == "DELETE":
         who.require("delete")
         who.batch_quota.check_batch(name)
-        await batches(request).terminate(who.subject, protocol.parse_batch_name(name))
+        await batches(request).terminate(who.subject, name)
         return web.Response(status=204)
     raise MethodNotAllowed(request.method, "OPTIONS, GET, DELETE")
 
@@ -77,7 +77,7 @@ async def seal(request: web.Request) -> web.StreamResponse:
     who = handlers.grant(request)
     who.require("create")
     who.batch_quota.check_batch(name)
-    view = await batches(request).seal(who.subject, protocol.parse_batch_name(name))
+    view = await batches(request).seal(who.subject, name)
     return web.json_response(batch_json(view), headers={"Cache-Control": "no-store"})
 
 

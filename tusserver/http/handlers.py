@@ -334,9 +334,7 @@ async def listing(request: web.Request) -> web.Response:
         page = await uploads(request).list_owned(who.subject, after, limit)
     else:  # the uploads that hold a batch's paths now
         who.batch_quota.check_batch(batch)
-        members = await Batches(uploads(request)).members(
-            who.subject, protocol.parse_batch_name(batch)
-        )
+        members = await Batches(uploads(request)).members(who.subject, batch)
         page = [u for u in members if after is None or (u.created_at, u.upload_id) > after]
         page = page[:limit]
     next_cursor = None

@@ -14,13 +14,14 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from tusserver import protocol
+from tusserver import batching
 from tusserver.auth import BatchQuota
 from tusserver.errors import BadRequest, Forbidden, UploadGone, UploadNotFound
 from tusserver.store.batches import NO_SUCH_BATCH, Batch, BatchState
 from tusserver.store.records import SHARD_COUNT, Upload
+from tusserver.uploads.admission import batch_url
 from tusserver.uploads.lease import LOCK_TTL_MS
-from tusserver.uploads.service import Uploads, batch_url
+from tusserver.uploads.service import Uploads
 
 log = logging.getLogger("tusserver.uploads.batches")
 
@@ -72,7 +73,7 @@ class Batches:
         past the token's limits, 409 if the name is taken."""
         if name is None:
             name = quota.name or secrets.token_hex(16)
-        name = protocol.parse_batch_name(name)
+        name = batching.parse_batch_name(name)
         quota.check_batch(name)
         for count, what in ((files, "files"), (total_bytes, "bytes")):
             if count is not None and count < 1:
@@ -94,8 +95,9 @@ class Batches:
         return await self.state.get(owner, name)
 
     async def view(self, owner: str, name: str) -> BatchView:
-        """The batch `name` of `owner` and each member's upload as committed (404)."""
-        batch = await self.state.get(owner, name)
+        """The batch `name` of `owner` and each member's upload as committed (400 for a
+        name no batch can have, 404 for no batch)."""
+        batch = await self.state.get(owner, batching.parse_batch_name(name))
         paths = sorted(batch.paths.items())
         uploads = await self.uploads.state.get_many([upload_id for _, (upload_id, _) in paths])
         members = [
@@ -115,13 +117,13 @@ class Batches:
     async def seal(self, owner: str, name: str) -> BatchView:
         """No more files: the batch completes once the files it has are complete (which may
         be now). Sealing again changes nothing."""
-        await self.state.seal(owner, name, time.time())
+        await self.state.seal(owner, batching.parse_batch_name(name), time.time())
         return await self.view(owner, name)
 
     async def terminate(self, owner: str, name: str) -> int:
         """Delete the batch (its `batch.terminated` event) and terminate every member: how
-        many members were removed. 404 for no batch."""
-        batch = await self.state.get(owner, name)
+        many members were removed. 400 for a bad name, 404 for no batch."""
+        batch = await self.state.get(owner, batching.parse_batch_name(name))
         upload_ids = await self.state.remove(batch.key, "terminated", now=time.time(), owner=owner)
         if upload_ids is None:
             raise UploadNotFound(NO_SUCH_BATCH)

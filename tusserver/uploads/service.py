@@ -21,10 +21,8 @@ from typing import Literal
 
 from aiohttp import StreamReader
 
-from tusserver import protocol
-from tusserver.auth import EXPIRED, NO_BATCH_QUOTA, BatchQuota
+from tusserver.auth import EXPIRED
 from tusserver.errors import (
-    Forbidden,
     PayloadTooLarge,
     TusError,
     Unauthorized,
@@ -35,9 +33,11 @@ from tusserver.files.storage import Storage
 from tusserver.settings import Settings
 from tusserver.store.batches import BatchState
 from tusserver.store.client import connect as connect_redis
-from tusserver.store.records import Upload, batch_key_of, new_upload_id, shard_of
+from tusserver.store.records import Upload, new_upload_id
 from tusserver.store.state import UploadState, check_layout
 from tusserver.tasks import cancel_and_wait
+from tusserver.uploads import admission
+from tusserver.uploads.admission import NewUpload
 from tusserver.uploads.append import AppendContext, AppendSession
 from tusserver.uploads.body import (
     Body,
@@ -65,8 +65,6 @@ __all__ = [
 
 log = logging.getLogger("tusserver.uploads")
 READY_REDIS_TIMEOUT_S = 1.0  # /ready: a Redis slower than this is as good as down
-ORPHAN_BATCH = 1000  # ids checked in one Redis round trip
-ORPHANS_WITHOUT_DOUBT = 10  # more orphans than this, and no file with a record: suspect Redis
 
 
 def _ignore_upload(_event: str, _committed_bytes: int) -> None:
@@ -86,27 +84,6 @@ class Observers:
     upload: Callable[[str, int], None] = _ignore_upload
     lock: CountLock = _ignore  # lease.CountLock
     in_flight: Callable[[int], None] = _ignore  # +1 / -1 around each body being written
-
-
-@dataclass(frozen=True)
-class NewUpload:
-    """What a creation request asks for (checked by the handler)."""
-
-    owner: str
-    length: int | None  # None: deferred
-    metadata: str  # the Upload-Metadata header as stored
-    concat: str  # "partial" or ""
-    url_of: str  # the upload URL with "{id}" for its id
-    # An id chosen ahead (`Uploads.new_id`), so an interim answer can name the upload before
-    # its body is read; "" lets `create` choose.
-    upload_id: str = ""
-    # The digest of a token that may finish this upload after its expiry (Grant.created_by).
-    created_by: str = ""
-    # What the token allows of batches; a `batch` in the metadata makes the upload a member.
-    quota: BatchQuota = NO_BATCH_QUOTA
-    # Set once it joined its batch (`Uploads.admit`): the batch's key and the member's path.
-    batch: str = ""
-    batch_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -251,39 +228,12 @@ class Uploads:
 
     @staticmethod
     def new_id(owner: str = "", metadata: str = "") -> str:
-        """A fresh upload id, for a `NewUpload` whose URL must be known before it exists: in
-        the shard of the batch its `metadata` names, if any (400 for an invalid batch)."""
-        membership = protocol.batch_membership(protocol.parse_metadata(metadata))
-        if membership is None:
-            return new_upload_id()
-        return new_upload_id(shard_of(batch_key_of(owner, membership.batch)))
+        """A fresh upload id (in the shard of the batch `metadata` names: admission.new_id)."""
+        return admission.new_id(owner, metadata)
 
     async def admit(self, new: NewUpload) -> NewUpload:
-        """A new upload whose metadata names a batch (`batch`, with its path from
-        `relativePath`, `path` or `filename`) joins it before it is created, the batch made
-        now if it has not been: it gets an id in the batch's shard (its chosen one if that
-        is there). 400 for an invalid name or path; 403 past the token's batch, 404/409/413
-        as the batch allows (store/batches.py). Others pass as they are, unless the token
-        allows only its own batch (403). Partial uploads never join: their final upload
-        does."""
-        membership = protocol.batch_membership(protocol.parse_metadata(new.metadata))
-        quota = new.quota
-        if new.concat == "partial":  # a part of a final upload; the final one is the member
-            return new
-        if membership is None:
-            if quota.name is not None:
-                raise Forbidden("this token creates uploads in its batch only (metadata batch)")
-            return new
-        if quota.name is not None and quota.name != membership.batch:
-            raise Forbidden("this token creates uploads in another batch")
-        now = time.time()
-        key, upload_id = await self.batch_state.join(
-            new.owner, membership.batch, membership.path,
-            length=new.length, now=now, expires_at=now + self.lifetimes.expire_after_s,
-            url=batch_url(new.url_of, membership.batch), retention_s=self.lifetimes.retention_s,
-            quota=quota, implicit=True, upload_id=new.upload_id,
-        )  # fmt: skip
-        return replace(new, upload_id=upload_id, batch=key, batch_path=membership.path)
+        """`new`, joined to the batch its metadata names (admission.admit)."""
+        return await admission.admit(self.batch_state, self.lifetimes, new)
 
     def _new_upload(self, new: NewUpload) -> Upload:
         upload_id = new.upload_id or new_upload_id()
@@ -400,28 +350,6 @@ class Uploads:
         if removed:
             await self.storage.delete(upload.upload_id)
         return removed
-
-    async def remove_orphans(self, now: float) -> int:
-        """Remove the upload files that no record names and that have not changed for
-        --orphan-grace (a crash between a file and its record, or between a record's removal
-        and its file's): how many were removed. When no old file at all has a record (more
-        than a few of them), nothing is removed: that is a Redis that lost its state, not a
-        crash, and the operator is told so."""
-        old = await self.storage.files_older_than(now - self.orphan_grace_s)
-        orphans: list[str] = []
-        for start in range(0, len(old), ORPHAN_BATCH):
-            orphans += await self.state.unknown(old[start : start + ORPHAN_BATCH])
-        if len(orphans) > ORPHANS_WITHOUT_DOUBT and len(orphans) == len(old):
-            log.error(
-                "none of the %d upload files older than --orphan-grace has a record in Redis: "
-                "is this the Redis that holds their state? Nothing was removed.",
-                len(old),
-            )
-            return 0
-        for upload_id in orphans:
-            log.warning("removing upload file %s: no record names it", upload_id)
-            await self.storage.delete(upload_id)
-        return len(orphans)
 
     # -- completion ------------------------------------------------------------------------
 
@@ -543,11 +471,6 @@ async def open_uploads(
             storage.close()
     finally:
         await client.aclose()
-
-
-def batch_url(url_of: str, name: str) -> str:
-    """A batch's URL, beside its uploads': `<endpoint>batches/<name>`."""
-    return url_of.replace("{id}", f"batches/{name}")
 
 
 def _check_finisher(upload: Upload, finishing: str | None) -> None:
