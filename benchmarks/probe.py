@@ -33,11 +33,13 @@ from benchmarks import client
 class Timings:
     pairs_ms: list[float] = field(default_factory=list)
     heads_ms: list[float] = field(default_factory=list)
+    heads_sent_at: list[float] = field(default_factory=list)  # time.monotonic(), system-wide
     failures: Counter[str] = field(default_factory=Counter)
 
 
 async def _pair(http: aiohttp.ClientSession, url: str, patch_bytes: int, timings: Timings) -> None:
     progress = client.Progress()
+    timings.heads_sent_at.append(time.monotonic())
     started = time.perf_counter()
     offset = await client.head(http, url)
     timings.heads_ms.append((time.perf_counter() - started) * 1000)
@@ -92,6 +94,7 @@ def main() -> int:
     timings = asyncio.run(probe(args))
     print(json.dumps({"pairs": len(timings.pairs_ms), "latencies_ms": timings.pairs_ms,
                       "head_latencies_ms": timings.heads_ms,
+                      "heads_sent_at": timings.heads_sent_at[: len(timings.heads_ms)],
                       "failures": dict(timings.failures)}), flush=True)  # fmt: skip
     return 0
 
