@@ -9,7 +9,11 @@ and raises `LoadError` with the server's answer otherwise.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
+import resource
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -20,10 +24,21 @@ TUS = {"Tus-Resumable": "1.0.0"}
 OFFSET_STREAM = "application/offset+octet-stream"
 BLOCK = os.urandom(2**20)
 FORM_BOUNDARY = "------------------------" + os.urandom(8).hex()  # curl's shape
+# What tus-js-client and Uppy send with every creation; tuspyserver's HEAD answers 400
+# without a filename and a filetype.
+METADATA = ",".join(
+    f"{key} {base64.b64encode(value.encode()).decode()}"
+    for key, value in (("filename", "bench.bin"), ("filetype", "application/octet-stream"))
+)
 
 
 class LoadError(Exception):
-    """A server answered a request of the load with something unexpected."""
+    """A server answered a request of the load with something unexpected; `status` is the
+    HTTP status it answered (None when the answer itself was wrong)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -53,13 +68,48 @@ async def body(size: int, progress: Progress) -> AsyncIterator[bytes]:
         yield block
 
 
+async def paced_body(
+    size: int, bytes_per_s: int, progress: Progress, interval_s: float = 1.0
+) -> AsyncIterator[bytes]:
+    """`size` bytes at `bytes_per_s`: a piece every `interval_s` on a fixed schedule (no
+    drift when the loop is late), as a slow network delivers a long body."""
+    piece = BLOCK[: max(1, round(bytes_per_s * interval_s))]
+    started = time.monotonic()
+    remaining, sent_pieces = size, 0
+    while remaining > 0:
+        block = piece if remaining >= len(piece) else piece[:remaining]
+        remaining -= len(block)
+        progress.sent_bytes += len(block)
+        yield block
+        sent_pieces += 1
+        if remaining > 0:
+            await asyncio.sleep(max(0.0, started + sent_pieces * interval_s - time.monotonic()))
+
+
+def failure_kind(error: BaseException) -> str:
+    """What a failed request got: `PATCH 503`, `ServerDisconnectedError`, `TimeoutError`."""
+    if isinstance(error, LoadError) and error.status is not None:
+        return str(error).split(":", 1)[0] + f" {error.status}"
+    return type(error).__name__
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (thousands of
+    connections need as many descriptors); the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def _body_headers(size: int) -> dict[str, str]:
     return {"Content-Type": OFFSET_STREAM, "Content-Length": str(size)}
 
 
 async def _fail(response: aiohttp.ClientResponse, what: str) -> LoadError:
     text = (await response.text(errors="replace"))[:300]
-    return LoadError(f"{what}: {response.status} {text!r}")
+    return LoadError(f"{what}: {response.status} {text!r}", response.status)
 
 
 async def create(
@@ -71,7 +121,7 @@ async def create(
 ) -> tuple[str, int]:
     """POST a new upload of `length` bytes (with all of them as its body when `with_body`:
     creation-with-upload); its absolute URL and offset."""
-    headers = {**TUS, "Upload-Length": str(length)}
+    headers = {**TUS, "Upload-Length": str(length), "Upload-Metadata": METADATA}
     data = None
     if with_body:
         headers.update(_body_headers(length))
@@ -84,11 +134,18 @@ async def create(
 
 
 async def patch(
-    client: aiohttp.ClientSession, url: str, offset: int, size: int, progress: Progress
+    client: aiohttp.ClientSession,
+    url: str,
+    offset: int,
+    size: int,
+    progress: Progress,
+    data: AsyncIterator[bytes] | None = None,
 ) -> int:
-    """PATCH `size` bytes at `offset`; the new offset (checked to be offset + size)."""
+    """PATCH `size` bytes at `offset` (from `data`, by default `body`); the new offset
+    (checked to be offset + size)."""
     headers = {**TUS, "Upload-Offset": str(offset), **_body_headers(size)}
-    async with client.patch(url, headers=headers, data=body(size, progress)) as response:
+    data = body(size, progress) if data is None else data
+    async with client.patch(url, headers=headers, data=data) as response:
         if response.status != 204:
             raise await _fail(response, "PATCH")
         new_offset = int(response.headers["Upload-Offset"])

@@ -24,12 +24,13 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks import report, scenarios, servers
+from benchmarks import client, report, scenarios, servers
 from benchmarks.scenarios import QUICK_SIZES, SCENARIOS, Result, Run, Sizes
 from benchmarks.servers import TARGETS
 from tusserver.settings import SettingError, parse_size
 
-DEFAULT_TARGETS = ("raw", "raw-fsync", "tusserver", "tusserver-durable", "bare-aiohttp", "tus-node")
+DEFAULT_TARGETS = ("raw", "raw-fsync", "tusserver", "tusserver-durable", "bare-aiohttp", "tus-node",
+                   "tuspy")  # fmt: skip
 
 
 def _size(text: str) -> int:
@@ -42,18 +43,20 @@ def _size(text: str) -> int:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
-        description="Measure tusserver beside a raw disk write, a bare aiohttp append handler "
-        "and @tus/server (Node), in one run. Sizes take units: 2GiB, 8MiB, 1KiB.",
+        description="Measure tusserver beside a raw disk write, a bare aiohttp append handler, "
+        "@tus/server (Node) and tuspyserver (FastAPI), in one run. Sizes take units: 2GiB, "
+        "8MiB, 1KiB.",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smaller sizes (256 MiB single, 8 x 16 MiB, 200 small, 1 GiB soak)",
+        help="smaller sizes (256 MiB single, 8 x 16 MiB, 200 small, 1 GiB soak, 200 slow "
+        "uploads for 10 s)",
     )
     parser.add_argument(
         "--scenarios",
-        default="a,b,c,d,e,g",
-        help="letters of the scenarios to run; f runs with c [default: a,b,c,d,e,g]",
+        default="a,b,c,d,e,g,h",
+        help="letters of the scenarios to run; f runs with c [default: a,b,c,d,e,g,h]",
     )
     parser.add_argument(
         "--targets",
@@ -69,6 +72,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--small-bytes", type=_size, help="size of each small upload in d")
     parser.add_argument("--small-concurrency", type=int, help="small uploads in flight in d")
     parser.add_argument("--soak-bytes", type=_size, help="size of the upload in e")
+    parser.add_argument("--slow-uploads", type=int, help="slow uploads at once in h [2000]")
+    parser.add_argument("--slow-rate", type=_size,
+                        help="bytes per second each slow upload sends in h [1KiB]")  # fmt: skip
+    parser.add_argument("--slow-seconds", type=int,
+                        help="seconds each slow upload lasts in h [20]")  # fmt: skip
+    parser.add_argument("--slow-ramp-s", type=float,
+                        help="seconds over which h's uploads start [1]")  # fmt: skip
     parser.add_argument(
         "--work-dir",
         type=Path,
@@ -163,6 +173,7 @@ def machine_facts(work_dir: Path) -> dict[str, Any]:
         "aiohttp": aiohttp.__version__,
         "node": servers.node_version(),
         "node_packages": servers.NODE_PACKAGES,
+        "tuspyserver": servers.tuspy_version(),
         "tusserver_commit": _command_output("git", "-C", str(servers.HERE.parent),
                                             "rev-parse", "--short", "HEAD") or None,
     }  # fmt: skip
@@ -195,6 +206,13 @@ async def run_all(args: argparse.Namespace) -> int:
             node_dir = await asyncio.to_thread(servers.install_node_server, work_dir / "node")
         except servers.ServerError as error:
             _progress(f"the @tus/server baseline is left out: {error}")
+    if "tuspy" in names and (missing := servers.tuspy_missing()) is not None:
+        _progress(f"the tuspyserver peer is left out: {missing}")
+        names.remove("tuspy")
+    if "h" in keys:
+        wanted = sizes.slow_uploads + 256  # the slow uploads' sockets, and room for the rest
+        if (limit := client.raise_open_file_limit()) < wanted:
+            _progress(f"h needs about {wanted} open files, the limit is {limit}: expect errors")
     facts = machine_facts(work_dir)
     facts["command"] = shlex.join(["python", "-m", "benchmarks.run", *sys.argv[1:]])
     facts["sizes"] = asdict(sizes)
@@ -216,7 +234,7 @@ async def run_all(args: argparse.Namespace) -> int:
     report.add_ratios(results)
     for result in results:
         _emit(result.as_json(), lines)
-    for check in report.checks(results):
+    for check in report.checks(results, sha256):
         _emit(check.as_json(), lines)
     _emit({"kind": "end", "loadavg_at_end": _loadavg()}, lines)
     table = report.markdown(results, sizes, facts)

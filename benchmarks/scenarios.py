@@ -12,6 +12,9 @@ same bytes (or files) straight to the same disk from a thread: the physical limi
     f  HEAD+PATCH pairs of a probe upload during c       (p50/p99)
     g  a's upload as one file part of a multipart form   (MB/s, and as a ratio to a)
        (tusserver and the raw write only: the baselines take no forms)
+    h  --slow-uploads uploads at once, each a PATCH whose body arrives at --slow-rate for
+       --slow-seconds (phones on a bad network), one server process; a probe beside them
+       (HEAD p50/p99 on a new connection, HEAD+PATCH p50/p99, failures, RSS of the tree)
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,6 +43,9 @@ HASH_BLOCK = client.BLOCK * 4
 RAW_WRITE_BYTES = 64 * 2**10  # the fastest write size on the machine of the README
 SWEEP_WRITE_SIZES = (64 * 2**10, 256 * 2**10, 2**20, 4 * 2**20)
 PROBE_READY_TIMEOUT_S = 60.0
+SLOW_PROBE_INTERVAL_S = 0.05  # h's probe pauses between pairs: a probe, not another load
+SLOW_PROBE_PAIR_TIMEOUT_S = 30.0
+SLOW_GRACE_S = 60.0  # h waits this long past its schedule before it gives up on an upload
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,10 @@ class Sizes:
     small_concurrency: int = 16
     soak_bytes: int = 10 * 2**30
     probe_patch_bytes: int = 4096
+    slow_uploads: int = 2000
+    slow_rate: int = 1024  # bytes per second of each slow upload
+    slow_seconds: int = 20
+    slow_ramp_s: float = 1.0  # the slow uploads start evenly spread over this window
 
 
 QUICK_SIZES = Sizes(
@@ -61,10 +72,13 @@ QUICK_SIZES = Sizes(
     concurrent_bytes=16 * 2**20,
     small_count=200,
     soak_bytes=1 * 2**30,
+    slow_uploads=200,
+    slow_seconds=10,
 )
 
 
-ALL_KINDS = ("raw", "tusserver", "bare", "node")
+ALL_KINDS = ("raw", "tusserver", "bare", "node", "tuspy")
+SERVER_KINDS = ("tusserver", "bare", "node", "tuspy")
 
 
 @dataclass(frozen=True)
@@ -72,7 +86,8 @@ class Scenario:
     key: str
     name: str
     title: str
-    metric: str  # the figure ratios are taken of: mb_per_s, uploads_per_s or p99_ms
+    metric: str  # the figure ratios are taken of: mb_per_s, uploads_per_s or p99_ms (h: of
+    # the HEADs alone)
     target_kinds: tuple[str, ...] = ALL_KINDS  # the targets that can take this load
 
     def takes(self, target: Target) -> bool:
@@ -91,6 +106,8 @@ SCENARIOS = {
         Scenario("f", "f_latency_under_c", "HEAD+PATCH pair latency during c", "p99_ms"),
         Scenario("g", "g_form_upload", "one upload of {single}, one multipart/form-data POST",
                  "mb_per_s", ("raw", "tusserver")),
+        Scenario("h", "h_slow_clients", "{slow} uploads at {rate}/s for {seconds} s, one "
+                 "process: a new HEAD", "p99_ms", SERVER_KINDS),
     )
 }  # fmt: skip
 
@@ -111,6 +128,7 @@ class Result:
     p99_ms: float | None = None
     samples: int | None = None
     cpu_s: float | None = None
+    cpu_s_per_gb: float | None = None  # cpu_s over the 10^9 bytes the scenario moved
     cpu_pressure_pct: float | None = None  # wall time in which some task waited for a CPU
     peak_rss_mib: float | None = None
     peak_rss_sum_mib: float | None = None
@@ -118,6 +136,13 @@ class Result:
     rss_by_process_mib: dict[str, float] | None = None
     cpu_by_process_s: dict[str, float] | None = None
     workers: int | None = None
+    # h: p50_ms/p99_ms are the probe's HEADs alone (on a new connection), these its pairs
+    pair_p50_ms: float | None = None
+    pair_p99_ms: float | None = None
+    failed: int | None = None  # h: uploads that did not end with a 204, and why
+    failures: dict[str, int] | None = None
+    created_within_s: float | None = None  # h: from the first POST to the last 201
+    created_p99_ms: float | None = None  # h: HEAD p99 once every upload was created
     runs: int = 1
     run_values: list[float] | None = None  # the scenario's metric in each run that succeeded
     ratios: dict[str, float] = field(default_factory=dict)
@@ -138,6 +163,11 @@ class Result:
         self.cpu_by_process_s = usage.cpu_by_process_s
         if self.scenario == SCENARIOS["e"].name:
             self.rss_slope_mib_per_gib = usage.rss_slope_mib_per_gib
+
+    def add_cpu_per_gb(self) -> None:
+        """CPU-seconds per 10^9 bytes moved, from `cpu_s` and `bytes` (none without bytes)."""
+        if self.cpu_s is not None and self.bytes > 0:
+            self.cpu_s_per_gb = round(self.cpu_s / (self.bytes / 1e9), 2)
 
 
 def combine(runs: list[Result], metric: str) -> Result:
@@ -224,33 +254,19 @@ async def load_concurrent(ctx: Context, result: Result) -> list[Result]:
     """Scenario c, with the latency probe of scenario f running beside it."""
     count, each = ctx.sizes.concurrent_uploads, ctx.sizes.concurrent_bytes
     latency = Result(SCENARIOS["f"].name, result.target, result.label, workers=result.workers)
-    probe = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchmarks.probe", ctx.endpoint,
-        "--patch-bytes", str(ctx.sizes.probe_patch_bytes),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, cwd=ctx.repo_root,
-    )  # fmt: skip
+    probe = await _start_probe(ctx)
     try:
-        assert probe.stdout is not None
-        ready = await asyncio.wait_for(probe.stdout.readline(), PROBE_READY_TIMEOUT_S)
-        if ready.strip() != b"ready":
-            raise client.LoadError(f"the latency probe did not start: {ready!r}")
         async with client.session() as http:
             started = time.perf_counter()
             await asyncio.gather(
                 *(client.upload(http, ctx.endpoint, each, ctx.progress) for _ in range(count))
             )
             _throughput(result, count * each, count, time.perf_counter() - started)
-        probe.send_signal(signal.SIGTERM)
-        output = await asyncio.wait_for(probe.stdout.read(), PROBE_READY_TIMEOUT_S)
-        if await probe.wait() != 0:
-            raise client.LoadError("the latency probe failed")
-        latencies = json.loads(output.decode().strip().splitlines()[-1])["latencies_ms"]
-        _latencies(latency, latencies)
-        latency.elapsed_s = result.elapsed_s
+        measured = await _stop_probe(probe)
     finally:
-        if probe.returncode is None:
-            probe.kill()
-            await probe.wait()
+        await _end_probe(probe)
+    _latencies(latency, measured["latencies_ms"])
+    latency.elapsed_s = result.elapsed_s
     return [result, latency]
 
 
@@ -295,6 +311,105 @@ async def load_form(ctx: Context, result: Result) -> list[Result]:
     return [result]
 
 
+async def _start_probe(ctx: Context, *options: str) -> asyncio.subprocess.Process:
+    """The latency probe (benchmarks/probe.py) on an upload of its own, once it is ready."""
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.probe", ctx.endpoint,
+        "--patch-bytes", str(ctx.sizes.probe_patch_bytes), *options,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, cwd=ctx.repo_root,
+    )  # fmt: skip
+    assert probe.stdout is not None
+    try:
+        ready = await asyncio.wait_for(probe.stdout.readline(), PROBE_READY_TIMEOUT_S)
+        if ready.strip() != b"ready":
+            raise client.LoadError(f"the latency probe did not start: {ready!r}")
+    except BaseException:
+        await _end_probe(probe)
+        raise
+    return probe
+
+
+async def _stop_probe(probe: asyncio.subprocess.Process) -> dict[str, Any]:
+    """SIGTERM the probe; what it measured."""
+    assert probe.stdout is not None
+    probe.send_signal(signal.SIGTERM)
+    output = await asyncio.wait_for(probe.stdout.read(), PROBE_READY_TIMEOUT_S)
+    if await probe.wait() != 0:
+        raise client.LoadError("the latency probe failed")
+    found: dict[str, Any] = json.loads(output.decode().strip().splitlines()[-1])
+    return found
+
+
+async def _end_probe(probe: asyncio.subprocess.Process) -> None:
+    if probe.returncode is None:
+        probe.kill()
+        await probe.wait()
+
+
+async def load_slow_clients(ctx: Context, result: Result) -> list[Result]:
+    """Scenario h: many phones on a bad network. Each upload is created, then sends its
+    whole length in one PATCH whose body arrives at `slow_rate` bytes a second for
+    `slow_seconds`, as a tus client's big PATCH does over a slow link (the server holds an
+    open request, its lock and its file per upload for the whole time). The uploads start
+    spread evenly over `slow_ramp_s`. Meanwhile the probe times a HEAD on a new connection
+    (a client coming back to resume) and a 4 KiB PATCH after it. An upload that fails is
+    counted by what it got, not raised: how many fail is a result."""
+    sizes = ctx.sizes
+    count, rate = sizes.slow_uploads, sizes.slow_rate
+    seconds = max(0, sizes.slow_seconds)
+    length = rate * (seconds + 1)  # a piece as the body starts, then one a second
+    failures: Counter[str] = Counter()
+    created_at: list[float] = []
+    completed = 0
+
+    async def one(http: aiohttp.ClientSession, index: int, started: float) -> None:
+        nonlocal completed
+        await asyncio.sleep(max(0.0, started + sizes.slow_ramp_s * index / count
+                                - time.perf_counter()))  # fmt: skip
+        try:
+            url, offset = await client.create(http, ctx.endpoint, length, ctx.progress)
+            created_at.append(time.monotonic())
+            paced = client.paced_body(length - offset, rate, ctx.progress)
+            await client.patch(http, url, offset, length - offset, ctx.progress, paced)
+            completed += 1
+        except (client.LoadError, aiohttp.ClientError, OSError, TimeoutError) as error:
+            failures[client.failure_kind(error)] += 1
+
+    probe = await _start_probe(
+        ctx, "--new-connection", "--count-failures", "--interval-s", str(SLOW_PROBE_INTERVAL_S),
+        "--pair-timeout-s", str(SLOW_PROBE_PAIR_TIMEOUT_S),
+    )  # fmt: skip
+    try:
+        async with client.session(connections=count + 16) as http:
+            started, started_at = time.perf_counter(), time.monotonic()
+            tasks = [asyncio.create_task(one(http, i, started)) for i in range(count)]
+            _done, late = await asyncio.wait(
+                tasks, timeout=sizes.slow_ramp_s + seconds * 2 + SLOW_GRACE_S
+            )
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            failures["unfinished in time"] += len(late)
+            _throughput(result, completed * length, completed, time.perf_counter() - started)
+        measured = await _stop_probe(probe)
+    finally:
+        await _end_probe(probe)
+    _latencies(result, measured["head_latencies_ms"])
+    result.pair_p50_ms = percentile(measured["latencies_ms"], 0.50)
+    result.pair_p99_ms = percentile(measured["latencies_ms"], 0.99)
+    for kind, n in measured["failures"].items():
+        failures[f"probe: {kind}"] += n
+    result.failed = count - completed
+    result.failures = {kind: n for kind, n in failures.most_common() if n}
+    if created_at:  # the probe's clock is the same: CLOCK_MONOTONIC is system-wide
+        result.created_within_s = round(max(created_at) - started_at, 2)
+        after = [ms for ms, sent_at in zip(measured["head_latencies_ms"],
+                                           measured["heads_sent_at"], strict=True)
+                 if sent_at > max(created_at)]  # fmt: skip
+        result.created_p99_ms = percentile(after, 0.99)
+    return [result]
+
+
 LOADS: dict[str, Load] = {
     "a": load_single,
     "b": load_chunked,
@@ -302,6 +417,7 @@ LOADS: dict[str, Load] = {
     "d": load_small,
     "e": load_soak,
     "g": load_form,
+    "h": load_slow_clients,
 }
 
 
@@ -351,8 +467,12 @@ async def measure(run: Run, scenario: Scenario, target: Target) -> list[Result]:
                 await asyncio.to_thread(_measure_raw, run, scenario, data_dir, result,
                                         target.is_durable)  # fmt: skip
                 result.cpu_pressure_pct = pressure.percent()
+                result.add_cpu_per_gb()
                 return [result]
-            return await _measure_server(run, scenario, target, data_dir, result)
+            results = await _measure_server(run, scenario, target, data_dir, result)
+            for each in results:
+                each.add_cpu_per_gb()
+            return results
     except (
         TimeoutError, OSError, ValueError, aiohttp.ClientError, client.LoadError,
         servers.ServerError,

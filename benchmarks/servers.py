@@ -2,11 +2,14 @@
 directory, and stopped by its pid (its own descendants too, matched by pid and start time).
 
 The Node reference server is installed from npm into `<work-dir>/node/` (git-ignored) the
-first time it is needed, at the pinned versions below.
+first time it is needed, at the pinned versions below. The tuspyserver peer runs in this
+interpreter and needs `pip install -e '.[bench]'` (tuspyserver and uvicorn).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -34,7 +37,7 @@ class Target:
 
     name: str
     label: str
-    kind: str  # "tusserver", "bare", "node" or "raw"
+    kind: str  # "tusserver", "bare", "node", "tuspy" or "raw"
     is_durable: bool = False  # fsyncs: compared with the raw write that fsyncs too
 
 
@@ -47,6 +50,7 @@ TARGETS = {
         Target("tusserver-durable", "tusserver (default: --fsync always)", "tusserver", True),
         Target("bare-aiohttp", "bare aiohttp append", "bare"),
         Target("tus-node", "@tus/server + @tus/file-store", "node"),
+        Target("tuspy", "tuspyserver (FastAPI + uvicorn)", "tuspy"),
     )
 }
 
@@ -103,6 +107,9 @@ def command(target: Target, data_dir: Path, workers: int, node_dir: Path | None)
     if target.kind == "bare":
         return [sys.executable, "-m", "benchmarks.bare_append", "--port", "0",
                 "--data-dir", str(data_dir), "--workers", str(workers)]  # fmt: skip
+    if target.kind == "tuspy":
+        return [sys.executable, "-m", "benchmarks.tuspy_server", "--port", "0",
+                "--data-dir", str(data_dir)]  # fmt: skip
     if target.kind == "node":
         if node_dir is None:
             raise ServerError("the Node server is not installed")
@@ -154,6 +161,22 @@ def _wait_for_workers(server: RunningServer, workers: int) -> None:
         if len(pythons) >= workers:
             return
         time.sleep(0.05)
+
+
+def tuspy_missing() -> str | None:
+    """Why the tuspyserver peer cannot run in this interpreter, or None when it can."""
+    needed = ("tuspyserver", "uvicorn")
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return f"{' and '.join(missing)} not installed (pip install -e '.[bench]')"
+
+
+def tuspy_version() -> str | None:
+    try:
+        return importlib.metadata.version("tuspyserver")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def node_available() -> bool:

@@ -1,6 +1,7 @@
 """The benchmark harness still runs: every scenario at tiny sizes against tusserver, the bare
-aiohttp baseline and the raw write (the Node baseline is left out: it needs npm packages).
-It checks the harness, not the numbers: no speed is asserted."""
+aiohttp baseline, the raw write and, where `.[bench]` is installed, tuspyserver (the Node
+baseline is left out: it needs npm packages). It checks the harness, not the numbers: no
+speed is asserted."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,20 +17,23 @@ from typing import Any
 import aiohttp
 import pytest
 
-from benchmarks import scenarios
+from benchmarks import client, scenarios, servers
 from tests.support.processes import ServerProcess
 from tests.support.tus import OFFSET_STREAM, TUS, patch_headers, repr_digest_of
 from tests.support.waiting import wait_until
 from tusserver.protocol import format_repr_digest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ("raw", "tusserver", "bare-aiohttp")
+# tuspyserver only where it is installed: the suite must not need the `bench` extra
+TARGETS = ("raw", "tusserver", "bare-aiohttp") + (("tuspy",) if not servers.tuspy_missing() else ())
+SERVERS = {"tusserver", "bare-aiohttp", "tuspy"} & set(TARGETS)
 TINY = (
     "--single-bytes", "4MiB", "--patch-bytes", "1MiB", "--concurrent-uploads", "3",
     "--concurrent-bytes", "1MiB", "--concurrent-workers", "2", "--small-count", "20",
-    "--small-concurrency", "4", "--soak-bytes", "6MiB", "--settle", "0",
-    "--repeat", "1",
+    "--small-concurrency", "4", "--soak-bytes", "6MiB", "--slow-uploads", "20",
+    "--slow-seconds", "1", "--slow-ramp-s", "0.2", "--settle", "0", "--repeat", "1",
 )  # fmt: skip
+SLOW = scenarios.SCENARIOS["h"].name
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +58,46 @@ def test_every_scenario_has_a_result_for_every_target(
     lines, _table = harness_run
     results = [line for line in lines if line["kind"] == "result"]
     seen = {(r["scenario"], r["target"]) for r in results}
-    servers = {"tusserver", "bare-aiohttp"}
-    expected = {(s.name, t) for s in scenarios.SCENARIOS.values() for t in TARGETS}
+    expected = {
+        (s.name, t)
+        for s in scenarios.SCENARIOS.values()
+        for t in TARGETS
+        if s.takes(servers.TARGETS[t])  # g: tusserver and raw only; h: servers only
+    }
     expected -= {(scenarios.SCENARIOS["f"].name, "raw")}  # f measures servers only
-    expected -= {(scenarios.SCENARIOS["g"].name, "bare-aiohttp")}  # the bare handler: no forms
     assert seen == expected
     for result in results:
         assert result["error"] is None, result
         if result["scenario"] == scenarios.SCENARIOS["f"].name:
             assert result["samples"] > 0 and 0 < result["p50_ms"] <= result["p99_ms"]
+            assert result["cpu_s_per_gb"] is None  # f moves no bytes of its own
         else:
-            assert result["mb_per_s"] > 0 and result["uploads_per_s"] > 0
-        if result["target"] in servers:  # CPU ticks are 10 ms: a tiny scenario may spend 0
+            assert result["bytes"] > 0 and result["uploads_per_s"] > 0
+            assert result["mb_per_s"] > 0 or result["scenario"] == SLOW  # h: 40 KiB in a second
+            if result["cpu_s"]:
+                gb = result["bytes"] / 1e9
+                assert result["cpu_s_per_gb"] == pytest.approx(result["cpu_s"] / gb, rel=0.01)
+        if result["target"] in SERVERS:  # CPU ticks are 10 ms: a tiny scenario may spend 0
             assert result["cpu_s"] >= 0 and result["peak_rss_mib"] > 0, result
-    for server in servers:
+    for server in SERVERS:
         assert sum(r["cpu_s"] for r in results if r["target"] == server) > 0
+
+
+def test_slow_clients_all_finish_while_the_probe_measures_a_new_head(
+    harness_run: tuple[list[dict[str, Any]], str],
+) -> None:
+    lines, table = harness_run
+    rows = [line for line in lines if line.get("scenario") == SLOW]
+    assert {row["target"] for row in rows} == SERVERS
+    for row in rows:
+        assert (row["failed"], row["failures"], row["uploads"]) == (0, {}, 20), row
+        assert row["bytes"] == 20 * 2 * 1024  # 1 KiB as the body starts, 1 KiB a second later
+        assert row["elapsed_s"] >= 1.0 and row["workers"] == 1
+        assert row["samples"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+        assert 0 < row["pair_p50_ms"] <= row["pair_p99_ms"]
+        assert row["peak_rss_sum_mib"] >= row["peak_rss_mib"] > 0
+    assert "| many slow clients (h): 20 uploads at 1 KiB/s for 1 s |" in table
+    assert "issue 24, h: tusserver new HEAD p99" in table
 
 
 def test_tusserver_rows_carry_ratios_to_the_baselines(
@@ -79,8 +109,10 @@ def test_tusserver_rows_carry_ratios_to_the_baselines(
             continue
         if result["scenario"] != scenarios.SCENARIOS["g"].name:  # the bare handler: no forms
             assert result["ratios"]["vs_bare-aiohttp"] > 0
-        if result["scenario"] != scenarios.SCENARIOS["f"].name:
+        if result["scenario"] not in (scenarios.SCENARIOS["f"].name, SLOW):  # servers only
             assert result["ratios"]["vs_raw"] > 0
+        if "tuspy" in TARGETS and result["scenario"] != scenarios.SCENARIOS["g"].name:
+            assert result["ratios"]["vs_tuspy"] > 0
     form = next(
         r for r in lines if r.get("scenario") == "g_form_upload" and r["target"] == "tusserver"
     )
@@ -111,6 +143,7 @@ def test_machine_facts_targets_and_table_are_reported(
     }
     assert lines[-1]["kind"] == "end"
     assert table.startswith("| scenario | target | MB/s |")
+    assert "| server CPU s/GB |" in table
     assert "tusserver --fsync never" in table and "hashlib SHA-256" in table
     assert "| target of the issue |" in table
     assert "| the same bytes as one form part (g) and one PATCH (a) |" in table
@@ -131,6 +164,15 @@ def test_repeated_runs_report_the_median_run_and_the_highest_peak_rss() -> None:
     assert row.peak_rss_mib == 70.0  # the highest of the runs that succeeded
     failed = scenarios.combine([run(None, 1.0, "boom")], "mb_per_s")
     assert failed.error == "boom"
+
+
+async def test_a_paced_body_sends_a_piece_at_each_interval() -> None:
+    progress = client.Progress()
+    started = time.monotonic()
+    pieces = [len(piece) async for piece in client.paced_body(520, 1000, progress, 0.05)]
+    assert pieces == [50] * 10 + [20]  # 1,000 bytes a second: 50 every 0.05 s
+    assert progress.sent_bytes == 520
+    assert time.monotonic() - started >= 10 * 0.05
 
 
 async def upload_in_one_small_patch(http: aiohttp.ClientSession, server_url: str) -> str:
