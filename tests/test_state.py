@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -13,7 +14,7 @@ import redis.asyncio as aioredis
 
 from tusserver.errors import OffsetMismatch, PayloadTooLarge, UploadGone, UploadNotFound
 from tusserver.store.embedded import EmbeddedRedis
-from tusserver.store.records import Upload, new_upload_id, redis_key
+from tusserver.store.records import SHARD_COUNT, Upload, new_upload_id, redis_key
 from tusserver.store.state import LockLost, UploadState
 
 LOCK_MS = 3000
@@ -301,3 +302,34 @@ async def test_lock_traffic_never_reaches_the_append_only_file(tmp_path: Path) -
     assert f"upload:{upload.upload_id}".encode() in logged  # the AOF is the one we read
     assert b":lock:" not in logged
     assert b":release:" not in logged
+
+
+async def test_renew_many_keeps_each_answer_with_its_lock_across_shards(
+    state: UploadState,
+) -> None:
+    """Many locks spread over every shard, renewed one script call per shard: each answer
+    (its pending request, or LockLost) comes back in the order the locks were given, and
+    a lock that has run down is extended."""
+    uploads = [replace(new_upload(), upload_id=new_upload_id(n % SHARD_COUNT)) for n in range(64)]
+    tokens = []
+    for number, upload in enumerate(uploads):
+        await state.create(upload)
+        acquired = await state.acquire(upload.upload_id, "alice", LOCK_MS)
+        assert acquired is not None
+        tokens.append(acquired[1] if number % 7 else "not-the-token")
+        if number % 5 == 0:
+            await state.ask_holder(upload.upload_id, f"commit:{number}", LOCK_MS)
+    assert len({upload.shard for upload in uploads}) == SHARD_COUNT
+    low = redis_key(uploads[1].shard, "lock", uploads[1].upload_id)
+    await state.redis.pexpire(low, 1000)
+    answers = await state.renew_many(
+        [(u.upload_id, t) for u, t in zip(uploads, tokens, strict=True)],
+        LOCK_MS,
+        extend_below_ms=1500,
+    )
+    for number, answer in enumerate(answers):
+        if number % 7 == 0:
+            assert isinstance(answer, LockLost), number
+        else:
+            assert answer == (f"commit:{number}" if number % 5 == 0 else ""), number
+    assert await state.redis.pttl(low) > 1500

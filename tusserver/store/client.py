@@ -16,12 +16,12 @@ MAX_CONNECTIONS = 64
 POOL_WAIT_S = 10.0
 
 
-async def connect(url: str) -> RedisClient:
+async def connect(url: str, max_connections: int = MAX_CONNECTIONS) -> RedisClient:
     """A client for the Redis at `url`, with a bounded pool whose users wait for a free
     connection: a cluster-aware one when that server is a node of a Redis Cluster (every
     step of ours touches one slot, so the layout works unchanged)."""
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S,
+        url, max_connections=max_connections, timeout=POOL_WAIT_S,
         health_check_interval=30, **_CLIENT_OPTIONS,
     )  # fmt: skip
     client = aioredis.Redis.from_pool(pool)  # closing the client closes its pool

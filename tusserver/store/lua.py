@@ -365,6 +365,31 @@ return request
 """,
 )
 
+# RENEW for many locks of one shard in one call (what a process holds: a few, or thousands of
+# slow uploads).
+# KEYS: lock and release-request key of each lock, in pairs. ARGV: ttl (ms), time left (ms)
+#       below which a lock is extended, then each lock's token in the order of KEYS.
+# Result: for each lock, as RENEW: Renew.LOCK_NOT_HELD or the pending request ("" for none).
+RENEW_MANY = script(
+    Renew,
+    """
+volatile_writes_from_here()
+local answers = {}
+for i = 1, #KEYS / 2 do
+  local lock = KEYS[2 * i - 1]
+  if redis.call('GET', lock) ~= ARGV[i + 2] then
+    answers[i] = LOCK_NOT_HELD
+  else
+    if redis.call('PTTL', lock) < tonumber(ARGV[2]) then
+      redis.call('PEXPIRE', lock, ARGV[1])
+    end
+    answers[i] = redis.call('GET', KEYS[2 * i]) or ''
+  end
+end
+return answers
+""",
+)
+
 # KEYS: lock, release-request key. ARGV: lock token.
 # Result: Release.RELEASED, or NOT_OURS. A request to this holder goes with it.
 RELEASE = script(

@@ -39,6 +39,7 @@ from tusserver.store.records import (
     is_upload_id,
     keys_of,
     redis_key,
+    shard_of,
     upload_from_hash,
     upload_of,
 )
@@ -83,6 +84,7 @@ class UploadState:
         tombstone_ttl_s: float,
         path_of: Callable[[str], str],
         checkpoint_s: float = 0.0,
+        renew_client: RedisClient | None = None,
         observe: Callable[[str, int], None] = lambda event, committed_bytes: None,
     ) -> None:
         # `observe(event, committed_bytes)` hears of each event appended (created, completed,
@@ -100,6 +102,10 @@ class UploadState:
         self._complete: AsyncScript = client.register_script(lua.COMPLETE)
         self._remove: AsyncScript = client.register_script(lua.REMOVE)
         self._renew: AsyncScript = client.register_script(lua.RENEW)
+        # The lock renewals have a connection of their own (`renew_client`), so they never
+        # queue for one behind a burst of requests while their locks run out.
+        self.renewals = renew_client or client
+        self._renew_many: AsyncScript = self.renewals.register_script(lua.RENEW_MANY)
         self._release: AsyncScript = client.register_script(lua.RELEASE)
         self._ask_holder: AsyncScript = client.register_script(lua.ASK_HOLDER)
         self._declare_length: AsyncScript = client.register_script(lua.DECLARE_LENGTH)
@@ -449,27 +455,32 @@ class UploadState:
     async def renew_many(
         self, locks: list[tuple[str, str]], ttl_ms: int, *, extend_below_ms: int
     ) -> list[str | LockLost]:
-        """`renew` for many (upload id, token) locks in one round trip (a pipeline; on a
-        cluster, whose pipelines may not carry scripts, one call each, concurrently): for
-        each, its pending request, or LockLost. Raises the Redis error if the round trip
-        fails."""
-        args = [ttl_ms, extend_below_ms]
-        client = self.redis
+        """`renew` for many (upload id, token) locks: one script call per shard (its keys
+        share the shard's slot), all of them in one round trip (a pipeline; on a cluster,
+        whose pipelines may not carry scripts, concurrently): for each lock, in order, its
+        pending request, or LockLost. Raises the Redis error if the round trip fails."""
+        by_shard: dict[int, list[int]] = {}
+        for index, (upload_id, _token) in enumerate(locks):
+            by_shard.setdefault(shard_of(upload_id), []).append(index)
+        calls: list[tuple[list[str], list[str | int]]] = []
+        for indexes in by_shard.values():
+            keys = [key for i in indexes for key in keys_of(locks[i][0], "lock", "release")]
+            calls.append((keys, [ttl_ms, extend_below_ms, *(locks[i][1] for i in indexes)]))
+        client = self.renewals
         if not isinstance(client, aioredis.Redis):
-            results = await asyncio.gather(
-                *(
-                    self._renew(keys=keys_of(upload_id, "lock", "release"), args=[token, *args])
-                    for upload_id, token in locks
-                )
+            replies = await asyncio.gather(
+                *(self._renew_many(keys=keys, args=args) for keys, args in calls)
             )
         else:
             async with client.pipeline(transaction=False) as pipe:
-                for upload_id, token in locks:
-                    await self._renew(
-                        keys=keys_of(upload_id, "lock", "release"), args=[token, *args], client=pipe
-                    )
-                results = await pipe.execute()
-        return [_renewal(result) for result in results]
+                for keys, args in calls:
+                    await self._renew_many(keys=keys, args=args, client=pipe)
+                replies = await pipe.execute()
+        answers: list[str | LockLost] = [LockLost()] * len(locks)
+        for indexes, reply in zip(by_shard.values(), replies, strict=True):
+            for index, result in zip(indexes, reply, strict=True):
+                answers[index] = _renewal(result)
+        return answers
 
     async def release(self, upload_id: str, token: str) -> None:
         await self._release(

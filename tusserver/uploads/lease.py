@@ -158,14 +158,18 @@ class Leases:
                 answers = await self.state.renew_many(
                     locks, LOCK_TTL_MS, extend_below_ms=LOCK_EXTEND_BELOW_MS
                 )
-            except Exception:  # Redis unreachable: stop writing before a lock can expire
+            except Exception as error:  # Redis unreachable: stop before a lock can expire
+                log.warning("renewing %d upload locks failed: %r", len(leases), error)
                 for lease in leases:
                     if time.monotonic() - lease.renewed_at > LOCK_TTL_MS / 2000:
                         lease.lose()
                 continue
             now = time.monotonic()
             for lease, answer in zip(leases, answers, strict=True):
+                if lease.released:  # let go of while the renewal was on its way
+                    continue
                 if isinstance(answer, LockLost):
+                    log.warning("upload %s: its lock was lost (expired or taken)", lease.upload_id)
                     lease.lose()
                     continue
                 lease.renewed_at = now

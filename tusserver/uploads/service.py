@@ -65,6 +65,7 @@ __all__ = [
 
 log = logging.getLogger("tusserver.uploads")
 READY_REDIS_TIMEOUT_S = 1.0  # /ready: a Redis slower than this is as good as down
+RENEWAL_CONNECTIONS = 2  # the lock renewals' own (one pipeline per tick)
 
 
 def _ignore_upload(_event: str, _committed_bytes: int) -> None:
@@ -444,8 +445,11 @@ async def open_uploads(
     of `settings`, checked (shard layout, folders) before it is handed out; closed after.
     `observers` hear of upload events, committed bytes, lock contention and bodies being
     written."""
-    client = await connect_redis(redis_url)
-    try:
+    async with contextlib.AsyncExitStack() as closing:
+        client = await connect_redis(redis_url)
+        closing.push_async_callback(client.aclose)
+        renewals = await connect_redis(redis_url, max_connections=RENEWAL_CONNECTIONS)
+        closing.push_async_callback(renewals.aclose)
         storage = Storage(
             settings.data_dir,
             fsync=settings.fsync,
@@ -460,6 +464,7 @@ async def open_uploads(
             # under --fsync always, offsets reach the AOF only at checkpoints; otherwise Redis
             # fsyncs once a second whatever is written, so every commit may go there
             checkpoint_s=settings.offset_checkpoint_s if settings.fsync == "always" else 0.0,
+            renew_client=renewals,
         )
         storage.prepare()
         batch_state = BatchState(client, max_files=settings.max_batch_files)
@@ -469,8 +474,6 @@ async def open_uploads(
         finally:
             await uploads.close()
             storage.close()
-    finally:
-        await client.aclose()
 
 
 def _check_finisher(upload: Upload, finishing: str | None) -> None:
