@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
@@ -16,7 +17,7 @@ import re
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import aiofiles.os
 
@@ -89,6 +90,8 @@ class UploadFile:
             _write_all(self.fd, chunks, offset, size)
             if sync:
                 _sync(self.fd)
+            elif storage.fsync == "always":  # the next commit syncs: have the disk start now
+                _start_writeback(self.fd, offset, size)
 
         def digest() -> None:
             for running_hash in hashes:
@@ -376,6 +379,32 @@ class Storage:
             return running.hexdigest()
 
         return await _in_thread(digest, self.bulk)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the range's dirty pages
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range (Linux), or None where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def _start_writeback(fd: int, offset: int, size: int) -> None:
+    """Ask the kernel to start writing a block just written to the disk, without waiting
+    for it: under --fsync always every commit fdatasyncs the file, and then finds less left
+    to write (the fdatasync stalls the transfer less). Best effort: an error changes nothing
+    the fdatasync does not redo."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
 
 
 def _sync(fd: int) -> None:
