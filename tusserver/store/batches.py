@@ -10,7 +10,6 @@ on one shard of a Redis Cluster too.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -153,15 +152,10 @@ class BatchState:
 
     async def get(self, owner: str, name: str) -> Batch:
         """The batch `name` of `owner` (404 for none, or another owner's)."""
-        key = batch_key_of(owner, name)
-        batch_key, paths_key = keys_of(key, "batch", "bfiles")
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(batch_key)
-            pipe.hgetall(paths_key)
-            raw, raw_paths = await pipe.execute()
-        if not raw or as_text(raw.get(b"owner", b"")) != owner:
+        batch = await self.get_any(batch_key_of(owner, name))
+        if batch is None or batch.owner != owner:
             raise UploadNotFound(NO_SUCH_BATCH)
-        return _batch_of(key, raw, raw_paths)
+        return batch
 
     async def get_any(self, key: str) -> Batch | None:
         """The batch stored under `key`, whoever owns it (for the sweeper)."""
@@ -171,13 +165,6 @@ class BatchState:
             pipe.hgetall(paths_key)
             raw, raw_paths = await pipe.execute()
         return _batch_of(key, raw, raw_paths) if raw else None
-
-    async def completed_members(self, key: str) -> list[dict[str, str]]:
-        """The completed members as the `batch.completed` event lists them, by path."""
-        (done_key,) = keys_of(key, "bdone")
-        rows: list[bytes | str] = await self.redis.hvals(done_key)
-        members = [cast(dict[str, str], json.loads(row)) for row in rows]
-        return sorted(members, key=lambda member: member["path"])
 
     async def seal(self, owner: str, name: str, now: float) -> None:
         """No more paths may join; the batch completes once each path it has is complete."""
