@@ -38,14 +38,12 @@ async def collection(request: web.Request) -> web.StreamResponse:
     files = _optional(opening, "files", int)
     total_bytes = _optional(opening, "bytes", int)
     metadata = _metadata(opening.get("metadata"))
-    batch = await batches(request).open(
+    view = await batches(request).open(
         who.subject, name, files=files, total_bytes=total_bytes, metadata=metadata,
         url_of=handlers.location_of(request), quota=who.batch_quota,
     )  # fmt: skip
-    view = await batches(request).view(who.subject, batch.name)
-    return web.json_response(
-        batch_json(view), status=201, headers={"Location": batch.url, "Cache-Control": "no-store"}
-    )
+    headers = {"Location": view.batch.url, "Cache-Control": "no-store"}
+    return web.json_response(batch_json(view), status=201, headers=headers)
 
 
 async def batch(request: web.Request) -> web.StreamResponse:

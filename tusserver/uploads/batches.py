@@ -66,7 +66,7 @@ class Batches:
         metadata: str,
         url_of: str,
         quota: BatchQuota,
-    ) -> Batch:
+    ) -> BatchView:
         """Open a batch that expects `files` files, `total_bytes` bytes, or both (it
         completes when all it expects is complete), or neither (it completes when sealed).
         Named by the client, else by the token, else at random. 400 for bad numbers, 403
@@ -92,7 +92,7 @@ class Batches:
             url=batch_url(url_of, name), retention_s=lifetimes.retention_s,
             files=files, total_bytes=total_bytes, metadata=metadata,
         )  # fmt: skip
-        return await self.state.get(owner, name)
+        return await self.view(owner, name)
 
     async def view(self, owner: str, name: str) -> BatchView:
         """The batch `name` of `owner` and each member's upload as committed (400 for a
