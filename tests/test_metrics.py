@@ -7,6 +7,7 @@ dead-lettered event and pre-create checks."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -265,3 +266,48 @@ async def test_two_workers_count_refusals_takeovers_webhooks_and_checks_in_one_s
     # both workers counted (prometheus-client keeps one file per process and kind)
     writers = {path.stem.rpartition("_")[2] for path in (tmp_path / "data" / "metrics").iterdir()}
     assert len(writers) >= 2, writers
+
+
+async def test_refused_and_failed_checks_and_an_unreachable_webhook_are_counted(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    """The pre-create check's other results (the parent refuses; the parent fails) and a
+    webhook nobody listens on, each counted under its own label."""
+    answers = iter([403, 500, 204])
+
+    async def pre_create(_request: web.Request) -> web.Response:
+        return web.Response(status=next(answers), text="no")
+
+    parent = web.Application()
+    parent.router.add_post("/pre-create", pre_create)
+    runner = web.AppRunner(parent)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        port = runner.addresses[0][1]
+        with socket.socket() as closed:  # a port nobody listens on
+            closed.bind(("127.0.0.1", 0))
+            dead_port = closed.getsockname()[1]
+        server = await make_server(
+            pre_create_url=f"http://127.0.0.1:{port}/pre-create",
+            webhook_url=f"http://127.0.0.1:{dead_port}/hook",
+            webhook_timeout_s=0.5,
+        )
+        for status in (403, 503, 201):  # the last one's `created` event goes to the hook
+            async with http.post(server.url, headers={**TUS, "Upload-Length": "1"}) as r:
+                assert r.status == status
+        samples = await scrape(http, server.root)
+        checks = "tusserver_pre_create_checks_total"
+        assert value(samples, checks, result="refused") == 1
+        assert value(samples, checks, result="failed") == 1
+        assert value(samples, checks, result="accepted") == 1
+
+        async def tried_the_dead_hook() -> bool:
+            samples = await scrape(http, server.root)
+            return value(samples, "tusserver_webhook_deliveries_total", result="unreachable") >= 1
+
+        await wait_until(tried_the_dead_hook, 20, what="a try at the webhook nobody serves")
+        samples = await scrape(http, server.root)
+        assert value(samples, "tusserver_webhook_deliveries_total", result="delivered") == 0
+    finally:
+        await runner.cleanup()
