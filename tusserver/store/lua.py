@@ -87,6 +87,7 @@ end
 local function batch_member_done(u, b, stream, now, event)
   if #b == 0 then return end
   local m = redis.call('HMGET', u, 'bpath', 'length', 'sha256', 'metadata', 'url')
+  if not m[1] then return end  -- (a record without its path: nothing to count)
   local id = string.match(u, ':upload:(.*)$')
   local current = redis.call('HGET', b[2], m[1])
   if not current or string.sub(current, 1, #id) ~= id then return end
@@ -100,7 +101,7 @@ end
 -- A batch member was removed (terminated, expired): while the batch is not complete, its
 -- path waits for a new upload again.
 local function batch_member_removed(path, id, length, b)
-  if #b == 0 or redis.call('HGET', b[1], 'status') == 'completed' then return end
+  if #b == 0 or not path or redis.call('HGET', b[1], 'status') == 'completed' then return end
   local current = redis.call('HGET', b[2], path)
   if not current or string.sub(current, 1, #id) ~= id then return end
   if redis.call('HDEL', b[3], path) == 1 then
