@@ -97,10 +97,10 @@ try {
 
   if (options.folder) {
     // the folder first: once the Dashboard lists files, its inputs are in the "add more" panel
-    await page.locator('input[type=file][webkitdirectory]').first().setInputFiles(options.folder)
+    await page.locator('#uploader input[type=file][webkitdirectory]').first().setInputFiles(options.folder)
     await page.locator('.uppy-DashboardContent-addMore').first().click()
   }
-  await page.locator('input[type=file]:not([webkitdirectory])').first().setInputFiles(options.file)
+  await page.locator('#uploader input[type=file]:not([webkitdirectory])').first().setInputFiles(options.file)
   if (options.uploadBytesPerSecond) await throttle(options.uploadBytesPerSecond)
   if (options.reloadAfterBytes !== undefined) {
     await page.evaluate((threshold) => {
@@ -133,7 +133,7 @@ try {
     await page.getByText('Session restored').waitFor()
     if (options.reselectAfterReload) {
       await page.getByRole('button', { name: 'Re-select' }).click()
-      await page.locator('input[type=file]').first().setInputFiles(options.file)
+      await page.locator('#uploader input[type=file]:not([webkitdirectory])').first().setInputFiles(options.file)
     }
     await page.getByText('We restored all files').waitFor()
     await page.screenshot({ path: options.screenshot.replace(/\.png$/, '-restored.png') })
