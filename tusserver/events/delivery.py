@@ -37,7 +37,7 @@ from tusserver.events.parent import (
     signing_secrets_of,
 )
 from tusserver.settings import Settings
-from tusserver.store import lua
+from tusserver.store import webhook_lua as lua
 from tusserver.store.client import RedisClient, connect
 from tusserver.store.records import SHARD_COUNT, as_text, flat_pairs, redis_key
 from tusserver.tasks import cancel_and_wait, was_cancelled

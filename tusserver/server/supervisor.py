@@ -26,9 +26,9 @@ from tusserver.http.app import build_app, make_runner, start_draining
 from tusserver.http.metrics import MULTIPROC_DIR_VARIABLE
 from tusserver.server.memory import tune_malloc
 from tusserver.settings import Settings
+from tusserver.store.client import check_layout
 from tusserver.store.client import connect as connect_redis
 from tusserver.store.embedded import EmbeddedRedis, EmbeddedRedisError
-from tusserver.store.state import check_layout
 
 log = logging.getLogger("tusserver")
 SHUTDOWN_TIMEOUT_S = 10.0

@@ -19,7 +19,7 @@ from redis.commands.core import AsyncScript
 from tusserver.auth import BatchQuota
 from tusserver.errors import Conflict, Forbidden, PayloadTooLarge, UploadNotFound
 from tusserver.protocol import current_request_id
-from tusserver.store import lua
+from tusserver.store import batch_lua as lua
 from tusserver.store.client import RedisClient
 from tusserver.store.records import (
     BATCH_KINDS,

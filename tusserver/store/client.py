@@ -1,4 +1,5 @@
-"""Connecting to the Redis that holds upload state: one server, or a Redis Cluster."""
+"""Connecting to the Redis that holds upload state (one server, or a Redis Cluster), and
+checking that it is one tusserver may use."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+
+from tusserver.store.records import SHARD_COUNT
 
 RedisClient = aioredis.Redis | RedisCluster
 _CLIENT_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 3, "socket_timeout": 10}
@@ -38,3 +41,25 @@ async def connect(url: str, max_connections: int = MAX_CONNECTIONS) -> RedisClie
     cluster = RedisCluster.from_url(url, **_CLIENT_OPTIONS)
     await cluster.initialize()
     return cluster
+
+
+async def check_layout(client: RedisClient) -> None:
+    """Record the shard count at first start; refuse (RuntimeError) a Redis laid out with
+    another one, or one that may evict keys."""
+    await client.set("tus:config:shards", SHARD_COUNT, nx=True)
+    stored = int(await client.get("tus:config:shards") or SHARD_COUNT)
+    if stored != SHARD_COUNT:
+        raise RuntimeError(
+            f"this Redis holds uploads laid out in {stored} shards, this tusserver "
+            f"uses {SHARD_COUNT}; the shard count can never change"
+        )
+    try:
+        policy = await client.config_get("maxmemory-policy")
+    except aioredis.ResponseError:  # CONFIG is disabled on some hosted Redis
+        return
+    value = policy.get("maxmemory-policy", b"noeviction")
+    value = value.decode() if isinstance(value, bytes) else str(value)
+    if value != "noeviction":
+        raise RuntimeError(
+            f"Redis has maxmemory-policy {value}: it could evict upload state; set it to noeviction"
+        )

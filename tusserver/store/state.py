@@ -29,7 +29,7 @@ from tusserver.errors import (
     UploadNotFound,
 )
 from tusserver.store import lua
-from tusserver.store.client import RedisClient
+from tusserver.store.client import RedisClient, check_layout
 from tusserver.store.records import (
     SHARD_COUNT,
     Upload,
@@ -47,28 +47,6 @@ from tusserver.store.records import (
 
 class LockLost(Exception):
     """The lock of an upload expired or was taken while its holder still worked."""
-
-
-async def check_layout(client: RedisClient) -> None:
-    """Record the shard count at first start; refuse (RuntimeError) a Redis laid out with
-    another one, or one that may evict keys."""
-    await client.set("tus:config:shards", SHARD_COUNT, nx=True)
-    stored = int(await client.get("tus:config:shards") or SHARD_COUNT)
-    if stored != SHARD_COUNT:
-        raise RuntimeError(
-            f"this Redis holds uploads laid out in {stored} shards, this tusserver "
-            f"uses {SHARD_COUNT}; the shard count can never change"
-        )
-    try:
-        policy = await client.config_get("maxmemory-policy")
-    except aioredis.ResponseError:  # CONFIG is disabled on some hosted Redis
-        return
-    value = policy.get("maxmemory-policy", b"noeviction")
-    value = value.decode() if isinstance(value, bytes) else str(value)
-    if value != "noeviction":
-        raise RuntimeError(
-            f"Redis has maxmemory-policy {value}: it could evict upload state; set it to noeviction"
-        )
 
 
 class UploadState:

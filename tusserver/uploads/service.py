@@ -32,9 +32,10 @@ from tusserver.errors import (
 from tusserver.files.storage import Storage
 from tusserver.settings import Settings
 from tusserver.store.batches import BatchState
+from tusserver.store.client import check_layout
 from tusserver.store.client import connect as connect_redis
 from tusserver.store.records import Upload, new_upload_id
-from tusserver.store.state import UploadState, check_layout
+from tusserver.store.state import UploadState
 from tusserver.tasks import cancel_and_wait
 from tusserver.uploads import admission
 from tusserver.uploads.admission import NewUpload
