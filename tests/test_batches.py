@@ -489,10 +489,14 @@ async def test_options_on_the_batch_routes_needs_no_token(
     server = await make_server(secrets=(SECRET,))
     for path, allowed in (
         ("batches", "OPTIONS, POST"),
-        ("batches/b-1", "OPTIONS, GET, DELETE"),
+        ("batches/b-1", "OPTIONS, GET, HEAD, DELETE"),
         ("batches/b-1/seal", "OPTIONS, POST"),
     ):
         async with http.options(server.url + path) as response:
             assert response.status == 204 and response.headers["Allow"] == allowed
         async with http.get(server.url + path) as response:
             assert response.status == 401  # everything else needs a token
+        token = bearer(issue_token(SECRET, subject="a", actions=["read"], ttl_s=60))
+        async with http.put(server.url + path, headers=token) as response:
+            assert response.status == 405
+            assert response.headers["Allow"] == allowed

@@ -150,7 +150,7 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
     for path, handler, name in (
         ("batches", batch_handlers.collection, "tus-batches"),
         ("batches/{name}", batch_handlers.batch, "tus-batch"),
-        ("batches/{name}/seal", batch_handlers.seal, "tus-batch-seal"),
+        ("batches/{name}/seal", batch_handlers.seal_route, "tus-batch-seal"),
     ):
         app.router.add_route("*", base + path, handler, name=name, expect_handler=expect_handler)
     app.router.add_route(

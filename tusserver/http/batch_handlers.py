@@ -13,7 +13,7 @@ from typing import TypeVar
 from aiohttp import web
 
 from tusserver import protocol
-from tusserver.errors import BadRequest, MethodNotAllowed, UnsupportedMediaType
+from tusserver.errors import BadRequest, UnsupportedMediaType
 from tusserver.http import handlers
 from tusserver.uploads.batches import Batches, BatchView
 
@@ -25,58 +25,72 @@ def batches(request: web.Request) -> Batches:
     return Batches(handlers.uploads(request))
 
 
-async def collection(request: web.Request) -> web.StreamResponse:
-    """`<endpoint>batches`: POST opens a batch."""
-    if request.method == "OPTIONS":
-        return web.Response(status=204, headers={"Allow": "OPTIONS, POST"})
-    if request.method != "POST":
-        raise MethodNotAllowed(request.method, "OPTIONS, POST")
+async def open_batch(request: web.Request) -> web.Response:
+    """POST `<endpoint>batches`: open a batch (201, its URL in `Location`)."""
     who = handlers.grant(request)
     who.require("create")
     opening = await _json_body(request)
-    name = _optional(opening, "name", str)
-    files = _optional(opening, "files", int)
-    total_bytes = _optional(opening, "bytes", int)
-    metadata = _metadata(opening.get("metadata"))
     view = await batches(request).open(
-        who.subject, name, files=files, total_bytes=total_bytes, metadata=metadata,
-        url_of=handlers.location_of(request), quota=who.batch_quota,
+        who.subject, _optional(opening, "name", str),
+        files=_optional(opening, "files", int), total_bytes=_optional(opening, "bytes", int),
+        metadata=_metadata(opening.get("metadata")), url_of=handlers.location_of(request),
+        quota=who.batch_quota,
     )  # fmt: skip
     headers = {"Location": view.batch.url, "Cache-Control": "no-store"}
     return web.json_response(batch_json(view), status=201, headers=headers)
 
 
-async def batch(request: web.Request) -> web.StreamResponse:
-    """`<endpoint>batches/<name>`: GET its state and members, DELETE it with its members."""
-    name = request.match_info["name"]
-    if request.method == "OPTIONS":
-        return web.Response(status=204, headers={"Allow": "OPTIONS, GET, DELETE"})
-    who = handlers.grant(request)
-    if request.method in ("GET", "HEAD"):
-        who.require("read")
-        who.batch_quota.check_batch(name)
-        view = await batches(request).view(who.subject, name)
-        return web.json_response(batch_json(view), headers={"Cache-Control": "no-store"})
-    if request.method == "DELETE":
-        who.require("delete")
-        who.batch_quota.check_batch(name)
-        await batches(request).terminate(who.subject, name)
-        return web.Response(status=204)
-    raise MethodNotAllowed(request.method, "OPTIONS, GET, DELETE")
+async def read(request: web.Request) -> web.Response:
+    """GET `<endpoint>batches/<name>`: its state, members and progress."""
+    subject, name = _own_batch(request, "read")
+    return _answer(await batches(request).view(subject, name))
 
 
-async def seal(request: web.Request) -> web.StreamResponse:
-    """`<endpoint>batches/<name>/seal`: POST says no more files will join."""
-    if request.method == "OPTIONS":
-        return web.Response(status=204, headers={"Allow": "OPTIONS, POST"})
-    if request.method != "POST":
-        raise MethodNotAllowed(request.method, "OPTIONS, POST")
-    name = request.match_info["name"]
+async def terminate(request: web.Request) -> web.Response:
+    """DELETE `<endpoint>batches/<name>`: the batch and every member (204)."""
+    subject, name = _own_batch(request, "delete")
+    await batches(request).terminate(subject, name)
+    return web.Response(status=204)
+
+
+async def seal(request: web.Request) -> web.Response:
+    """POST `<endpoint>batches/<name>/seal`: no more files will join."""
+    subject, name = _own_batch(request, "create")
+    return _answer(await batches(request).seal(subject, name))
+
+
+def _own_batch(request: web.Request, action: str) -> tuple[str, str]:
+    """The subject and the batch name of the URL, after the token's action and batch checks
+    (403; 404 for a batch the token does not reach)."""
     who = handlers.grant(request)
-    who.require("create")
+    who.require(action)
+    name = request.match_info["name"]
     who.batch_quota.check_batch(name)
-    view = await batches(request).seal(who.subject, name)
+    return who.subject, name
+
+
+def _answer(view: BatchView) -> web.Response:
     return web.json_response(batch_json(view), headers={"Cache-Control": "no-store"})
+
+
+def _routed(methods: dict[str, handlers.Handler]) -> handlers.Handler:
+    """One route's handler: OPTIONS names its methods, other methods go to theirs (405 for
+    any other), as the tus routes' dispatch does."""
+
+    async def allowed(_request: web.Request) -> web.Response:
+        return web.Response(status=204, headers={"Allow": ", ".join(table)})
+
+    table: dict[str, handlers.Handler] = {"OPTIONS": allowed, **methods}
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        return await handlers.dispatch(request, table)
+
+    return route
+
+
+collection = _routed({"POST": open_batch})
+batch = _routed({"GET": read, "HEAD": read, "DELETE": terminate})
+seal_route = _routed({"POST": seal})
 
 
 def batch_json(view: BatchView) -> dict[str, object]:

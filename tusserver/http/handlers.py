@@ -380,14 +380,15 @@ UPLOAD_METHODS: dict[str, Handler] = {
 
 
 async def collection(request: web.Request) -> web.StreamResponse:
-    return await _dispatch(request, COLLECTION_METHODS)
+    return await dispatch(request, COLLECTION_METHODS)
 
 
 async def upload(request: web.Request) -> web.StreamResponse:
-    return await _dispatch(request, UPLOAD_METHODS)
+    return await dispatch(request, UPLOAD_METHODS)
 
 
-async def _dispatch(request: web.Request, methods: dict[str, Handler]) -> web.StreamResponse:
+async def dispatch(request: web.Request, methods: dict[str, Handler]) -> web.StreamResponse:
+    """The method's handler's answer; 405 naming `methods` for any other method."""
     handler = methods.get(request.method)
     if handler is None:
         raise MethodNotAllowed(request.method, ", ".join(methods))
