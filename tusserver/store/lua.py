@@ -343,30 +343,12 @@ return {FOUND, redis.call('HGETALL', KEYS[1]), asked}
 """,
 )
 
-# KEYS: lock, release-request key. ARGV: lock token, ttl (ms), time left (ms) below which
-#       the lock is extended back to its ttl.
-# Result: Renew.LOCK_NOT_HELD if the lock is not ours any more; else the pending request
-#         ("stop" or "commit:<nonce>") or "" for none. Most renewals only read (and no lock
-#         write reaches the AOF).
-RENEW = script(
-    Renew,
-    """
-volatile_writes_from_here()
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return LOCK_NOT_HELD end
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-local request = redis.call('GET', KEYS[2])
-if not request then return '' end
-return request
-""",
-)
-
-# RENEW for many locks of one shard in one call (what a process holds: a few, or thousands of
-# slow uploads).
+# Renew locks of one shard in one call (what a process holds: one, or thousands of slow
+# uploads). Most renewals only read (and no lock write reaches the AOF).
 # KEYS: lock and release-request key of each lock, in pairs. ARGV: ttl (ms), time left (ms)
 #       below which a lock is extended, then each lock's token in the order of KEYS.
-# Result: for each lock, as RENEW: Renew.LOCK_NOT_HELD or the pending request ("" for none).
+# Result: for each lock, Renew.LOCK_NOT_HELD if it is not ours any more, else the pending
+#         request to its holder ("stop" or "commit:<nonce>"), "" for none.
 RENEW_MANY = script(
     Renew,
     """

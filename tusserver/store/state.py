@@ -79,7 +79,6 @@ class UploadState:
         self._commit: AsyncScript = client.register_script(lua.COMMIT)
         self._complete: AsyncScript = client.register_script(lua.COMPLETE)
         self._remove: AsyncScript = client.register_script(lua.REMOVE)
-        self._renew: AsyncScript = client.register_script(lua.RENEW)
         # The lock renewals have a connection of their own (`renew_client`), so they never
         # queue for one behind a burst of requests while their locks run out.
         self.renewals = renew_client or client
@@ -151,11 +150,7 @@ class UploadState:
         uploads: list[Upload] = []
         while ids and len(uploads) < limit:  # one round trip, unless an upload vanished
             batch, ids = ids[: limit - len(uploads)], ids[limit - len(uploads) :]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for upload_id in batch:
-                    pipe.hgetall(keys_of(upload_id, "upload")[0])
-                rows: list[Mapping[bytes, bytes]] = await pipe.execute()
-            uploads += [upload_from_hash(i, raw) for i, raw in zip(batch, rows, strict=True) if raw]
+            uploads += [upload for upload in await self.get_many(batch) if upload is not None]
         return uploads
 
     # -- changing --------------------------------------------------------------------------
@@ -421,11 +416,9 @@ class UploadState:
         the pending request to us ("stop", "commit:<n>" or ""). Raises LockLost if the lock
         is not ours any more."""
         extend_below_ms = ttl_ms + 1 if extend_below_ms is None else extend_below_ms
-        result = await self._renew(
-            keys=keys_of(upload_id, "lock", "release"),
-            args=[token, ttl_ms, extend_below_ms],
+        [renewal] = await self.renew_many(
+            [(upload_id, token)], ttl_ms, extend_below_ms=extend_below_ms
         )
-        renewal = _renewal(result)
         if isinstance(renewal, LockLost):
             raise renewal
         return renewal
@@ -474,7 +467,7 @@ class UploadState:
 
 
 def _renewal(result: object) -> str | LockLost:
-    """A RENEW script's answer: the pending request ("" for none), or LockLost."""
+    """One lock's answer from RENEW_MANY: the pending request ("" for none), or LockLost."""
     if result == lua.Renew.LOCK_NOT_HELD:
         return LockLost()
     return result.decode() if isinstance(result, bytes) else str(result)
