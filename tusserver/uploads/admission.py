@@ -38,7 +38,7 @@ class NewUpload:
 def new_id(owner: str = "", metadata: str = "") -> str:
     """A fresh upload id, for a `NewUpload` whose URL must be known before it exists: in
     the shard of the batch its `metadata` names, if any (400 for an invalid batch)."""
-    membership = batching.batch_membership(protocol.parse_metadata(metadata))
+    membership = _membership(metadata)
     if membership is None:
         return new_upload_id()
     return new_upload_id(shard_of(batch_key_of(owner, membership.batch)))
@@ -52,10 +52,9 @@ async def admit(batch_state: BatchState, lifetimes: Lifetimes, new: NewUpload) -
     as the batch allows (store/batches.py). Others pass as they are, unless the token
     allows only its own batch (403). Partial uploads never join: their final upload
     does."""
-    membership = batching.batch_membership(protocol.parse_metadata(new.metadata))
-    quota = new.quota
     if new.concat == "partial":  # a part of a final upload; the final one is the member
         return new
+    membership, quota = _membership(new.metadata), new.quota
     if membership is None:
         if quota.name is not None:
             raise Forbidden("this token creates uploads in its batch only (metadata batch)")
@@ -75,3 +74,8 @@ async def admit(batch_state: BatchState, lifetimes: Lifetimes, new: NewUpload) -
 def batch_url(url_of: str, name: str) -> str:
     """A batch's URL, beside its uploads': `<endpoint>batches/<name>`."""
     return url_of.replace("{id}", f"batches/{name}")
+
+
+def _membership(metadata: str) -> batching.Membership | None:
+    """The batch and path the stored `Upload-Metadata` names, if any (400 if invalid)."""
+    return batching.batch_membership(protocol.parse_metadata(metadata))
