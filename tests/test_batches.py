@@ -27,6 +27,15 @@ def metadata(**values: str) -> str:
     return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in values.items())
 
 
+def joining(batch: str, path: str, length: int, *, key: str = "path") -> dict[str, str]:
+    """The headers of a creation of `length` bytes that joins `batch` under `path`."""
+    return {
+        **TUS,
+        "Upload-Length": str(length),
+        "Upload-Metadata": metadata(batch=batch, **{key: path}),
+    }
+
+
 async def open_batch(
     http: aiohttp.ClientSession, server: Server, body: dict[str, Any] | None = None, **headers: str
 ) -> dict[str, Any]:
@@ -155,7 +164,7 @@ async def test_a_batch_named_only_in_metadata_completes_when_sealed_with_what_it
     assert sorted(m["path"] for m in json.loads(event["members"])) == ["one.txt", "two.txt"]
 
     # sealed: no more files, and sealing again writes no second event
-    sent = {**TUS, "Upload-Length": "1", "Upload-Metadata": metadata(batch="implicit-1", path="x")}
+    sent = joining("implicit-1", "x", 1)
     async with http.post(server.url, headers=sent) as response:
         assert response.status == 409
     async with http.post(server.url + "batches/implicit-1/seal") as response:
@@ -169,7 +178,7 @@ async def test_a_sealed_batch_waits_for_a_member_still_uploading(
     opened = await open_batch(http, server, {"files": 5})
     name = opened["id"]
     await send_file(http, server, b"done", batch=name, relativePath="done")
-    sent = {**TUS, "Upload-Length": "4", "Upload-Metadata": metadata(batch=name, path="late")}
+    sent = joining(name, "late", 4)
     async with http.post(server.url, headers=sent) as response:
         late = response.headers["Location"]
     async with http.post(server.url + f"batches/{name}/seal") as response:
@@ -188,7 +197,7 @@ async def test_a_member_that_failed_is_retried_under_the_same_path(
     opened = await open_batch(http, server, {"files": 2})
     name = opened["id"]
     await send_file(http, server, b"first", batch=name, relativePath="a")
-    sent = {**TUS, "Upload-Length": "6", "Upload-Metadata": metadata(batch=name, path="b")}
+    sent = joining(name, "b", 6)
     async with http.post(server.url, headers=sent) as response:
         failed = response.headers["Location"]
     assert (await patch(http, failed, 0, b"bro")).status == 204
@@ -226,11 +235,11 @@ async def test_a_completed_path_cannot_be_sent_again_and_a_full_batch_takes_no_m
     opened = await open_batch(http, server, {"files": 2, "bytes": 10})
     name = opened["id"]
     await send_file(http, server, b"12345", batch=name, relativePath="a")
-    again = {**TUS, "Upload-Length": "1", "Upload-Metadata": metadata(batch=name, path="a")}
+    again = joining(name, "a", 1)
     async with http.post(server.url, headers=again) as response:
         assert response.status == 409
         assert "completed upload already" in await response.text()
-    too_big = {**TUS, "Upload-Length": "6", "Upload-Metadata": metadata(batch=name, path="b")}
+    too_big = joining(name, "b", 6)
     async with http.post(server.url, headers=too_big) as response:
         assert response.status == 413
     deferred = {
@@ -239,10 +248,10 @@ async def test_a_completed_path_cannot_be_sent_again_and_a_full_batch_takes_no_m
     async with http.post(server.url, headers=deferred) as response:
         assert response.status == 409
         assert "Upload-Length" in await response.text()
-    ok = {**TUS, "Upload-Length": "5", "Upload-Metadata": metadata(batch=name, path="b")}
+    ok = joining(name, "b", 5)
     async with http.post(server.url, headers=ok) as response:
         assert response.status == 201
-    third = {**TUS, "Upload-Length": "0", "Upload-Metadata": metadata(batch=name, path="c")}
+    third = joining(name, "c", 0)
     async with http.post(server.url, headers=third) as response:
         assert response.status == 409
 
@@ -257,7 +266,7 @@ async def test_a_completed_path_cannot_be_sent_again_and_a_full_batch_takes_no_m
 async def test_unsafe_member_paths_are_refused_and_nothing_is_stored(
     server: Server, http: aiohttp.ClientSession, path: str, flushed_redis: str
 ) -> None:
-    sent = {**TUS, "Upload-Length": "1", "Upload-Metadata": metadata(batch="b1", relativePath=path)}
+    sent = joining("b1", path, 1, key="relativePath")
     async with http.post(server.url, headers=sent) as response:
         assert response.status == 400, path
         assert "path" in await response.text()
@@ -270,7 +279,7 @@ async def test_unsafe_member_paths_are_refused_and_nothing_is_stored(
 async def test_bad_batch_names_are_refused(
     server: Server, http: aiohttp.ClientSession, name: str
 ) -> None:
-    sent = {**TUS, "Upload-Length": "1", "Upload-Metadata": metadata(batch=name, path="p")}
+    sent = joining(name, "p", 1)
     async with http.post(server.url, headers=sent) as response:
         assert response.status == 400
     async with http.post(server.url + "batches", json={"name": name}) as response:
@@ -320,7 +329,7 @@ async def test_deleting_a_batch_terminates_every_member(
     opened = await open_batch(http, server, {"files": 3})
     name = opened["id"]
     done = await send_file(http, server, b"done", batch=name, relativePath="a")
-    sent = {**TUS, "Upload-Length": "9", "Upload-Metadata": metadata(batch=name, path="b")}
+    sent = joining(name, "b", 9)
     async with http.post(server.url, headers=sent) as response:
         running = response.headers["Location"]
     async with http.delete(server.url + f"batches/{name}") as response:
@@ -342,7 +351,7 @@ async def test_an_unfinished_batch_expires_with_its_members(
     opened = await open_batch(http, server, {"files": 2})
     name = opened["id"]
     done = await send_file(http, server, b"done", batch=name, relativePath="a")
-    sent = {**TUS, "Upload-Length": "9", "Upload-Metadata": metadata(batch=name, path="b")}
+    sent = joining(name, "b", 9)
     async with http.post(server.url, headers=sent) as response:
         stalled = response.headers["Location"]
     uploads = server.uploads
@@ -367,7 +376,7 @@ async def test_a_batch_waits_for_a_member_that_is_still_uploading(
     server = await make_server(expire_after_s=30.0)
     opened = await open_batch(http, server, {"files": 2})
     name = opened["id"]
-    sent = {**TUS, "Upload-Length": "9", "Upload-Metadata": metadata(batch=name, path="b")}
+    sent = joining(name, "b", 9)
     async with http.post(server.url, headers=sent) as response:
         member = response.headers["Location"]
     assert (await patch(http, member, 0, b"1234")).status == 204  # active after the join
@@ -402,24 +411,15 @@ async def test_a_token_reaches_only_its_batch_and_its_counts(
     outside = {**TUS, "Upload-Length": "1", "Upload-Metadata": metadata(filename="x"), **scoped}
     async with http.post(server.url, headers=outside) as response:
         assert response.status == 403
-    other = {
-        **TUS, "Upload-Length": "1", "Upload-Metadata": metadata(batch="other", path="x"),
-        **scoped,
-    }  # fmt: skip
+    other = joining("other", "x", 1) | scoped
     async with http.post(server.url, headers=other) as response:
         assert response.status == 403
-    too_many_bytes = {
-        **TUS, "Upload-Length": "6", "Upload-Metadata": metadata(batch="import-7", path="b"),
-        **scoped,
-    }  # fmt: skip
+    too_many_bytes = joining("import-7", "b", 6) | scoped
     async with http.post(server.url, headers=too_many_bytes) as response:
         assert response.status == 403
         assert "bytes" in await response.text()
     await send_file(http, server, b"12345", headers=scoped, batch="import-7", path="b")
-    third = {
-        **TUS, "Upload-Length": "0", "Upload-Metadata": metadata(batch="import-7", path="c"),
-        **scoped,
-    }  # fmt: skip
+    third = joining("import-7", "c", 0) | scoped
     async with http.post(server.url, headers=third) as response:
         assert response.status == 403
         assert "files" in await response.text()
