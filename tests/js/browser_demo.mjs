@@ -22,29 +22,9 @@
 // URL once loaded), success (with every uploaded link), batch (the page's batch status once
 // the run ended), blocked, screenshot; `error` when something went wrong.
 
-import { chromium } from 'playwright-core'
+import { emit, launchChromium, options, reportCspViolations, timeout } from './browser_common.mjs'
 
-const options = JSON.parse(process.argv[2])
-const timeout = options.timeoutMs ?? 60000
-
-function emit(event, fields = {}) {
-  process.stdout.write(`${JSON.stringify({ event, ...fields })}\n`)
-}
-
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  headless: true, // playwright-core adds --headless
-  args: [
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-quic',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-  ],
-  timeout,
-})
+const browser = await launchChromium()
 
 let phase = 'before-reload'
 let sawCorsBlock = null
@@ -53,11 +33,7 @@ try {
   const context = await browser.newContext({ viewport: { width: 1100, height: 760 } })
   const page = await context.newPage()
   page.setDefaultTimeout(timeout)
-  await page.addInitScript(() => {
-    document.addEventListener('securitypolicyviolation', (e) => {
-      console.error(`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI}`)
-    })
-  })
+  await reportCspViolations(page)
   page.on('console', (message) => {
     if (message.type() === 'error' || message.type() === 'warning') {
       emit('console', { type: message.type(), text: message.text(), phase })

@@ -11,30 +11,14 @@
 // content type), landed (the address after the redirect and the ids the page lists),
 // screenshot; `error` when something went wrong.
 
-import { chromium } from 'playwright-core'
+import { emit, launchChromium, options, reportCspViolations, timeout } from './browser_common.mjs'
 
-const options = JSON.parse(process.argv[2])
-const timeout = options.timeoutMs ?? 60000
-
-function emit(event, fields = {}) {
-  process.stdout.write(`${JSON.stringify({ event, ...fields })}\n`)
-}
-
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking'],
-  timeout,
-})
+const browser = await launchChromium()
 
 try {
   const page = await browser.newPage()
   page.setDefaultTimeout(timeout)
-  await page.addInitScript(() => {
-    document.addEventListener('securitypolicyviolation', (e) => {
-      console.error(`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI}`)
-    })
-  })
+  await reportCspViolations(page)
   page.on('console', (message) => {
     if (message.type() === 'error' || message.type() === 'warning') {
       emit('console', { type: message.type(), text: message.text() })

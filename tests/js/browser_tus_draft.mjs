@@ -18,16 +18,10 @@
 import * as fs from 'node:fs'
 import * as http from 'node:http'
 import { createRequire } from 'node:module'
-import { chromium } from 'playwright-core'
+import { emit, launchChromium, options, timeout } from './browser_common.mjs'
 
-const options = JSON.parse(process.argv[2])
-const timeout = options.timeoutMs ?? 60000
 const tusBundle = createRequire(import.meta.url).resolve('tus-js-client/dist/tus.js')
 const INTEROP = { 'ietf-draft-03': '5', 'ietf-draft-05': '6' }
-
-function emit(event, fields = {}) {
-  process.stdout.write(`${JSON.stringify({ event, ...fields })}\n`)
-}
 
 const PAGE = `<!doctype html>
 <meta charset="utf-8">
@@ -75,13 +69,7 @@ const pageServer = http.createServer((request, response) => {
 await new Promise((resolve) => pageServer.listen(0, '127.0.0.1', resolve))
 const pageOrigin = `http://localhost:${pageServer.address().port}`
 
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  timeout,
-})
+const browser = await launchChromium()
 
 let phase = 'first'
 try {
