@@ -54,10 +54,17 @@ async def wait_lock_free(redis_url: str, url: str, timeout_s: float = 10) -> Non
     await _wait_lock(redis_url, url, held=False, timeout_s=timeout_s)
 
 
-async def finish_upload(http: aiohttp.ClientSession, url: str, source: bytes) -> list[int]:
-    """HEAD, then PATCH the rest from the HEAD offset, until the upload has every byte.
-    Retries what a fault leaves behind for a while (423 while a killed holder's lock lasts,
-    409 when a HEAD raced a commit, 503); the statuses seen, the last one 204."""
+async def finish_upload(
+    http: aiohttp.ClientSession,
+    url: str,
+    source: bytes,
+    *,
+    tolerated: tuple[int, ...] = (409, 423, 503),
+) -> list[int]:
+    """HEAD, then PATCH the rest from the HEAD offset, until the upload has every byte (what
+    a tus client does). Retries what a fault leaves behind for a while, the `tolerated`
+    answers (423 while a killed holder's lock lasts, 409 when a HEAD raced a commit, 503);
+    the statuses seen, the last one 204."""
     seen: list[int] = []
 
     async def finished() -> bool:  # one attempt
@@ -71,7 +78,7 @@ async def finish_upload(http: aiohttp.ClientSession, url: str, source: bytes) ->
         if answer.status == 204:
             assert int(answer.headers["upload-offset"]) == len(source)
             return True
-        assert answer.status in (409, 423, 503), (answer.status, answer.body)
+        assert answer.status in tolerated, (answer.status, answer.body)
         return False
 
     await wait_until(
