@@ -227,10 +227,19 @@ Load = Callable[[Context, Result], Awaitable[list[Result]]]
 
 
 async def load_single(ctx: Context, result: Result) -> list[Result]:
+    return await _one_body(ctx, result, client.upload)
+
+
+async def _one_body(
+    ctx: Context,
+    result: Result,
+    send: Callable[[aiohttp.ClientSession, str, int, client.Progress], Awaitable[str]],
+) -> list[Result]:
+    """a's bytes sent in one request by `send` (a PATCH, or a form's file part), timed."""
     size = ctx.sizes.single_bytes
     async with client.session() as http:
         started = time.perf_counter()
-        await client.upload(http, ctx.endpoint, size, ctx.progress)
+        await send(http, ctx.endpoint, size, ctx.progress)
         _throughput(result, size, 1, time.perf_counter() - started)
     return [result]
 
@@ -303,12 +312,7 @@ async def load_soak(ctx: Context, result: Result) -> list[Result]:
 async def load_form(ctx: Context, result: Result) -> list[Result]:
     """a's bytes as one file part of a form (`curl -F`): the same size, so `g / a` is what
     the multipart parsing and the part's flow-controlled stream cost."""
-    size = ctx.sizes.single_bytes
-    async with client.session() as http:
-        started = time.perf_counter()
-        await client.form_upload(http, ctx.endpoint, size, ctx.progress)
-        _throughput(result, size, 1, time.perf_counter() - started)
-    return [result]
+    return await _one_body(ctx, result, client.form_upload)
 
 
 async def _start_probe(ctx: Context, *options: str) -> asyncio.subprocess.Process:
