@@ -407,6 +407,8 @@ async def test_a_token_reaches_only_its_batch_and_its_counts(
     scoped = token(batch="import-7", batch_files=2, batch_bytes=10)
     opened = await open_batch(http, server, {}, **scoped)
     assert opened["id"] == "import-7"  # named by the token
+    async with http.post(server.url + "batches", json={"name": "mine"}, headers=scoped) as r:
+        assert r.status == 403 and "its own batch" in await r.text()
     await send_file(http, server, b"12345", headers=scoped, batch="import-7", path="a")
     outside = {**TUS, "Upload-Length": "1", "Upload-Metadata": metadata(filename="x"), **scoped}
     async with http.post(server.url, headers=outside) as response:

@@ -74,7 +74,8 @@ class Batches:
         if name is None:
             name = quota.name or secrets.token_hex(16)
         name = batching.parse_batch_name(name)
-        quota.check_batch(name)
+        if quota.name is not None and quota.name != name:
+            raise Forbidden("this token opens only its own batch")
         for count, what in ((files, "files"), (total_bytes, "bytes")):
             if count is not None and count < 1:
                 raise BadRequest(f"a batch's {what} must be at least 1")
