@@ -104,7 +104,7 @@ class UploadFile:
                 write()
                 digest()
 
-            await _in_thread(write_and_digest, storage.pool_for(size))
+            await _in_thread(write_and_digest, storage.bulk)
             return
         written, hashed = await asyncio.gather(
             _in_thread(write, storage.bulk), _in_thread(digest, storage.bulk),
@@ -134,18 +134,17 @@ class Storage:
         self.root = self.data_dir / "uploads"
         self.fsync = fsync
         self.min_free_disk_bytes = min_free_disk_bytes
-        # Bulk work (blocks of a MiB or more, whole-file hashes and copies) has threads of its
-        # own, so opening, closing and small writes never queue behind it.
+        # Bulk work (every block of a streamed body, whole-file hashes and copies) has threads
+        # of its own, so opening, closing, syncs and small bodies never queue behind it: under
+        # 16 streams per process a resuming client's small PATCH waited ~100 ms at p50 for a
+        # default-executor thread while streamed blocks of under a MiB filled them
+        # (benchmarks/README.md, scenario f).
         self.bulk = ThreadPoolExecutor(BULK_THREADS, thread_name_prefix="tus-bulk")
 
     def must_sync(self, *, completes: bool) -> bool:
         """Whether written bytes are fsynced before they are committed, per --fsync: always,
         or only for the commit that completes the upload (`complete`), or never."""
         return self.fsync == "always" or (completes and self.fsync != "never")
-
-    def pool_for(self, size: int) -> Executor | None:
-        """The thread pool for work on `size` bytes: bulk, or the loop's default."""
-        return self.bulk if size >= HASH_BESIDE_BYTES else None
 
     def close(self) -> None:
         """Let the bulk threads end once their work is done."""
