@@ -147,7 +147,10 @@ async def measure(args: argparse.Namespace, endpoint: str, pid: int) -> dict[str
         "median_pair_ratio": statistics.median(pair_ratios),
         "quiet_server_cpu_s": [run.server_cpu_s for run in quiet],
         "scraped_server_cpu_s": [run.server_cpu_s for run in scraped],
-        "server_cpu_ratio_scraped_over_quiet": round(scraped_cpu / quiet_cpu, 3),
+        # None: the quiet uploads cost too little CPU to measure (tiny --bytes)
+        "server_cpu_ratio_scraped_over_quiet": (
+            round(scraped_cpu / quiet_cpu, 3) if quiet_cpu else None
+        ),
         "scrapes": len(scraper.latencies_ms),
         "scrape_p50_ms": percentile(scraper.latencies_ms, 0.50),
         "scrape_p99_ms": percentile(scraper.latencies_ms, 0.99),

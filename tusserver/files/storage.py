@@ -34,6 +34,7 @@ HASH_BLOCK_BYTES = 4 * 2**20
 WRITE_PIECE_BYTES = 256 * 2**10
 HASH_BESIDE_BYTES = 2**20  # blocks this large are hashed in a second thread while written
 BULK_THREADS = max(2, os.cpu_count() or 1)  # one block written and hashed per core at once
+IO_THREADS = 32  # threads for the short file operations (mostly waiting for the disk)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _FAN_OUT = re.compile(r"[0-9a-f]{2}")
 _UPLOAD_FILE = re.compile(r"[0-9a-f]{32}")  # the shape of an upload id: nothing else is ours
@@ -47,8 +48,8 @@ def _storage_error(error: OSError) -> InsufficientStorage | StorageFailure:
     )
 
 
-async def _in_thread(function: Callable[[], T], pool: Executor | None = None) -> T:
-    """Run `function` in a worker thread: of `pool`, or of the loop's default executor."""
+async def _in_thread(function: Callable[[], T], pool: Executor) -> T:
+    """Run `function` in a worker thread of `pool`."""
     try:
         return await asyncio.get_running_loop().run_in_executor(pool, function)
     except OSError as error:
@@ -116,14 +117,14 @@ class UploadFile:
 
     async def truncate(self, size: int) -> None:
         """Cut the file back to `size` bytes (throwing away bytes that were not committed)."""
-        await _in_thread(lambda: os.ftruncate(self.fd, size))
+        await _in_thread(lambda: os.ftruncate(self.fd, size), self._storage.io)
 
     async def sync(self) -> None:
         """Make the written bytes durable (fdatasync where the OS has it)."""
-        await _in_thread(lambda: _sync(self.fd))
+        await _in_thread(lambda: _sync(self.fd), self._storage.io)
 
     async def close(self) -> None:
-        await _in_thread(lambda: os.close(self.fd))
+        await _in_thread(lambda: os.close(self.fd), self._storage.io)
 
 
 class Storage:
@@ -140,6 +141,11 @@ class Storage:
         # default-executor thread while streamed blocks of under a MiB filled them
         # (benchmarks/README.md, scenario f).
         self.bulk = ThreadPoolExecutor(BULK_THREADS, thread_name_prefix="tus-bulk")
+        # Everything else: opening, creating (with the folder's fsync), syncing, closing and
+        # small bodies. Mostly waiting for the disk, so many threads: under a disk busy with
+        # uploads a creation's fsync can take a second, and a resuming client's small PATCH
+        # must not queue behind a few of them (the loop's default executor has 6 on 2 cores).
+        self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="tus-io")
 
     def must_sync(self, *, completes: bool) -> bool:
         """Whether written bytes are fsynced before they are committed, per --fsync: always,
@@ -147,8 +153,9 @@ class Storage:
         return self.fsync == "always" or (completes and self.fsync != "never")
 
     def close(self) -> None:
-        """Let the bulk threads end once their work is done."""
-        self.bulk.shutdown(wait=False)
+        """Let the threads end once their work is done."""
+        for pool in (self.bulk, self.io):
+            pool.shutdown(wait=False)
 
     def prepare(self) -> None:
         """Create the data folders (0700). Called once at start."""
@@ -199,15 +206,15 @@ class Storage:
                 )
             return checks
 
-        return await _in_thread(probe)
+        return await _in_thread(probe, self.io)
 
     async def create(self, upload_id: str) -> None:
         """Create the upload's empty file (0600) and make its directory entry durable."""
-        await _in_thread(lambda: os.close(self._create(upload_id)))
+        await _in_thread(lambda: os.close(self._create(upload_id)), self.io)
 
     async def create_for_append(self, upload_id: str) -> UploadFile:
         """`create`, and keep the new file open for writing from offset 0 (one thread hop)."""
-        return UploadFile(await _in_thread(lambda: self._create(upload_id)), self)
+        return UploadFile(await _in_thread(lambda: self._create(upload_id), self.io), self)
 
     async def create_holding(self, upload_id: str, data: bytes, *, sync: bool) -> None:
         """Create the upload's file holding `data` (and with `sync`, make the bytes durable)
@@ -227,7 +234,7 @@ class Storage:
                 raise
             os.close(fd)
 
-        await _in_thread(create)
+        await _in_thread(create, self.io)
 
     def _create(self, upload_id: str) -> int:
         path = self.path_of(upload_id)
@@ -256,7 +263,7 @@ class Storage:
         crash or an uncommitted request). Returns the file and the offset writing starts at:
         the file's size if it is shorter than the committed offset (bytes lost with the page
         cache), so the caller moves the offset back instead of leaving a hole."""
-        fd, start = await _in_thread(lambda: self._open_at(upload_id, committed_offset))
+        fd, start = await _in_thread(lambda: self._open_at(upload_id, committed_offset), self.io)
         return UploadFile(fd, self), start
 
     async def append_holding(
@@ -288,7 +295,7 @@ class Storage:
             finally:
                 os.close(fd)
 
-        await _in_thread(append)
+        await _in_thread(append, self.io)
 
     def _open_at(self, upload_id: str, committed_offset: int) -> tuple[int, int]:
         """Open the file for writing, cut off bytes past `committed_offset`; fd and size."""
