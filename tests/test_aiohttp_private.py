@@ -5,7 +5,11 @@ the bytes aiohttp had buffered or the access log miscounting."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
+import os
+import select
 
 import aiohttp
 import pytest
@@ -18,9 +22,13 @@ from tests.support.tus import create_upload, patch_headers
 from tests.support.waiting import wait_until
 from tusserver.aiohttp_private import (
     CONTINUE,
+    ConnectionLimits,
     FedStream,
+    GuardedAppRunner,
     clear_error,
+    close_after_taken_body,
     send_interim,
+    take_body,
     unread_chunks,
 )
 
@@ -172,3 +180,74 @@ async def test_send_interim_refuses_what_is_not_one_interim_answer() -> None:
         await send_interim(request, 200, {})
     with pytest.raises(ValueError, match="one line"):
         await send_interim(request, 104, {"Location": "a\r\nSet-Cookie: x"})
+
+
+async def _serve_taker(reads_first: int) -> tuple[web.AppRunner, int]:
+    """A bare app on the guarded runner whose POST handler reads `reads_first` bytes of the
+    body through aiohttp, then takes the rest (`take_body`) and reads it from the socket;
+    it answers what it got: `none` when there was nothing to take, else the bytes' length
+    and SHA-256, and how many had been buffered."""
+
+    async def handler(request: web.Request) -> web.Response:
+        if reads_first:
+            await request.content.readexactly(reads_first)
+        taken = take_body(request)
+        if taken is None:
+            return web.Response(text="none")
+        received = bytearray(b"".join(taken.buffered))
+        buffered = len(received)
+        poller = select.poll()
+        poller.register(taken.fd, select.POLLIN)
+        try:
+            while len(received) < buffered + taken.remaining:
+                await asyncio.to_thread(poller.poll, 1000)
+                with contextlib.suppress(BlockingIOError):
+                    received += os.read(taken.fd, buffered + taken.remaining - len(received))
+        finally:
+            os.close(taken.fd)
+        digest = hashlib.sha256(received).hexdigest()
+        return web.Response(text=f"{len(received)} {digest} {buffered}")
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    app.on_response_prepare.append(close_after_taken_body)
+    limits = ConnectionLimits(max_header_bytes=8192, header_timeout_s=5, max_connections=10)
+    runner = GuardedAppRunner(app, limits=limits)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+async def test_take_body_hands_over_the_buffered_bytes_and_the_socket_then_closes() -> None:
+    runner, port = await _serve_taker(reads_first=0)
+    body = os.urandom(3 * 2**20)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        # the head and a first part in one write: aiohttp has buffered some when it is taken
+        writer.write(head.encode() + body[:100_000])
+        await writer.drain()
+        writer.write(body[100_000:])
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # until the server closes
+        writer.close()
+    finally:
+        await runner.cleanup()
+    head_part, _, text = answer.partition(b"\r\n\r\n")
+    assert head_part.startswith(b"HTTP/1.1 200"), answer
+    assert b"Connection: close" in head_part
+    size, digest, buffered = text.decode().split()
+    assert (int(size), digest) == (len(body), hashlib.sha256(body).hexdigest())
+    assert 0 < int(buffered) < len(body)  # some came through aiohttp, the rest not
+
+
+async def test_take_body_takes_nothing_from_a_body_a_reader_has_begun() -> None:
+    runner, port = await _serve_taker(reads_first=10)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{port}/", data=b"x" * 50) as response:
+                assert await response.text() == "none"
+                assert "Connection" not in response.headers
+    finally:
+        await runner.cleanup()

@@ -46,7 +46,7 @@ async def test_concurrent_bodies_are_written_in_their_share_of_the_budget(
     """Four uploads stream at once under a 2 MiB budget: each writes blocks of 256 KiB, so a
     body paused after 1 MiB is already on disk but for its last block. With the blocks of a
     lone upload (4 MiB) nothing of it would be written until the body resumed."""
-    server: Server = await make_server(body_memory_bytes=2 * MiB)
+    server: Server = await make_server(body_memory_bytes=2 * MiB, receive_threads=0)
     memory = server.uploads.body_memory
     sources = [os.urandom(2 * MiB) for _ in range(4)]
     urls = [await create_upload(http, server.url, len(source)) for source in sources]

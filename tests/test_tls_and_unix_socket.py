@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import io
 import ipaddress
+import os
 import signal
 import ssl
 from dataclasses import dataclass
@@ -20,7 +22,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.support.processes import StartProcess, start_server
-from tests.support.tus import TUS, create_upload, head_offset, patch_headers
+from tests.support.tus import (
+    TUS,
+    completed_digest,
+    create_upload,
+    head_offset,
+    patch_headers,
+    repr_digest_of,
+)
 from tests.support.waiting import wait_until
 
 
@@ -121,6 +130,15 @@ async def test_an_upload_over_tls_verified_by_a_test_ca_and_a_reload_on_sighup(
         async with http.patch(url, data=b"hello", headers=patch_headers(0)) as patched:
             assert patched.status == 204
         assert await head_offset(http, url) == 5
+        # a body large enough for a receiving thread (16 MiB) is read on the event loop under
+        # TLS (the socket carries TLS records, not the body): the connection stays open
+        large = os.urandom(16 * 2**20)
+        large_url = await create_upload(http, server.url, len(large))
+        body = io.BytesIO(large)
+        async with http.patch(large_url, data=body, headers=patch_headers(0)) as patched:
+            assert patched.status == 204
+            assert "Connection" not in patched.headers
+        assert await completed_digest(http, large_url) == repr_digest_of(large)
     async with aiohttp.ClientSession() as untrusting:  # the system's CAs do not know ours
         with pytest.raises(aiohttp.ClientConnectorCertificateError):
             await untrusting.head(url, headers=TUS)
@@ -149,6 +167,15 @@ async def test_an_upload_through_a_unix_socket(tmp_path: Path, processes: StartP
         async with http.patch(url, data=b"abc", headers=patch_headers(0)) as patched:
             assert patched.status == 204
         assert await head_offset(http, url) == 3
+        # a 16 MiB body through the Unix socket is read straight from it (files/receive.py),
+        # and its answer closes the connection
+        large = os.urandom(16 * 2**20)
+        large_url = await create_upload(http, endpoint, len(large))
+        body = io.BytesIO(large)
+        async with http.patch(large_url, data=body, headers=patch_headers(0)) as patched:
+            assert patched.status == 204
+            assert patched.headers["Connection"] == "close"
+        assert await completed_digest(http, large_url) == repr_digest_of(large)
     assert server.stop() == 0
     assert not socket_path.exists()  # the socket file is removed on a clean stop
 

@@ -4,7 +4,8 @@ aiohttp has no public way to take the bytes a failed body stream still buffers, 
 error set on that stream, to keep an interim `100 Continue` out of the response's byte
 count, or to bound what a connection may cost before its request is known (the total size
 of a header block, the time it takes to arrive, the number of open connections), nor to
-feed a `StreamReader` of our own with flow control (a form's file part). These
+feed a `StreamReader` of our own with flow control (a form's file part), nor to take the
+rest of a body away from its parser and read it from the socket (a large upload body). These
 functions and classes do it through private fields and methods; `tests/test_aiohttp_private.py`
 fails the day an aiohttp upgrade renames or changes them, instead of the server quietly
 losing bytes, miscounting or letting strangers pin memory.
@@ -13,6 +14,7 @@ losing bytes, miscounting or letting strangers pin memory.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -120,6 +122,55 @@ async def send_interim(request: web.BaseRequest, status: int, headers: Mapping[s
     writer.output_size = 0
 
 
+BODY_TAKEN = web.RequestKey("body_taken", bool)  # the body was read off aiohttp's parser
+
+
+@dataclass(frozen=True)
+class TakenBody:
+    """A request body's connection, taken from aiohttp to be read elsewhere (`take_body`)."""
+
+    fd: int  # a duplicate of the connection's socket (non-blocking), the taker's to close
+    buffered: list[bytes]  # what aiohttp had already received of the body, in order
+    remaining: int  # the bytes of the body still to come on the socket
+
+
+def take_body(request: web.BaseRequest) -> TakenBody | None:
+    """Take the rest of the request's body away from aiohttp, to be read straight from the
+    socket: reading from the connection stops, aiohttp sees the body as ended, and the answer
+    closes the connection (aiohttp's parser still counts the body's bytes as to come, so the
+    connection can serve no further request). None, leaving everything as it was, unless the
+    body has a Content-Length, none of it was read yet, and the connection is plain TCP or a
+    Unix socket (TLS bytes are not the body)."""
+    handler, transport, payload = request.protocol, request.transport, request.content
+    length = request.content_length
+    if not isinstance(handler, GuardedRequestHandler) or transport is None or length is None:
+        return None
+    if transport.get_extra_info("sslcontext") is not None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None or payload.is_eof() or payload.exception() is not None:
+        return None
+    if handler._upgraded or handler._messages:
+        return None
+    unread = sum(len(chunk) for chunk in payload._buffer)
+    if unread != payload.total_bytes or payload.total_bytes > length:
+        return None  # a reader has taken some of it already
+    fd = os.dup(sock.fileno())
+    handler.stop_reading_for_taker()
+    buffered = unread_chunks(payload)
+    payload.feed_eof()
+    request[BODY_TAKEN] = True
+    return TakenBody(fd, buffered, length - payload.total_bytes)
+
+
+async def close_after_taken_body(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: the answer to a request whose body was taken closes the
+    connection (`take_body`)."""
+    if request.get(BODY_TAKEN):
+        response.force_close()  # aiohttp closes the connection after the answer
+        response.headers["Connection"] = "close"  # the headers were made before this hook
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     """What one connection may cost before its request is known."""
@@ -196,6 +247,16 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         self._head_bytes = 0  # bytes of the header block being received
         self._head_timer: asyncio.TimerHandle | None = None
         self._last_payload: StreamReader | None = None  # the body of the last request
+        self._body_taken = False  # a handler reads the body from the socket (`take_body`)
+
+    def stop_reading_for_taker(self) -> None:
+        """Stop reading the connection for good: its body is read by someone else now."""
+        self._body_taken = True
+        self._pause_transport_reading()
+
+    def _resume_transport_reading(self) -> None:
+        if not self._body_taken:
+            super()._resume_transport_reading()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -208,6 +269,8 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         self._start_head_timer()  # a connection that never sends its request is closed
 
     def data_received(self, data: bytes) -> None:
+        if self._body_taken:
+            return
         payload = self._last_payload
         is_awaiting_head = payload is None or payload.is_eof()
         if is_awaiting_head and self._head_timer is None:

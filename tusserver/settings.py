@@ -24,6 +24,11 @@ _SIZE_UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
     "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
 }  # fmt: skip
+# Bodies of a known size from this up are read straight from their sockets (above). Such a
+# body's answer closes the connection, and the client's next request pays for a new one
+# (~2-3 ms here): below ~16 MiB that costs more than the thread saves (benchmark b: PATCHes
+# of 8 MiB were 15-25% slower read that way).
+DIRECT_BODY_BYTES = 16 * 2**20
 _DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _NUMBER_WITH_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
@@ -101,6 +106,11 @@ class Settings:
     offset_checkpoint_s: float = 10.0
     min_free_disk_bytes: int = 0
     body_memory_bytes: int = 24 * 2**20
+    # Bodies read straight from their sockets in threads at once (0: every body is read on
+    # the event loop), and the smallest body read that way (no option: the tests lower it);
+    # files/receive.py, uploads/body.py.
+    receive_threads: int = 32
+    receive_min_bytes: int = DIRECT_BODY_BYTES
     cors_origins: tuple[str, ...] = ()
     # A cookie that may carry the signed token too ("" : none); accepted only from an
     # allowed origin (http/middleware.py, docs/tokens.md).
@@ -166,6 +176,8 @@ class Settings:
             raise SettingError("--idle-timeout must be positive")
         if self.body_memory_bytes < 2**20:
             raise SettingError("--body-memory must be at least 1MiB")
+        if self.receive_threads < 0:
+            raise SettingError("--receive-threads must not be negative")
         if self.fsync not in ("always", "complete", "never"):
             raise SettingError(f"--fsync must be always, complete or never, got {self.fsync!r}")
         if self.public_url is not None and not re.match(r"^https?://[^/]+", self.public_url):
@@ -309,6 +321,14 @@ OPTIONS: tuple[Option, ...] = (
         parse_size,
         "request bodies a worker gathers in memory at once, shared by its uploads",
         "SIZE",
+    ),
+    (
+        "receive-threads",
+        parse_int,
+        "bodies of 16 MiB or more (plain HTTP, known size) a worker reads straight from "
+        "their sockets at once, a thread each, off the event loop; others are read on the "
+        "loop (0: all; the answer to such a body closes the connection)",
+        "N",
     ),
     (
         "cors-origins",

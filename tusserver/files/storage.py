@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import aiofiles.os
 
 from tusserver.errors import InsufficientStorage, StorageFailure
+from tusserver.files.receive import Receipt, Reception, receive_into
 from tusserver.settings import FsyncPolicy
 
 if TYPE_CHECKING:
@@ -35,6 +36,10 @@ WRITE_PIECE_BYTES = 256 * 2**10
 HASH_BESIDE_BYTES = 2**20  # blocks this large are hashed in a second thread while written
 BULK_THREADS = max(2, os.cpu_count() or 1)  # one block written and hashed per core at once
 IO_THREADS = 32  # threads for the short file operations (mostly waiting for the disk)
+# Bodies read straight from their sockets at once, per process (a thread each, mostly
+# waiting in poll): past this many, a large body is read on the event loop like any other
+# (--receive-threads).
+RECEIVERS = 32
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _FAN_OUT = re.compile(r"[0-9a-f]{2}")
 _UPLOAD_FILE = re.compile(r"[0-9a-f]{32}")  # the shape of an upload id: nothing else is ours
@@ -115,6 +120,22 @@ class UploadFile:
             if isinstance(outcome, BaseException):
                 raise outcome
 
+    async def receive(
+        self, sock_fd: int, buffered: list[bytes], remaining: int, offset: int,
+        how: Reception,
+    ) -> Receipt:  # fmt: skip
+        """Write `buffered`, then the next `remaining` bytes of the socket `sock_fd` (ours to
+        close), into the file from `offset`, in a receiving thread of its own
+        (`receive.receive_into` says what is reported and raised). The thread works on its
+        own duplicate of this file, so it may outlive an awaiting task that is cancelled
+        without touching a closed descriptor."""
+        file_fd = os.dup(self.fd)
+
+        def receive() -> Receipt:
+            return receive_into(how, sock_fd, file_fd, offset, buffered, remaining)
+
+        return await _in_thread(receive, self._storage.receiving)
+
     async def truncate(self, size: int) -> None:
         """Cut the file back to `size` bytes (throwing away bytes that were not committed)."""
         await _in_thread(lambda: os.ftruncate(self.fd, size), self._storage.io)
@@ -130,7 +151,10 @@ class UploadFile:
 class Storage:
     """The upload files under one data directory."""
 
-    def __init__(self, data_dir: Path, *, fsync: FsyncPolicy, min_free_disk_bytes: int) -> None:
+    def __init__(
+        self, data_dir: Path, *, fsync: FsyncPolicy, min_free_disk_bytes: int,
+        receivers: int = RECEIVERS,
+    ) -> None:  # fmt: skip
         self.data_dir = data_dir.resolve()
         self.root = self.data_dir / "uploads"
         self.fsync = fsync
@@ -146,6 +170,27 @@ class Storage:
         # uploads a creation's fsync can take a second, and a resuming client's small PATCH
         # must not queue behind a few of them (the loop's default executor has 6 on 2 cores).
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="tus-io")
+        # Large bodies read off the event loop, one thread each while it lasts.
+        self.receivers = receivers
+        self.receiving = ThreadPoolExecutor(max(1, receivers), thread_name_prefix="tus-recv")
+        self.receivers_busy = 0
+
+    def take_receiver(self) -> bool:
+        """Reserve a receiving thread for a body read off the event loop (`UploadFile.receive`);
+        False when all `receivers` are busy (the body is then read on the loop). Every True
+        is followed by `free_receiver` once the receive has ended."""
+        if self.receivers_busy >= self.receivers:
+            return False
+        self.receivers_busy += 1
+        return True
+
+    def free_receiver(self) -> None:
+        self.receivers_busy -= 1
+
+    def start_writeback(self, fd: int, offset: int, size: int) -> None:
+        """Under --fsync always, have the disk start writing a range just written."""
+        if self.fsync == "always":
+            _start_writeback(fd, offset, size)
 
     def must_sync(self, *, completes: bool) -> bool:
         """Whether written bytes are fsynced before they are committed, per --fsync: always,
@@ -154,7 +199,7 @@ class Storage:
 
     def close(self) -> None:
         """Let the threads end once their work is done."""
-        for pool in (self.bulk, self.io):
+        for pool in (self.bulk, self.receiving, self.io):
             pool.shutdown(wait=False)
 
     def prepare(self) -> None:

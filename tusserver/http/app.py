@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from tusserver.aiohttp_private import ConnectionLimits, GuardedAppRunner
+from tusserver.aiohttp_private import ConnectionLimits, GuardedAppRunner, close_after_taken_body
 from tusserver.events import delivery as events
 from tusserver.events import parent
 from tusserver.http import batch_handlers, demo, routes
@@ -165,6 +165,7 @@ def build_app(settings: Settings, redis_url: str) -> web.Application:
         app.router.add_get("/metrics", serve_metrics, name="metrics", expect_handler=expect_handler)
     demo.add_demo_routes(app, settings)
     app.on_response_prepare.append(echo_request_id)
+    app.on_response_prepare.append(close_after_taken_body)
     app.on_shutdown.append(_stop_writers)
     app.cleanup_ctx.append(_uploads_context)
     app.cleanup_ctx.append(_sweeper_context)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from aiohttp import web
 
 from tusserver import draft, protocol
-from tusserver.aiohttp_private import send_continue, send_interim
+from tusserver.aiohttp_private import send_continue, send_interim, take_body
 from tusserver.draft import CompletedUpload, DigestMismatch, InconsistentLength, Version
 from tusserver.errors import (
     BadRequest,
@@ -78,12 +79,13 @@ def _body(request: web.Request, before_reading: Callable[[], Awaitable[None]]) -
         content_length=request.content_length if tus.has_body(request) else 0,
         checksum=None,
         before_reading=before_reading,
+        take=lambda: take_body(request),
     )
 
 
 def _with_digest(body: Body, request: web.Request, *, is_whole: bool) -> Body:
     checksum = draft.request_digest(request.headers, is_whole_representation=is_whole)
-    return Body(body.stream, body.content_length, checksum, body.before_reading)
+    return replace(body, checksum=checksum)
 
 
 # -- creation -------------------------------------------------------------------------------

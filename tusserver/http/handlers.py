@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from tusserver import draft, protocol
-from tusserver.aiohttp_private import send_continue
+from tusserver.aiohttp_private import send_continue, take_body
 from tusserver.auth import Grant
 from tusserver.errors import (
     BadRequest,
@@ -80,6 +80,7 @@ def body_of(request: web.Request) -> Body:
         content_length=request.content_length,
         checksum=protocol.parse_checksum(request.headers.get("Upload-Checksum")),
         before_reading=continue_body,
+        take=lambda: take_body(request),
     )
 
 

@@ -13,14 +13,17 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import StreamReader
 
+from tusserver.aiohttp_private import TakenBody
 from tusserver.errors import ChecksumMismatch, OffsetMismatch, PayloadTooLarge, TusError
+from tusserver.files.receive import Reception
 from tusserver.files.storage import FileShorter, Storage, UploadFile
 from tusserver.protocol import Checksum
 from tusserver.store.records import Upload
@@ -63,6 +66,8 @@ class AppendContext:
     finish_later: Callable[[Upload], None]
     # Told +1 when a request starts writing bytes onto an upload, -1 when it ends (metrics).
     count_in_flight: Callable[[int], None]
+    # The smallest body read straight from its socket in a thread (`files.receive`).
+    direct_body_bytes: int
 
 
 def _waker(stream: StreamReader) -> Callable[[Exception], None]:
@@ -99,6 +104,10 @@ class AppendSession:
         self.stream: StreamReader | None = None
         self._lock = asyncio.Lock()  # one write or commit at a time (the renew task commits)
         self.in_flight: asyncio.Task[None] | None = None  # the block being written
+        self.stop = threading.Event()  # set to stop a body read from its socket
+        self.stop_error: Exception | None = None  # why it was stopped (the lease's reason)
+        # A receiving thread failed mid-write: the file may hold more than `written` says.
+        self.end_unknown = False
 
     @property
     def upload_id(self) -> str:
@@ -147,17 +156,47 @@ class AppendSession:
             return upload
         if body.is_small:
             return await self._append_small(body)
-        self.lease.listen(wake_reader=_waker(body.stream), commit_now=self.commit)
-        return await self._append_streamed(body, limit)
+        if not self._may_take(body):
+            self.lease.listen(wake_reader=_waker(body.stream), commit_now=self.commit)
+            return await self._append_streamed(body, limit, None)
+        try:
+            taken = body.take() if body.take is not None else None
+            if taken is None:
+                self.lease.listen(wake_reader=_waker(body.stream), commit_now=self.commit)
+            else:
+                self.lease.listen(wake_reader=self._stop_receiving, commit_now=self.commit)
+            return await self._append_streamed(body, limit, taken)
+        finally:
+            self.context.storage.free_receiver()
 
-    async def commit(self, ack: str = "", *, release: bool = False) -> Upload:
+    def _may_take(self, body: Body) -> bool:
+        """Whether `body` is read straight from its socket (`files.receive`): a large body of
+        known size with a socket of its own, while a receiving thread is free."""
+        size = body.content_length
+        too_small = size is None or size < self.context.direct_body_bytes
+        if body.take is None or too_small or self.file is None:
+            return False
+        return self.context.storage.take_receiver()
+
+    def _stop_receiving(self, error: Exception) -> None:
+        """The lease's `wake_reader` for a body read from its socket: stop the thread."""
+        if self.stop_error is None:
+            self.stop_error = error
+        self.stop.set()
+
+    async def commit(
+        self, ack: str = "", *, release: bool = False, durable_only: bool = False
+    ) -> Upload:
         """Write what is gathered in memory and commit every byte on disk (after fsync, per
-        the durability setting), unless this request's bytes may yet be thrown away.
+        the durability setting), unless this request's bytes may yet be thrown away; with
+        `durable_only`, only the bytes already made durable (by a receiving thread).
         Completing the upload stores its SHA-256 and event when this process hashed every
         byte."""
         async with self._lock:
             upload = self.upload
             new_offset = self.written + self.pending_bytes if self.may_commit else upload.offset
+            if durable_only:
+                new_offset = max(upload.offset, min(new_offset, self.synced))
             is_last = upload.length is not None and new_offset == upload.length
             needs_sync = self.context.storage.must_sync(completes=is_last)
             needs_sync = needs_sync and new_offset > self.synced and self.file is not None
@@ -196,7 +235,9 @@ class AppendSession:
         await self.commit_offset(size)
         raise OffsetMismatch(expected=size, got=client_offset)
 
-    async def _append_streamed(self, body: Body, limit: SizeLimit) -> Upload:
+    async def _append_streamed(
+        self, body: Body, limit: SizeLimit, taken: TakenBody | None
+    ) -> Upload:
         context = self.context
         checksum = body.checksum
         self.running_hash = context.hashes.take(self.upload_id, self.upload.offset)
@@ -206,41 +247,124 @@ class AppendSession:
         # Bytes of a checksummed or chunked (size unknown) body are committed only at its end:
         # they may yet have to be thrown away.
         self.may_commit = checksum is None and body.content_length is not None
-        self.stream = body.stream
+        self.stream = body.stream if taken is None else None
         self.received = self.written
         self.is_whole_upload = body.is_whole_upload
+        if taken is not None:
+            return await self._stream(body.stream, checksum, verifier, self._receive(taken))
         with context.body_memory.holding():
-            return await self._stream(body.stream, checksum, verifier, limit)
+            return await self._stream(
+                body.stream, checksum, verifier, self._read_and_write(body.stream, limit)
+            )
+
+    async def _read_and_write(self, body: StreamReader, limit: SizeLimit) -> None:
+        """Move the body onto the file on the event loop: chunks gathered into blocks, one
+        block written (in a bulk thread) while the next arrives, committed once a second."""
+        loop = asyncio.get_running_loop()
+        idle = self.context.idle_timeout_s
+        memory = self.context.body_memory
+        # The stall deadline covers waiting for the client only, never our own writes.
+        async with asyncio.timeout(loop.time() + idle) as stall:
+            while chunk := await body.readany():
+                self._gather(chunk, limit)
+                if self.lease.stop_requested or self.lease.lost:
+                    raise TakenOver()
+                is_due = time.monotonic() - self.committed_at > COMMIT_INTERVAL_S
+                is_full = self.pending_bytes >= memory.block_bytes()
+                if is_full or (is_due and self.may_commit):
+                    stall.reschedule(None)
+                    await self._settle_write()  # at most one block in flight
+                    if is_due and self.may_commit:
+                        await self.commit()
+                    else:  # write this block while the next one arrives
+                        self.in_flight = asyncio.create_task(self.flush())
+                stall.reschedule(loop.time() + idle)
+        await self._settle_write()
+        await self.flush()
+
+    async def _receive(self, taken: TakenBody) -> None:
+        """Move a body taken from its connection onto the file in a receiving thread
+        (`UploadFile.receive`), committing once a second meanwhile what the thread reports:
+        under --fsync always, what it made durable itself (so the shared threads never wait
+        for this body's disk writes; a HEAD's commit may still sync the rest). It never
+        reports the body's last piece, so no commit beside it completes the upload."""
+        assert self.file is not None
+        storage = self.context.storage
+
+        loop = asyncio.get_running_loop()
+        made_durable = asyncio.Event()  # the thread synced: commit now, not at the next tick
+
+        def progress(end: int, durable: bool) -> None:  # from the thread: set whole
+            if durable:
+                self.synced = end
+                loop.call_soon_threadsafe(made_durable.set)
+            self.written = end
+
+        how = Reception(
+            storage.check_free_space, storage.start_writeback, storage.bulk, self.hashes,
+            self.stop,
+            self.context.idle_timeout_s,
+            sync_every_s=COMMIT_INTERVAL_S if storage.fsync == "always" else 0.0,
+            on_progress=progress,
+        )  # fmt: skip
+        receiving = asyncio.ensure_future(
+            self.file.receive(taken.fd, taken.buffered, taken.remaining, self.written, how)
+        )
+        try:
+            while not receiving.done():
+                synced = asyncio.ensure_future(made_durable.wait())
+                await asyncio.wait(
+                    {receiving, synced}, timeout=COMMIT_INTERVAL_S,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )  # fmt: skip
+                synced.cancel()
+                made_durable.clear()
+                ready = self.synced if how.sync_every_s else self.written
+                if not receiving.done() and self.may_commit and ready > self.upload.offset:
+                    await self._commit_beside(durable_only=how.sync_every_s > 0)
+        finally:
+            self.stop.set()  # the thread ends within its poll interval
+            if not receiving.done():
+                await asyncio.wait({receiving})
+        try:
+            receipt = receiving.result()  # a failed write raises here (507, 500)
+        except BaseException:
+            self.end_unknown = True
+            if self.running_hash is not None:  # it may lack blocks: the file is hashed later
+                self.hashes.remove(self.running_hash)
+                self.running_hash = None
+            raise
+        self.written = receipt.end
+        if receipt.ending == "stopped":
+            raise self.stop_error or ShuttingDown()
+        if receipt.ending == "idle":
+            raise TimeoutError()
+        if receipt.ending == "hung up":
+            raise ConnectionResetError("the client closed the connection mid-body")
+
+    async def _commit_beside(self, *, durable_only: bool) -> None:
+        """A periodic commit beside a body still arriving (`commit`). A lost lock stops the
+        body; any other failure (Redis unreachable) is left to the lease, which stops the
+        body once its lock can no longer be renewed, and the next commit tries again."""
+        try:
+            await self.commit(durable_only=durable_only)
+        except LockLost:
+            raise
+        except Exception as error:
+            log.warning("upload %s: a commit failed, the body goes on: %r", self.upload_id, error)
 
     async def _stream(
         self,
         body: StreamReader,
         checksum: Checksum | None,
         verifier: Hash | None,
-        limit: SizeLimit,
+        transfer: Coroutine[object, object, None],
     ) -> Upload:
-        loop = asyncio.get_running_loop()
+        """Run `transfer` (the body onto the file), then verify, commit and release; or,
+        when it stops early, keep what arrived (or nothing) and raise the refusal."""
         idle = self.context.idle_timeout_s
-        memory = self.context.body_memory
         try:
-            # The stall deadline covers waiting for the client only, never our own writes.
-            async with asyncio.timeout(loop.time() + idle) as stall:
-                while chunk := await body.readany():
-                    self._gather(chunk, limit)
-                    if self.lease.stop_requested or self.lease.lost:
-                        raise TakenOver()
-                    is_due = time.monotonic() - self.committed_at > COMMIT_INTERVAL_S
-                    is_full = self.pending_bytes >= memory.block_bytes()
-                    if is_full or (is_due and self.may_commit):
-                        stall.reschedule(None)
-                        await self._settle_write()  # at most one block in flight
-                        if is_due and self.may_commit:
-                            await self.commit()
-                        else:  # write this block while the next one arrives
-                            self.in_flight = asyncio.create_task(self.flush())
-                    stall.reschedule(loop.time() + idle)
-            await self._settle_write()
-            await self.flush()
+            await transfer
             if checksum is not None and verifier is not None:
                 if verifier.digest() != checksum.digest:
                     raise ChecksumMismatch(checksum.algorithm)
@@ -385,7 +509,9 @@ class AppendSession:
         """Leave the file as it was before this request (while we still hold the lock)."""
         async with self._lock:
             self.pending, self.pending_bytes = [], 0
-            if self.file is None or self.lease.lost or self.written == self.upload.offset:
+            if self.file is None or self.lease.lost:
+                return
+            if self.written == self.upload.offset and not self.end_unknown:
                 return
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.file.truncate(self.upload.offset))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from aiohttp import StreamReader
 
-from tusserver.aiohttp_private import clear_error, unread_chunks
+from tusserver.aiohttp_private import TakenBody, clear_error, unread_chunks
 from tusserver.errors import (
     BodyIncomplete,
     ChecksumMismatch,
@@ -57,6 +57,9 @@ class Body:
     # The body is the whole upload (a form's file part): a deferred length becomes what
     # arrived once the body ends, so the upload completes in the same commit.
     is_whole_upload: bool = False
+    # Takes the rest of the body away from aiohttp, to be read straight from its socket in
+    # a thread (`aiohttp_private.take_body`); None where the body has no socket of its own.
+    take: Callable[[], TakenBody | None] | None = None
 
     @property
     def is_small(self) -> bool:

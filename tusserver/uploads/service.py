@@ -142,6 +142,7 @@ class Uploads:
             idle_timeout_s=settings.idle_timeout_s,
             finish_later=self.finish_in_background,
             count_in_flight=observers.in_flight,
+            direct_body_bytes=settings.receive_min_bytes,
         )
         self._background: set[asyncio.Task[None]] = set()
         self._small_bodies: set[StreamReader] = set()  # small creations reading their body
@@ -455,6 +456,7 @@ async def open_uploads(
             settings.data_dir,
             fsync=settings.fsync,
             min_free_disk_bytes=settings.min_free_disk_bytes,
+            receivers=settings.receive_threads,
         )
         await check_layout(client)
         state = UploadState(

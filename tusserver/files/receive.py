@@ -1,0 +1,193 @@
+"""A large request body moved from its socket to its file by one worker thread.
+
+The event loop reads a body chunk by chunk: each chunk is a loop turn, a parser pass and a
+new bytes object, and 16 fast bodies in one process keep the loop so busy that a small
+request waits for it. A body of a known, large size is instead read here, straight from
+the socket into two reused buffers: while one block is hashed (in a bulk thread), the next
+is read and written at its offset. The threads hold the GIL only between those calls; the
+event loop is left with the commits.
+
+Nothing here knows about HTTP or Redis: the caller hands over the socket (a duplicate of its
+descriptor, which this closes), what had already been received, and a stop flag.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
+else:
+    Hash = Any
+
+BLOCK_BYTES = 2**20  # read (as much of it as has arrived), written, then hashed beside the next
+PIECE_BYTES = 256 * 2**10  # one write (the fastest write size on the project's VM)
+WRITEBACK_BYTES = 4 * 2**20  # under --fsync always: start the disk writing this often
+POLL_MS = 100  # how long a stop request or the idle deadline may go unnoticed
+
+# Why the body stopped: all of it arrived, the caller asked to stop, nothing arrived for the
+# idle time, or the client closed the connection (or it broke).
+Ending = Literal["done", "stopped", "idle", "hung up"]
+# Told the file's end after a block, and whether every byte before it is durable.
+Progress = Callable[[int, bool], None]
+
+
+@dataclass(frozen=True)
+class Receipt:
+    ending: Ending
+    end: int  # the file's end: every byte before it written and hashed
+
+
+@dataclass(frozen=True)
+class Reception:
+    """What one body's thread needs besides its descriptors."""
+
+    # 507 (InsufficientStorage) when writing this many bytes would leave too little free
+    check_free_space: Callable[[int], None]
+    # (fd, offset, size): have the disk start writing a range just written, per --fsync
+    start_writeback: Callable[[int, int, int], None]
+    hasher: Executor  # where a block is hashed while the next is read
+    hashes: list[Hash]
+    stop: threading.Event
+    idle_s: float
+    # > 0: make the file durable this often while the body arrives (and after a pause in
+    # it), reporting it; 0: never here
+    sync_every_s: float
+    on_progress: Progress
+
+
+def receive_into(
+    how: Reception, sock_fd: int, file_fd: int, offset: int, buffered: list[bytes], remaining: int
+) -> Receipt:
+    """Write `buffered`, then the next `remaining` bytes of the socket, at `offset` of the file
+    and feed them to the hashes. Progress is reported after each block, saying whether it is
+    durable (after each of the thread's own syncs), but never for the body's last block, so
+    a commit made beside this never completes the upload: the caller learns the end from the
+    receipt, once every byte before it is hashed. Closes `sock_fd` and `file_fd` (duplicates)
+    at the end. OSError from the file (disk full, I/O error) is raised; one from the socket
+    ends the body ("hung up")."""
+    try:
+        end = offset
+        if buffered:  # what had arrived, and the next writeback's worth, must fit
+            first = sum(len(chunk) for chunk in buffered) + min(remaining, WRITEBACK_BYTES)
+            how.check_free_space(first)
+        for chunk in buffered:
+            _write(file_fd, end, memoryview(chunk))
+            _feed(how.hashes, memoryview(chunk))
+            end += len(chunk)
+        return _Pump(how, sock_fd, file_fd, end).run(remaining)
+    finally:
+        os.close(sock_fd)
+        os.close(file_fd)
+
+
+class _Pump:
+    """Blocks from the socket to the file, each hashed while the next one is read."""
+
+    def __init__(self, how: Reception, sock_fd: int, file_fd: int, end: int) -> None:
+        self.how = how
+        self.sock_fd = sock_fd
+        self.file_fd = file_fd
+        self.end = end  # written (its hashing may still run)
+        self.synced = end
+        self.poller = select.poll()
+        self.poller.register(sock_fd, select.POLLIN)
+        self.heard_at = self.synced_at = time.monotonic()
+        self.unwritten_back = 0  # written since the last start of writeback
+
+    def run(self, remaining: int) -> Receipt:
+        buffers = [memoryview(bytearray(min(BLOCK_BYTES, max(1, remaining)))) for _ in "ab"]
+        hashing: Future[None] | None = None
+        turn = 0
+        try:
+            while remaining > 0:
+                block = buffers[turn][: min(BLOCK_BYTES, remaining)]
+                filled = self._fill(block)
+                if isinstance(filled, str):
+                    return Receipt(filled, self.end)
+                self._write_block(block[:filled], remaining)
+                if hashing is not None:  # the other buffer's hash, before it is refilled
+                    hashing.result()
+                hashing = self.how.hasher.submit(_feed, self.how.hashes, block[:filled])
+                self.end += filled
+                remaining -= filled
+                turn = 1 - turn
+                if remaining:
+                    self._report()
+            return Receipt("done", self.end)
+        finally:
+            if hashing is not None:
+                hashing.result()  # every byte before `end` is hashed when this returns
+
+    def _fill(self, block: memoryview) -> int | Ending:
+        """Read into `block` what has arrived (waiting for the first byte): its size, or why
+        the body ended before any."""
+        how, filled = self.how, 0
+        while filled < len(block):
+            if how.stop.is_set():
+                return "stopped"
+            try:
+                size = os.readv(self.sock_fd, [block[filled:]])
+            except BlockingIOError:
+                if filled:
+                    break  # write what came; the rest is read beside its hashing
+                if self.poller.poll(POLL_MS):
+                    continue
+                now = time.monotonic()
+                if now - self.heard_at > how.idle_s:
+                    return "idle"
+                if how.sync_every_s and self.end > self.synced:
+                    if now - self.synced_at >= how.sync_every_s:  # a pause: make it durable
+                        self._sync()
+                continue
+            except OSError:  # reset by the peer, or another failure of the connection
+                return filled or "hung up"
+            if size == 0:
+                return filled or "hung up"
+            filled += size
+            self.heard_at = time.monotonic()
+        return filled
+
+    def _write_block(self, data: memoryview, remaining: int) -> None:
+        how = self.how
+        if self.unwritten_back == 0:  # the next writeback's worth of the body must fit
+            how.check_free_space(min(remaining, WRITEBACK_BYTES))
+        _write(self.file_fd, self.end, data)
+        self.unwritten_back += len(data)
+        if self.unwritten_back >= WRITEBACK_BYTES:
+            end = self.end + len(data)
+            how.start_writeback(self.file_fd, end - self.unwritten_back, self.unwritten_back)
+            self.unwritten_back = 0
+
+    def _report(self) -> None:
+        """Tell the caller the new end (made durable first, once per `sync_every_s`)."""
+        how = self.how
+        if how.sync_every_s and self.heard_at - self.synced_at >= how.sync_every_s:
+            self._sync()
+        else:
+            how.on_progress(self.end, False)
+
+    def _sync(self) -> None:
+        """Make the file durable in this thread (the body waits for its own disk writes)."""
+        getattr(os, "fdatasync", os.fsync)(self.file_fd)
+        self.synced, self.synced_at = self.end, time.monotonic()
+        self.how.on_progress(self.end, True)
+
+
+def _write(file_fd: int, offset: int, data: memoryview) -> None:
+    """Write `data` at `offset`, in pieces of at most PIECE_BYTES."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(file_fd, data[done : done + PIECE_BYTES], offset + done)
+
+
+def _feed(hashes: list[Hash], data: memoryview) -> None:
+    for running_hash in hashes:
+        running_hash.update(data)
