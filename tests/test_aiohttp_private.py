@@ -182,11 +182,12 @@ async def test_send_interim_refuses_what_is_not_one_interim_answer() -> None:
         await send_interim(request, 104, {"Location": "a\r\nSet-Cookie: x"})
 
 
-async def _serve_taker(reads_first: int) -> tuple[web.AppRunner, int]:
+async def _serve_taker(reads_first: int, *, give_back: bool = False) -> tuple[web.AppRunner, int]:
     """A bare app on the guarded runner whose POST handler reads `reads_first` bytes of the
-    body through aiohttp, then takes the rest (`take_body`) and reads it from the socket;
-    it answers what it got: `none` when there was nothing to take, else the bytes' length
-    and SHA-256, and how many had been buffered."""
+    body through aiohttp, then takes the rest (`take_body`) and reads it from the socket
+    (and with `give_back`, hands the connection back); it answers what it got: `none` when
+    there was nothing to take, else the bytes' length and SHA-256, and how many had been
+    buffered."""
 
     async def handler(request: web.Request) -> web.Response:
         if reads_first:
@@ -205,6 +206,8 @@ async def _serve_taker(reads_first: int) -> tuple[web.AppRunner, int]:
                     received += os.read(taken.fd, buffered + taken.remaining - len(received))
         finally:
             os.close(taken.fd)
+        if give_back:
+            taken.give_back()
         digest = hashlib.sha256(received).hexdigest()
         return web.Response(text=f"{len(received)} {digest} {buffered}")
 
@@ -251,3 +254,30 @@ async def test_take_body_takes_nothing_from_a_body_a_reader_has_begun() -> None:
                 assert "Connection" not in response.headers
     finally:
         await runner.cleanup()
+
+
+async def test_a_connection_given_back_parses_the_request_after_the_taken_body() -> None:
+    runner, port = await _serve_taker(reads_first=0, give_back=True)
+    body = os.urandom(2**20)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        writer.write(head + body + head + body)  # two requests back to back
+        await writer.drain()
+        answers = []
+        for _ in range(2):
+            status = await asyncio.wait_for(reader.readline(), 10)
+            headers = {}
+            while line := (await reader.readline()).strip():
+                name, _, value = line.decode().partition(":")
+                headers[name.lower()] = value.strip()
+            text = await reader.readexactly(int(headers["content-length"]))
+            answers.append((status, headers, text.decode().split()))
+        writer.close()
+    finally:
+        await runner.cleanup()
+    expected = [str(len(body)), hashlib.sha256(body).hexdigest()]
+    for status, headers, (size, digest, _buffered) in answers:
+        assert status.startswith(b"HTTP/1.1 200"), status
+        assert "connection" not in headers  # kept open for the next request
+        assert [size, digest] == expected

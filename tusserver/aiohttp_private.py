@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import StreamReader, web, web_protocol
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpRequestParser  # what web_protocol uses (C, else Python)
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
@@ -132,15 +133,19 @@ class TakenBody:
     fd: int  # a duplicate of the connection's socket (non-blocking), the taker's to close
     buffered: list[bytes]  # what aiohttp had already received of the body, in order
     remaining: int  # the bytes of the body still to come on the socket
+    # Called once the taker has read exactly `remaining` bytes: the connection serves the
+    # next request (else the answer closes it).
+    give_back: Callable[[], None]
 
 
 def take_body(request: web.BaseRequest) -> TakenBody | None:
     """Take the rest of the request's body away from aiohttp, to be read straight from the
-    socket: reading from the connection stops, aiohttp sees the body as ended, and the answer
-    closes the connection (aiohttp's parser still counts the body's bytes as to come, so the
-    connection can serve no further request). None, leaving everything as it was, unless the
-    body has a Content-Length, none of it was read yet, and the connection is plain TCP or a
-    Unix socket (TLS bytes are not the body)."""
+    socket: reading from the connection stops and aiohttp sees the body as ended. Once the
+    taker has read the body to its end, `give_back` lets the connection serve its next
+    request (with a fresh parser: the old one still counts the body's bytes as to come);
+    otherwise the answer closes the connection. None, leaving everything as it was, unless
+    the body has a Content-Length, none of it was read yet, and the connection is plain TCP
+    or a Unix socket (TLS bytes are not the body)."""
     handler, transport, payload = request.protocol, request.transport, request.content
     length = request.content_length
     if not isinstance(handler, GuardedRequestHandler) or transport is None or length is None:
@@ -160,7 +165,12 @@ def take_body(request: web.BaseRequest) -> TakenBody | None:
     buffered = unread_chunks(payload)
     payload.feed_eof()
     request[BODY_TAKEN] = True
-    return TakenBody(fd, buffered, length - payload.total_bytes)
+
+    def give_back() -> None:
+        request[BODY_TAKEN] = False
+        handler.read_again_after_taker()
+
+    return TakenBody(fd, buffered, length - payload.total_bytes, give_back)
 
 
 async def close_after_taken_body(request: web.Request, response: web.StreamResponse) -> None:
@@ -243,6 +253,7 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
 
     def __init__(self, manager: web.Server, *, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        self._auto_decompress = bool(kwargs.get("auto_decompress", True))  # for a new parser
         self._limits = limits
         self._head_bytes = 0  # bytes of the header block being received
         self._head_timer: asyncio.TimerHandle | None = None
@@ -250,9 +261,22 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         self._body_taken = False  # a handler reads the body from the socket (`take_body`)
 
     def stop_reading_for_taker(self) -> None:
-        """Stop reading the connection for good: its body is read by someone else now."""
+        """Stop reading the connection: its body is read by someone else now."""
         self._body_taken = True
         self._pause_transport_reading()
+
+    def read_again_after_taker(self) -> None:
+        """The taker read the body to its end: parse what follows with a fresh parser (the
+        old one still counts the body's bytes as to come), as aiohttp made the first."""
+        self._parser = HttpRequestParser(
+            self, self._loop, self._read_bufsize, max_line_size=self.max_line_size,
+            max_field_size=self.max_field_size, max_headers=self.max_headers,
+            payload_exception=web_protocol.RequestPayloadError,
+            auto_decompress=self._auto_decompress,
+            max_msg_queue_size=web_protocol.MAX_MSG_QUEUE_SIZE,
+        )  # fmt: skip
+        self._body_taken = False
+        self._resume_transport_reading()
 
     def _resume_transport_reading(self) -> None:
         if not self._body_taken:

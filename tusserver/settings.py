@@ -24,10 +24,10 @@ _SIZE_UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
     "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
 }  # fmt: skip
-# Bodies of a known size from this up are read straight from their sockets (above). Such a
-# body's answer closes the connection, and the client's next request pays for a new one
-# (~2-3 ms here): below ~16 MiB that costs more than the thread saves (benchmark b: PATCHes
-# of 8 MiB were 15-25% slower read that way).
+# Bodies of a known size from this up are read straight from their sockets (above). One
+# sequential stream of 8 MiB PATCHes was 10-20% slower read that way than on the loop
+# (benchmark b, alternating rounds), a 2 GiB PATCH 20-30% faster and 32 concurrent 64 MiB
+# ones 30-50% faster.
 DIRECT_BODY_BYTES = 16 * 2**20
 _DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _NUMBER_WITH_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
@@ -327,7 +327,7 @@ OPTIONS: tuple[Option, ...] = (
         parse_int,
         "bodies of 16 MiB or more (plain HTTP, known size) a worker reads straight from "
         "their sockets at once, a thread each, off the event loop; others are read on the "
-        "loop (0: all; the answer to such a body closes the connection)",
+        "loop (0: all)",
         "N",
     ),
     (

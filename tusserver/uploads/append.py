@@ -335,6 +335,8 @@ class AppendSession:
                 self.running_hash = None
             raise
         self.written = receipt.end
+        if receipt.ending == "done":
+            taken.give_back()  # the connection serves the client's next request
         if receipt.ending == "stopped":
             raise self.stop_error or ShuttingDown()
         if receipt.ending == "idle":
