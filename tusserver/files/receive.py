@@ -4,8 +4,8 @@ The event loop reads a body chunk by chunk: each chunk is a loop turn, a parser 
 new bytes object, and 16 fast bodies in one process keep the loop so busy that a small
 request waits for it. A body of a known, large size is instead read here, straight from
 the socket into two reused buffers: while one block is hashed (in a bulk thread), the next
-is read and written at its offset. The threads hold the GIL only between those calls; the
-event loop is left with the commits.
+is read and written at its offset (`disk.write_all`, pieces of 256 KiB). The threads hold
+the GIL only between those calls; the event loop is left with the commits.
 
 Nothing here knows about HTTP or Redis: the caller hands over the socket (a duplicate of its
 descriptor, which this closes), what had already been received, and a stop flag.
@@ -22,13 +22,14 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from tusserver.files import disk
+
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
 else:
     Hash = Any
 
 BLOCK_BYTES = 2**20  # read (as much of it as has arrived), written, then hashed beside the next
-PIECE_BYTES = 256 * 2**10  # one write (the fastest write size on the project's VM)
 WRITEBACK_BYTES = 4 * 2**20  # under --fsync always: start the disk writing this often
 POLL_MS = 100  # how long a stop request or the idle deadline may go unnoticed
 
@@ -79,7 +80,7 @@ def receive_into(
             first = sum(len(chunk) for chunk in buffered) + min(remaining, WRITEBACK_BYTES)
             how.check_free_space(first)
         for chunk in buffered:
-            _write(file_fd, end, memoryview(chunk))
+            disk.write_all(file_fd, [chunk], end, len(chunk))
             _feed(how.hashes, memoryview(chunk))
             end += len(chunk)
         return _Pump(how, sock_fd, file_fd, end).run(remaining)
@@ -159,7 +160,7 @@ class _Pump:
         how = self.how
         if self.unwritten_back == 0:  # the next writeback's worth of the body must fit
             how.check_free_space(min(remaining, WRITEBACK_BYTES))
-        _write(self.file_fd, self.end, data)
+        disk.write_all(self.file_fd, [data], self.end, len(data))
         self.unwritten_back += len(data)
         if self.unwritten_back >= WRITEBACK_BYTES:
             end = self.end + len(data)
@@ -176,16 +177,9 @@ class _Pump:
 
     def _sync(self) -> None:
         """Make the file durable in this thread (the body waits for its own disk writes)."""
-        getattr(os, "fdatasync", os.fsync)(self.file_fd)
+        disk.sync(self.file_fd)
         self.synced, self.synced_at = self.end, time.monotonic()
         self.how.on_progress(self.end, True)
-
-
-def _write(file_fd: int, offset: int, data: memoryview) -> None:
-    """Write `data` at `offset`, in pieces of at most PIECE_BYTES."""
-    done = 0
-    while done < len(data):
-        done += os.pwrite(file_fd, data[done : done + PIECE_BYTES], offset + done)
 
 
 def _feed(hashes: list[Hash], data: memoryview) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import hashlib
 import os
@@ -17,11 +16,12 @@ import re
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiofiles.os
 
 from tusserver.errors import InsufficientStorage, StorageFailure
+from tusserver.files import disk
 from tusserver.files.receive import Receipt, Reception, receive_into
 from tusserver.settings import FsyncPolicy
 
@@ -32,7 +32,6 @@ else:
 
 T = TypeVar("T")
 HASH_BLOCK_BYTES = 4 * 2**20
-WRITE_PIECE_BYTES = 256 * 2**10
 HASH_BESIDE_BYTES = 2**20  # blocks this large are hashed in a second thread while written
 BULK_THREADS = max(2, os.cpu_count() or 1)  # one block written and hashed per core at once
 IO_THREADS = 32  # threads for the short file operations (mostly waiting for the disk)
@@ -93,11 +92,11 @@ class UploadFile:
 
         def write() -> None:
             storage.check_free_space(size)
-            _write_all(self.fd, chunks, offset, size)
+            disk.write_all(self.fd, chunks, offset, size)
             if sync:
-                _sync(self.fd)
+                disk.sync(self.fd)
             elif storage.fsync == "always":  # the next commit syncs: have the disk start now
-                _start_writeback(self.fd, offset, size)
+                disk.start_writeback(self.fd, offset, size)
 
         def digest() -> None:
             for running_hash in hashes:
@@ -142,7 +141,7 @@ class UploadFile:
 
     async def sync(self) -> None:
         """Make the written bytes durable (fdatasync where the OS has it)."""
-        await _in_thread(lambda: _sync(self.fd), self._storage.io)
+        await _in_thread(lambda: disk.sync(self.fd), self._storage.io)
 
     async def close(self) -> None:
         await _in_thread(lambda: os.close(self.fd), self._storage.io)
@@ -190,7 +189,7 @@ class Storage:
     def start_writeback(self, fd: int, offset: int, size: int) -> None:
         """Under --fsync always, have the disk start writing a range just written."""
         if self.fsync == "always":
-            _start_writeback(fd, offset, size)
+            disk.start_writeback(fd, offset, size)
 
     def must_sync(self, *, completes: bool) -> bool:
         """Whether written bytes are fsynced before they are committed, per --fsync: always,
@@ -270,9 +269,9 @@ class Storage:
             self.check_free_space(len(data))
             fd = self._create(upload_id)
             try:
-                _write_all(fd, [data], 0, len(data))
+                disk.write_all(fd, [data], 0, len(data))
                 if sync:
-                    _sync(fd)
+                    disk.sync(fd)
             except BaseException:
                 os.close(fd)
                 self.path_of(upload_id).unlink(missing_ok=True)
@@ -295,7 +294,7 @@ class Storage:
         try:
             if self.fsync != "never":
                 for folder in folders:
-                    _fsync_folder(folder)
+                    disk.fsync_folder(folder)
         except BaseException:
             os.close(fd)
             raise
@@ -328,9 +327,9 @@ class Storage:
                 if size < committed_offset:
                     raise FileShorter(size)
                 try:
-                    _write_all(fd, [data], committed_offset, len(data))
+                    disk.write_all(fd, [data], committed_offset, len(data))
                     if sync:
-                        _sync(fd)
+                        disk.sync(fd)
                 except BaseException:
                     with contextlib.suppress(OSError):
                         os.ftruncate(fd, committed_offset)
@@ -405,7 +404,7 @@ class Storage:
                 position = 0
                 for source_path, length in sources:
                     with open(source_path, "rb", buffering=0) as source:
-                        _copy_range(source.fileno(), target.fileno(), length, position)
+                        disk.copy_range(source.fileno(), target.fileno(), length, position)
                     position += length
                 if durable:
                     os.fsync(target.fileno())
@@ -430,83 +429,3 @@ class Storage:
             return running.hexdigest()
 
         return await _in_thread(digest, self.bulk)
-
-
-_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the range's dirty pages
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range (Linux), or None where there is none."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], function)
-
-
-_sync_file_range = _load_sync_file_range()
-
-
-def _start_writeback(fd: int, offset: int, size: int) -> None:
-    """Ask the kernel to start writing a block just written to the disk, without waiting
-    for it: under --fsync always every commit fdatasyncs the file, and then finds less left
-    to write (the fdatasync stalls the transfer less). Best effort: an error changes nothing
-    the fdatasync does not redo."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
-
-
-def _sync(fd: int) -> None:
-    """Make the file's written bytes durable (fdatasync where the OS has it)."""
-    getattr(os, "fdatasync", os.fsync)(fd)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the entries of `folder` (a new file or folder in it) durable."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, chunks: list[bytes], offset: int, size: int) -> None:
-    """Write the chunks back to back from `offset`, in pieces of at most WRITE_PIECE_BYTES.
-    (Measured on the project's VM: page-cache writes of 1 MiB or more cost several times the
-    kernel CPU of the same bytes in 256 KiB writes; the thread hop per gathered block is what
-    the gathering saves.)"""
-    position = offset
-    for chunk in chunks:
-        view = memoryview(chunk)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done : done + WRITE_PIECE_BYTES], position + done)
-        position += len(view)
-    if position - offset != size:
-        raise StorageFailure("the server lost count of the bytes it wrote")
-
-
-def _copy_range(source_fd: int, target_fd: int, length: int, target_offset: int) -> None:
-    """Copy `length` bytes from the start of `source_fd` to `target_offset` of `target_fd`."""
-    copied = 0
-    copy_file_range = getattr(os, "copy_file_range", None)
-    while copy_file_range is not None and copied < length:
-        try:
-            done = copy_file_range(
-                source_fd, target_fd, length - copied, copied, target_offset + copied
-            )
-        except OSError as error:
-            if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            break  # this filesystem pair cannot: copy through a bounded buffer
-        if done == 0:
-            raise StorageFailure("a partial upload's file is shorter than its length")
-        copied += done
-    while copied < length:
-        block = os.pread(source_fd, min(HASH_BLOCK_BYTES, length - copied), copied)
-        if not block:
-            raise StorageFailure("a partial upload's file is shorter than its length")
-        os.pwrite(target_fd, block, target_offset + copied)
-        copied += len(block)

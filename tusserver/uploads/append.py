@@ -23,7 +23,6 @@ from aiohttp import StreamReader
 
 from tusserver.aiohttp_private import TakenBody
 from tusserver.errors import ChecksumMismatch, OffsetMismatch, PayloadTooLarge, TusError
-from tusserver.files.receive import Reception
 from tusserver.files.storage import FileShorter, Storage, UploadFile
 from tusserver.protocol import Checksum
 from tusserver.store.records import Upload
@@ -43,13 +42,12 @@ from tusserver.uploads.body import (
 from tusserver.uploads.hashing import RunningHashes
 from tusserver.uploads.lease import Lease
 from tusserver.uploads.lifetimes import Lifetimes
+from tusserver.uploads.receiving import COMMIT_INTERVAL_S, receive_taken
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
 
 log = logging.getLogger("tusserver.uploads")
-
-COMMIT_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -251,7 +249,9 @@ class AppendSession:
         self.received = self.written
         self.is_whole_upload = body.is_whole_upload
         if taken is not None:
-            return await self._stream(body.stream, checksum, verifier, self._receive(taken))
+            storage, idle_s = context.storage, context.idle_timeout_s
+            transfer = receive_taken(self, taken, storage, idle_s)
+            return await self._stream(body.stream, checksum, verifier, transfer)
         with context.body_memory.holding():
             return await self._stream(
                 body.stream, checksum, verifier, self._read_and_write(body.stream, limit)
@@ -281,79 +281,6 @@ class AppendSession:
                 stall.reschedule(loop.time() + idle)
         await self._settle_write()
         await self.flush()
-
-    async def _receive(self, taken: TakenBody) -> None:
-        """Move a body taken from its connection onto the file in a receiving thread
-        (`UploadFile.receive`), committing once a second meanwhile what the thread reports:
-        under --fsync always, what it made durable itself (so the shared threads never wait
-        for this body's disk writes; a HEAD's commit may still sync the rest). It never
-        reports the body's last piece, so no commit beside it completes the upload."""
-        assert self.file is not None
-        storage = self.context.storage
-
-        loop = asyncio.get_running_loop()
-        made_durable = asyncio.Event()  # the thread synced: commit now, not at the next tick
-
-        def progress(end: int, durable: bool) -> None:  # from the thread: set whole
-            if durable:
-                self.synced = end
-                loop.call_soon_threadsafe(made_durable.set)
-            self.written = end
-
-        how = Reception(
-            storage.check_free_space, storage.start_writeback, storage.bulk, self.hashes,
-            self.stop,
-            self.context.idle_timeout_s,
-            sync_every_s=COMMIT_INTERVAL_S if storage.fsync == "always" else 0.0,
-            on_progress=progress,
-        )  # fmt: skip
-        receiving = asyncio.ensure_future(
-            self.file.receive(taken.fd, taken.buffered, taken.remaining, self.written, how)
-        )
-        try:
-            while not receiving.done():
-                synced = asyncio.ensure_future(made_durable.wait())
-                await asyncio.wait(
-                    {receiving, synced}, timeout=COMMIT_INTERVAL_S,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )  # fmt: skip
-                synced.cancel()
-                made_durable.clear()
-                ready = self.synced if how.sync_every_s else self.written
-                if not receiving.done() and self.may_commit and ready > self.upload.offset:
-                    await self._commit_beside(durable_only=how.sync_every_s > 0)
-        finally:
-            self.stop.set()  # the thread ends within its poll interval
-            if not receiving.done():
-                await asyncio.wait({receiving})
-        try:
-            receipt = receiving.result()  # a failed write raises here (507, 500)
-        except BaseException:
-            self.end_unknown = True
-            if self.running_hash is not None:  # it may lack blocks: the file is hashed later
-                self.hashes.remove(self.running_hash)
-                self.running_hash = None
-            raise
-        self.written = receipt.end
-        if receipt.ending == "done":
-            taken.give_back()  # the connection serves the client's next request
-        if receipt.ending == "stopped":
-            raise self.stop_error or ShuttingDown()
-        if receipt.ending == "idle":
-            raise TimeoutError()
-        if receipt.ending == "hung up":
-            raise ConnectionResetError("the client closed the connection mid-body")
-
-    async def _commit_beside(self, *, durable_only: bool) -> None:
-        """A periodic commit beside a body still arriving (`commit`). A lost lock stops the
-        body; any other failure (Redis unreachable) is left to the lease, which stops the
-        body once its lock can no longer be renewed, and the next commit tries again."""
-        try:
-            await self.commit(durable_only=durable_only)
-        except LockLost:
-            raise
-        except Exception as error:
-            log.warning("upload %s: a commit failed, the body goes on: %r", self.upload_id, error)
 
     async def _stream(
         self,
