@@ -22,7 +22,6 @@ import pytest
 from tests.support.raw_http import RawRequest, raw_patch
 from tests.support.servers import Server, ServerFactory
 from tests.support.tus import (
-    TUS,
     completed_digest,
     create_upload,
     head_offset,
@@ -307,18 +306,20 @@ async def test_by_default_bodies_from_16_mib_are_read_in_threads(
     assert await completed_digest(http, url) == repr_digest_of(source)
 
 
-async def test_a_body_that_would_leave_too_little_disk_is_refused_before_writing(
+async def test_a_body_that_would_leave_too_little_disk_is_refused_and_nothing_kept(
     make_server: ServerFactory, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    """The thread checks --min-free-disk before each 4 MiB it writes (here: before the
-    first), so the disk never fills and nothing of the body is kept."""
-    stats = os.statvfs(tmp_path)  # the servers' data directories are under it
+    """The thread checks --min-free-disk before each 4 MiB it writes: the body is refused
+    (507) before the disk goes under the minimum, and what it wrote is removed. A second
+    server on the same data takes the PATCH, so the creation meets no minimum; the 32 MiB
+    of room leaves the test unmoved by other writers on the disk meanwhile."""
+    creating = await make_server(receive_min_bytes=MiB)
+    source = os.urandom(64 * MiB)
+    url = await create_upload(http, creating.url, len(source))
+    stats = os.statvfs(tmp_path)  # the servers' data directory is under it
     free = stats.f_bavail * stats.f_frsize
-    server = await make_server(receive_min_bytes=MiB, min_free_disk_bytes=free - 2 * MiB)
-    source = os.urandom(8 * MiB)
-    async with http.post(server.url, headers={**TUS, "Upload-Length": str(len(source))}) as made:
-        assert made.status == 201, await made.text()
-        url = made.headers["Location"]
+    server = await make_server(receive_min_bytes=MiB, min_free_disk_bytes=free - 32 * MiB)
+    url = server.url + upload_id_of(url)
     async with http.patch(url, data=io.BytesIO(source), headers=patch_headers(0)) as refused:
         assert refused.status == 507
         assert "low on disk space" in await refused.text()

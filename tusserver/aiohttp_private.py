@@ -160,7 +160,10 @@ def take_body(request: web.BaseRequest) -> TakenBody | None:
     unread = sum(len(chunk) for chunk in payload._buffer)
     if unread != payload.total_bytes or payload.total_bytes > length:
         return None  # a reader has taken some of it already
-    fd = os.dup(sock.fileno())
+    try:
+        fd = os.dup(sock.fileno())
+    except OSError:  # out of descriptors: read it on the loop
+        return None
     handler.stop_reading_for_taker()
     buffered = unread_chunks(payload)
     payload.feed_eof()

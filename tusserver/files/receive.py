@@ -133,7 +133,7 @@ class _Pump:
         how, filled = self.how, 0
         while filled < len(block):
             if how.stop.is_set():
-                return "stopped"
+                return filled or "stopped"  # what was read is written first: it arrived
             try:
                 size = os.readv(self.sock_fd, [block[filled:]])
             except BlockingIOError:
