@@ -154,18 +154,15 @@ class AppendSession:
             return upload
         if body.is_small:
             return await self._append_small(body)
-        if not self._may_take(body):
-            self.lease.listen(wake_reader=_waker(body.stream), commit_now=self.commit)
-            return await self._append_streamed(body, limit, None)
+        reserved = self._may_take(body)  # a receiving thread, for a large body
         try:
-            taken = body.take() if body.take is not None else None
-            if taken is None:
-                self.lease.listen(wake_reader=_waker(body.stream), commit_now=self.commit)
-            else:
-                self.lease.listen(wake_reader=self._stop_receiving, commit_now=self.commit)
+            taken = body.take() if reserved and body.take is not None else None
+            wake = _waker(body.stream) if taken is None else self._stop_receiving
+            self.lease.listen(wake_reader=wake, commit_now=self.commit)
             return await self._append_streamed(body, limit, taken)
         finally:
-            self.context.storage.free_receiver()
+            if reserved:
+                self.context.storage.free_receiver()
 
     def _may_take(self, body: Body) -> bool:
         """Whether `body` is read straight from its socket (`files.receive`): a large body of
