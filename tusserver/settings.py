@@ -108,7 +108,7 @@ class Settings:
     body_memory_bytes: int = 24 * 2**20
     # Bodies read straight from their sockets in threads at once (0: every body is read on
     # the event loop), and the smallest body read that way (no option: the tests lower it);
-    # files/receive.py, uploads/body.py.
+    # files/receive.py, uploads/receiving.py.
     receive_threads: int = 32
     receive_min_bytes: int = DIRECT_BODY_BYTES
     cors_origins: tuple[str, ...] = ()

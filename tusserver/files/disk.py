@@ -14,7 +14,7 @@ from typing import cast
 
 from tusserver.errors import StorageFailure
 
-PIECE_BYTES = 256 * 2**10  # one pwrite (measured on the project's VM, see write_pieces)
+PIECE_BYTES = 256 * 2**10  # one pwrite (measured on the project's VM, see write_all)
 COPY_BLOCK_BYTES = 4 * 2**20
 
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the range's dirty pages

@@ -95,8 +95,8 @@ class UploadFile:
             disk.write_all(self.fd, chunks, offset, size)
             if sync:
                 disk.sync(self.fd)
-            elif storage.fsync == "always":  # the next commit syncs: have the disk start now
-                disk.start_writeback(self.fd, offset, size)
+            else:  # under --fsync always the next commit syncs: have the disk start now
+                storage.start_writeback(self.fd, offset, size)
 
         def digest() -> None:
             for running_hash in hashes:
