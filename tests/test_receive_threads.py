@@ -52,6 +52,24 @@ async def start(make_server: ServerFactory, path: str, **settings: object) -> Se
     return await make_server(**PATHS[path], **settings)
 
 
+async def upload_on(
+    make_server: ServerFactory, http: aiohttp.ClientSession, path: str, size: int,
+    **settings: object,
+) -> tuple[Server, bytes, str]:  # fmt: skip
+    """A server reading large bodies by `path`, `size` random bytes and an upload for them."""
+    server = await start(make_server, path, **settings)
+    source = os.urandom(size)
+    return server, source, await create_upload(http, server.url, size)
+
+
+async def send_on_path(request: RawRequest, data: bytes, path: str, server: Server) -> None:
+    """Send `data`, seeing while its last byte is held back that `path` reads it."""
+    await request.send(data[:-1])
+    await until_read(request)
+    assert_read_by(path, server)
+    await request.send(data[-1:])
+
+
 def assert_read_by(path: str, server: Server) -> None:
     """While a body arrives: a receiving thread reads it, or none does (the loop)."""
     assert server.uploads.storage.receivers_busy == (1 if path == "thread" else 0)
@@ -65,14 +83,9 @@ async def until_read(request: RawRequest) -> None:
 async def test_a_large_patch_is_stored_exactly_and_its_connection_serves_on(
     make_server: ServerFactory, http: aiohttp.ClientSession, path: str
 ) -> None:
-    server = await start(make_server, path)
-    source = os.urandom(3 * MiB + 12345)
-    url = await create_upload(http, server.url, len(source))
+    server, source, url = await upload_on(make_server, http, path, 3 * MiB + 12345)
     async with raw_patch(url, 0, len(source)) as request:
-        await request.send(source[:-1])
-        await until_read(request)
-        assert_read_by(path, server)
-        await request.send(source[-1:])
+        await send_on_path(request, source, path, server)
         answer = await request.response()
         assert answer.status == 204, answer
         assert answer.headers["upload-offset"] == str(len(source))
@@ -89,9 +102,7 @@ async def test_a_request_pipelined_after_a_large_body_is_answered_too(
     make_server: ServerFactory, http: aiohttp.ClientSession, path: str
 ) -> None:
     """The parser that did not see the body is replaced: what follows it parses."""
-    server = await start(make_server, path)
-    source = os.urandom(2 * MiB)
-    url = await create_upload(http, server.url, len(source))
+    _server, source, url = await upload_on(make_server, http, path, 2 * MiB)
     async with raw_patch(url, 0, len(source)) as request:
         head = f"HEAD {path_of(url)} HTTP/1.1\r\nHost: x\r\n{TUS_LINE}\r\n".encode()
         await request.send(source + head)
@@ -104,18 +115,13 @@ async def test_a_request_pipelined_after_a_large_body_is_answered_too(
 async def test_a_body_after_expect_100_continue_is_read_the_same_way(
     make_server: ServerFactory, http: aiohttp.ClientSession, path: str
 ) -> None:
-    server = await start(make_server, path)
-    source = os.urandom(2 * MiB)
-    url = await create_upload(http, server.url, len(source))
+    server, source, url = await upload_on(make_server, http, path, 2 * MiB)
     headers = {**patch_headers(0), "Content-Length": str(len(source)), "Expect": "100-continue"}
     request = await RawRequest.start(url, "PATCH", headers)
     try:
         interim = await request.response(has_body=False)
         assert interim.status == 100
-        await request.send(source[:-1])
-        await until_read(request)
-        assert_read_by(path, server)
-        await request.send(source[-1:])
+        await send_on_path(request, source, path, server)
         answer = await request.response()
     finally:
         await request.close()
@@ -126,10 +132,8 @@ async def test_a_body_after_expect_100_continue_is_read_the_same_way(
 async def test_a_client_that_hangs_up_mid_body_keeps_every_byte_that_arrived(
     make_server: ServerFactory, http: aiohttp.ClientSession, path: str
 ) -> None:
-    server = await start(make_server, path)
-    source = os.urandom(6 * MiB)
+    server, source, url = await upload_on(make_server, http, path, 6 * MiB)
     sent = source[: 2 * MiB + 777]
-    url = await create_upload(http, server.url, len(source))
     async with raw_patch(url, 0, len(source)) as request:
         await request.send(sent)
         await until_read(request)
@@ -149,9 +153,7 @@ async def test_a_client_that_hangs_up_mid_body_keeps_every_byte_that_arrived(
 async def test_a_newer_request_takes_the_upload_over_from_a_running_body(
     make_server: ServerFactory, http: aiohttp.ClientSession, path: str
 ) -> None:
-    server = await start(make_server, path)
-    source = os.urandom(6 * MiB)
-    url = await create_upload(http, server.url, len(source))
+    server, source, url = await upload_on(make_server, http, path, 6 * MiB)
     async with raw_patch(url, 0, len(source)) as running:
         await running.send(source[: 2 * MiB])
         await until_read(running)
@@ -169,9 +171,7 @@ async def test_a_newer_request_takes_the_upload_over_from_a_running_body(
 async def test_a_head_during_a_running_body_commits_what_arrived(
     make_server: ServerFactory, http: aiohttp.ClientSession, path: str
 ) -> None:
-    server = await start(make_server, path)
-    source = os.urandom(8 * MiB)
-    url = await create_upload(http, server.url, len(source))
+    server, source, url = await upload_on(make_server, http, path, 8 * MiB)
     async with raw_patch(url, 0, len(source)) as running:
         await running.send(source[: 5 * MiB])
         await until_read(running)
@@ -188,9 +188,7 @@ async def test_a_head_during_a_running_body_commits_what_arrived(
 async def test_a_stalled_body_times_out_with_what_arrived_committed(
     make_server: ServerFactory, http: aiohttp.ClientSession, path: str
 ) -> None:
-    server = await start(make_server, path, idle_timeout_s=0.5)
-    source = os.urandom(4 * MiB)
-    url = await create_upload(http, server.url, len(source))
+    _server, source, url = await upload_on(make_server, http, path, 4 * MiB, idle_timeout_s=0.5)
     async with raw_patch(url, 0, len(source)) as request:
         await request.send(source[: 3 * MiB // 2])
         answer = await request.response()
@@ -202,9 +200,7 @@ async def test_a_stalled_body_times_out_with_what_arrived_committed(
 async def test_a_body_that_fails_its_checksum_keeps_nothing(
     make_server: ServerFactory, http: aiohttp.ClientSession, path: str
 ) -> None:
-    server = await start(make_server, path)
-    source = os.urandom(2 * MiB)
-    url = await create_upload(http, server.url, len(source))
+    server, source, url = await upload_on(make_server, http, path, 2 * MiB)
     wrong = base64.b64encode(hashlib.sha1(source[1:], usedforsecurity=False).digest()).decode()
     headers = {**patch_headers(0), "Upload-Checksum": f"sha1 {wrong}"}
     async with http.patch(url, data=io.BytesIO(source), headers=headers) as response:
@@ -221,9 +217,7 @@ async def test_a_body_that_fails_its_checksum_keeps_nothing(
 async def test_a_graceful_stop_commits_what_arrived_and_answers_503(
     make_server: ServerFactory, http: aiohttp.ClientSession, path: str
 ) -> None:
-    server = await start(make_server, path)
-    source = os.urandom(4 * MiB)
-    url = await create_upload(http, server.url, len(source))
+    server, source, url = await upload_on(make_server, http, path, 4 * MiB)
     async with raw_patch(url, 0, len(source)) as request:
         await request.send(source[: 3 * MiB // 2])
         await until_read(request)
