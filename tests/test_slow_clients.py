@@ -14,8 +14,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.support.processes import ServerProcess
+from tests.support.servers import Server
 from tests.support.tus import create_upload, head_offset, patch_headers
 from tusserver.store.client import MAX_CONNECTIONS
+from tusserver.uploads.service import READ_CONNECTIONS, RENEWAL_CONNECTIONS
 
 UPLOADS = 400
 PIECES = 4  # bytes each upload sends, one at a time
@@ -56,5 +58,34 @@ async def test_hundreds_of_slow_uploads_at_once_all_complete(
         clients = await valkey.info("clients")
     finally:
         await valkey.aclose()
-    # the server's pool, the sweeper's and event reader's own, and this one
-    assert clients["connected_clients"] <= MAX_CONNECTIONS + 4
+    # the server's pools (shared, reads, renewals), the sweeper's and event reader's own,
+    # and this one
+    pools = MAX_CONNECTIONS + READ_CONNECTIONS + RENEWAL_CONNECTIONS
+    assert clients["connected_clients"] <= pools + 3
+
+
+async def test_head_answers_while_every_shared_redis_connection_is_busy(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    """A resuming client's HEAD reads on connections of its own: a burst that holds every
+    connection of the shared pool (creations, PATCH starts) does not make it wait for one
+    (before, it queued behind them: 3 s at p99 while 2,000 phones were being created)."""
+    url = await create_upload(http, server.url, 10)
+    shared = server.uploads.state.redis
+    assert isinstance(shared, aioredis.Redis)
+    pool = shared.connection_pool
+    assert isinstance(pool, aioredis.BlockingConnectionPool)
+    held = [
+        await pool.get_connection()  # type: ignore[no-untyped-call]
+        for _ in range(pool.max_connections)
+    ]
+    try:
+        async with asyncio.timeout(5):  # the shared pool would wait 10 s, then answer 503
+            assert await head_offset(http, url) == 0
+        creation = asyncio.ensure_future(create_upload(http, server.url, 10))
+        done, _pending = await asyncio.wait([creation], timeout=0.3)
+        assert not done  # the shared pool really was exhausted: a creation waits for it
+    finally:
+        for connection in held:
+            await pool.release(connection)
+    assert (await creation).startswith(server.url)

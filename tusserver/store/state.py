@@ -63,6 +63,7 @@ class UploadState:
         path_of: Callable[[str], str],
         checkpoint_s: float = 0.0,
         renew_client: RedisClient | None = None,
+        read_client: RedisClient | None = None,
         observe: Callable[[str, int], None] = lambda event, committed_bytes: None,
     ) -> None:
         # `observe(event, committed_bytes)` hears of each event appended (created, completed,
@@ -87,7 +88,11 @@ class UploadState:
         self._ask_holder: AsyncScript = client.register_script(lua.ASK_HOLDER)
         self._declare_length: AsyncScript = client.register_script(lua.DECLARE_LENGTH)
         self._acquire: AsyncScript = client.register_script(lua.ACQUIRE)
-        self._read: AsyncScript = client.register_script(lua.READ)
+        # Reads of one upload (HEAD, downloads) have connections of their own too, so a resuming
+        # client's HEAD never waits for one behind a burst of creations or PATCH starts
+        # (benchmarks/README.md, scenario h: 3 s at p99 on the shared pool).
+        self.reads = read_client or client
+        self._read: AsyncScript = self.reads.register_script(lua.READ)
         self._answered: AsyncScript = client.register_script(lua.ANSWERED)
 
     async def check_layout(self) -> None:

@@ -67,6 +67,7 @@ __all__ = [
 log = logging.getLogger("tusserver.uploads")
 READY_REDIS_TIMEOUT_S = 1.0  # /ready: a Redis slower than this is as good as down
 RENEWAL_CONNECTIONS = 2  # the lock renewals' own (one pipeline per tick)
+READ_CONNECTIONS = 16  # the reads' own (HEAD, downloads: one short step each)
 
 
 def _ignore_upload(_event: str, _committed_bytes: int) -> None:
@@ -452,6 +453,8 @@ async def open_uploads(
         closing.push_async_callback(client.aclose)
         renewals = await connect_redis(redis_url, max_connections=RENEWAL_CONNECTIONS)
         closing.push_async_callback(renewals.aclose)
+        reads = await connect_redis(redis_url, max_connections=READ_CONNECTIONS)
+        closing.push_async_callback(reads.aclose)
         storage = Storage(
             settings.data_dir,
             fsync=settings.fsync,
@@ -468,6 +471,7 @@ async def open_uploads(
             # fsyncs once a second whatever is written, so every commit may go there
             checkpoint_s=settings.offset_checkpoint_s if settings.fsync == "always" else 0.0,
             renew_client=renewals,
+            read_client=reads,
         )
         storage.prepare()
         batch_state = BatchState(client, max_files=settings.max_batch_files)
