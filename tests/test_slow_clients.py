@@ -89,3 +89,15 @@ async def test_head_answers_while_every_shared_redis_connection_is_busy(
         for connection in held:
             await pool.release(connection)
     assert (await creation).startswith(server.url)
+
+
+async def test_redis_replies_are_parsed_in_c(server: Server) -> None:
+    """redis-py parses replies with hiredis (a dependency) when it is installed; without it,
+    every Redis step of every request costs more CPU (the pure-Python parser)."""
+    shared = server.uploads.state.redis
+    assert isinstance(shared, aioredis.Redis)
+    connection = await shared.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        assert type(connection._parser).__name__ == "_AsyncHiredisParser"
+    finally:
+        await shared.connection_pool.release(connection)
