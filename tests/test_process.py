@@ -286,3 +286,32 @@ async def test_access_log_never_shows_the_query_string(
     await wait_until(head_is_logged)
     assert "secret123" not in server.log()
     assert "token=" not in server.log()
+
+
+def test_startup_objects_are_frozen_and_garbage_is_not() -> None:
+    """A serving process leaves what it made at startup out of the collector's passes
+    (`freeze_startup_objects`, called once it listens), after collecting the garbage: a
+    cycle nobody holds is freed, not frozen for the life of the process."""
+    script = """
+import gc, weakref
+from tusserver.server.memory import freeze_startup_objects
+
+class Node:
+    pass
+
+kept = Node()
+cycle = Node()
+cycle.self = cycle
+dropped = weakref.ref(cycle)
+del cycle
+gc.disable()  # only freeze_startup_objects may collect
+freeze_startup_objects()
+assert dropped() is None, "the garbage cycle was frozen"
+assert gc.get_freeze_count() > 1000, gc.get_freeze_count()
+assert not any(obj is kept for generation in range(3) for obj in gc.get_objects(generation))
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.stdout.strip() == "ok", result.stderr
