@@ -69,7 +69,7 @@ async def test_head_answers_while_every_shared_redis_connection_is_busy(
 ) -> None:
     """A resuming client's HEAD reads on connections of its own: a burst that holds every
     connection of the shared pool (creations, PATCH starts) does not make it wait for one
-    (before, it queued behind them: 3 s at p99 while 2,000 phones were being created)."""
+    (before, it queued behind them: up to 3 s while 2,000 phones were being created)."""
     url = await create_upload(http, server.url, 10)
     shared = server.uploads.state.redis
     assert isinstance(shared, aioredis.Redis)

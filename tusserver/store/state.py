@@ -90,7 +90,7 @@ class UploadState:
         self._acquire: AsyncScript = client.register_script(lua.ACQUIRE)
         # Reads of one upload (HEAD, downloads) have connections of their own too, so a resuming
         # client's HEAD never waits for one behind a burst of creations or PATCH starts
-        # (benchmarks/README.md, scenario h: 3 s at p99 on the shared pool).
+        # (benchmarks/README.md, scenario h: up to 3 s on the shared pool).
         self.reads = read_client or client
         self._read: AsyncScript = self.reads.register_script(lua.READ)
         self._answered: AsyncScript = client.register_script(lua.ANSWERED)
