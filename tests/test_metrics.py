@@ -2,7 +2,7 @@
 and status class, bytes, uploads created/completed/terminated, open connections, PATCH time,
 disk-full refusals; the bearer token; --no-metrics; two workers summed in one scrape, with
 refusals by status and reason, a lock takeover, uploads in flight, webhook deliveries, a
-dead-lettered event and pre-create checks."""
+dead-lettered event and pre-create checks; where each streamed body was read."""
 
 from __future__ import annotations
 
@@ -311,3 +311,32 @@ async def test_refused_and_failed_checks_and_an_unreachable_webhook_are_counted(
         assert value(samples, "tusserver_webhook_deliveries_total", result="delivered") == 0
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("settings", "read_in"),
+    [({"receive_min_bytes": MiB}, "thread"), ({"receive_threads": 0}, "event_loop")],
+)
+async def test_where_a_streamed_body_was_read_is_counted(
+    make_server: ServerFactory,
+    http: aiohttp.ClientSession,
+    settings: dict[str, int],
+    read_in: str,
+) -> None:
+    """A large body read straight from its socket counts as read in a thread; with no
+    receiving threads the same body counts as read on the event loop. A small body is
+    not streamed and counts in neither."""
+    server = await make_server(**settings)
+    before = await scrape(http, server.root)
+    source = os.urandom(2 * MiB)
+    url = await create_upload(http, server.url, len(source))
+    assert (await patch(http, url, 0, source)).status == 204
+    small = await create_upload(http, server.url, 5)
+    assert (await patch(http, small, 0, b"hello")).status == 204
+    after = await scrape(http, server.root)
+    moved = {
+        where: value(after, "tusserver_streamed_bodies_total", read_in=where)
+        - value(before, "tusserver_streamed_bodies_total", read_in=where)
+        for where in ("thread", "event_loop")
+    }
+    assert moved == {"thread": 0, "event_loop": 0} | {read_in: 1}

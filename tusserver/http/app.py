@@ -61,8 +61,9 @@ async def _uploads_context(app: web.Application) -> AsyncIterator[None]:
     observers = Observers()
     if metrics is not None:
         observers = Observers(
-            upload=metrics.count_upload, lock=metrics.count_lock, in_flight=metrics.count_in_flight
-        )
+            upload=metrics.count_upload, lock=metrics.count_lock,
+            in_flight=metrics.count_in_flight, streamed=metrics.count_streamed,
+        )  # fmt: skip
     async with open_uploads(app[SETTINGS], app[REDIS_URL], observers) as uploads:
         app[UPLOADS] = uploads
         yield

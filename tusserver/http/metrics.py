@@ -86,6 +86,11 @@ class Metrics:
             "tusserver_pre_create_checks", "Pre-create questions to the parent, by result "
             "(accepted, refused, failed)", ["result"], registry=registry,
         )  # fmt: skip
+        self.streamed_bodies: Counter = Counter(
+            "tusserver_streamed_bodies", "Bodies streamed onto uploads, by where they were "
+            "read: thread (straight from the socket, --receive-threads) or event_loop",
+            ["read_in"], registry=registry,
+        )  # fmt: skip
         self.uploads_in_flight: Gauge = Gauge(
             "tusserver_uploads_in_flight", "Requests writing bytes onto an upload right now",
             registry=registry, multiprocess_mode="livesum",
@@ -119,6 +124,10 @@ class Metrics:
 
     def count_in_flight(self, change: int) -> None:
         self.uploads_in_flight.inc(change)
+
+    def count_streamed(self, read_in: str) -> None:
+        """(the service's observer) A streamed body starts: "thread" or "event_loop"."""
+        self.streamed_bodies.labels(read_in=read_in).inc()
 
     def count_webhook(self, result: str) -> None:
         """(event delivery's observer) One try's result, or "dead_lettered"."""

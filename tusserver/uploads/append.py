@@ -64,6 +64,8 @@ class AppendContext:
     finish_later: Callable[[Upload], None]
     # Told +1 when a request starts writing bytes onto an upload, -1 when it ends (metrics).
     count_in_flight: Callable[[int], None]
+    # Told where each streamed body is read as it starts: "thread" or "event_loop" (metrics).
+    count_streamed: Callable[[str], None]
     # The smallest body read straight from its socket in a thread (`files.receive`).
     direct_body_bytes: int
 
@@ -157,6 +159,7 @@ class AppendSession:
         reserved = self._may_take(body)  # a receiving thread, for a large body
         try:
             taken = body.take() if reserved and body.take is not None else None
+            self.context.count_streamed("event_loop" if taken is None else "thread")
             wake = _waker(body.stream) if taken is None else self._stop_receiving
             self.lease.listen(wake_reader=wake, commit_now=self.commit)
             return await self._append_streamed(body, limit, taken)

@@ -87,6 +87,9 @@ class Observers:
     upload: Callable[[str, int], None] = _ignore_upload
     lock: CountLock = _ignore  # lease.CountLock
     in_flight: Callable[[int], None] = _ignore  # +1 / -1 around each body being written
+    # each streamed body, as it starts: read in a "thread" (files/receive.py) or on the
+    # "event_loop" (smaller, under TLS, or every receiving thread busy)
+    streamed: Callable[[str], None] = _ignore
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class Uploads:
             idle_timeout_s=settings.idle_timeout_s,
             finish_later=self.finish_in_background,
             count_in_flight=observers.in_flight,
+            count_streamed=observers.streamed,
             direct_body_bytes=settings.receive_min_bytes,
         )
         self._background: set[asyncio.Task[None]] = set()
