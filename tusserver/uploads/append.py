@@ -156,25 +156,30 @@ class AppendSession:
             return upload
         if body.is_small:
             return await self._append_small(body)
-        reserved = self._may_take(body)  # a receiving thread, for a large body
+        taken = self._take(body)
         try:
-            taken = body.take() if reserved and body.take is not None else None
             self.context.count_streamed("event_loop" if taken is None else "thread")
             wake = _waker(body.stream) if taken is None else self._stop_receiving
             self.lease.listen(wake_reader=wake, commit_now=self.commit)
             return await self._append_streamed(body, limit, taken)
         finally:
-            if reserved:
+            if taken is not None:
                 self.context.storage.free_receiver()
 
-    def _may_take(self, body: Body) -> bool:
-        """Whether `body` is read straight from its socket (`files.receive`): a large body of
-        known size with a socket of its own, while a receiving thread is free."""
+    def _take(self, body: Body) -> TakenBody | None:
+        """The rest of `body`, taken to be read straight from its socket by a receiving
+        thread (`files.receive`, which `free_receiver` frees after): a large body of known
+        size with a socket of its own, while a thread is free. None: read on the loop."""
         size = body.content_length
         too_small = size is None or size < self.context.direct_body_bytes
         if body.take is None or too_small or self.file is None:
-            return False
-        return self.context.storage.take_receiver()
+            return None
+        if not self.context.storage.take_receiver():
+            return None
+        taken = body.take()
+        if taken is None:  # TLS, or out of descriptors: no thread is kept for it
+            self.context.storage.free_receiver()
+        return taken
 
     def _stop_receiving(self, error: Exception) -> None:
         """The lease's `wake_reader` for a body read from its socket: stop the thread."""
