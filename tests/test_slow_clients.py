@@ -1,7 +1,8 @@
 """Many slow clients at once, as phones on bad networks are: one server process keeps every
-upload going. Their lock renewals share one Redis round trip per tick and a bounded pool of
-connections that waits for a free connection instead of failing (before, a few hundred open
-uploads ran the Redis pool dry and got 503 "Too many connections")."""
+upload going. Their lock renewals share one Redis round trip per tick, their steps one
+connection whose commands of one loop turn go out together, and the rest a bounded pool that
+waits for a free connection instead of failing (before, a few hundred open uploads ran the
+Redis pool dry and got 503 "Too many connections")."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tests.support.processes import ServerProcess
 from tests.support.servers import Server
 from tests.support.tus import create_upload, head_offset, patch_headers
 from tusserver.store.client import MAX_CONNECTIONS
-from tusserver.uploads.service import READ_CONNECTIONS, RENEWAL_CONNECTIONS
+from tusserver.uploads.service import RENEWAL_CONNECTIONS
 
 UPLOADS = 400
 PIECES = 4  # bytes each upload sends, one at a time
@@ -58,18 +59,19 @@ async def test_hundreds_of_slow_uploads_at_once_all_complete(
         clients = await valkey.info("clients")
     finally:
         await valkey.aclose()
-    # the server's pools (shared, reads, renewals), the sweeper's and event reader's own,
-    # and this one
-    pools = MAX_CONNECTIONS + READ_CONNECTIONS + RENEWAL_CONNECTIONS
+    # the server's pools (shared, renewals), the upload steps' one connection, the sweeper's
+    # and event reader's own, and this one
+    pools = MAX_CONNECTIONS + RENEWAL_CONNECTIONS + 1
     assert clients["connected_clients"] <= pools + 3
 
 
-async def test_head_answers_while_every_shared_redis_connection_is_busy(
+async def test_uploads_answer_while_every_pooled_redis_connection_is_busy(
     server: Server, http: aiohttp.ClientSession
 ) -> None:
-    """A resuming client's HEAD reads on connections of its own: a burst that holds every
-    connection of the shared pool (creations, PATCH starts) does not make it wait for one
-    (before, it queued behind them: up to 3 s while 2,000 phones were being created)."""
+    """The steps of uploads (creation, HEAD, PATCH) share one connection of their own and
+    never wait for a pooled one: a burst that holds every pooled connection does not hold
+    them (before, a HEAD queued behind creations and PATCH starts for up to 3 s while 2,000
+    phones were being created)."""
     url = await create_upload(http, server.url, 10)
     shared = server.uploads.state.redis
     assert isinstance(shared, aioredis.Redis)
@@ -80,15 +82,19 @@ async def test_head_answers_while_every_shared_redis_connection_is_busy(
         for _ in range(pool.max_connections)
     ]
     try:
-        async with asyncio.timeout(5):  # the shared pool would wait 10 s, then answer 503
+        async with asyncio.timeout(5):  # the pool would wait 10 s, then answer 503
             assert await head_offset(http, url) == 0
-        creation = asyncio.ensure_future(create_upload(http, server.url, 10))
-        done, _pending = await asyncio.wait([creation], timeout=0.3)
-        assert not done  # the shared pool really was exhausted: a creation waits for it
+            other = await create_upload(http, server.url, 3)
+            async with http.patch(other, data=b"abc", headers=patch_headers(0)) as response:
+                assert response.status == 204
+        listing = asyncio.ensure_future(http.get(server.url))
+        done, _pending = await asyncio.wait([listing], timeout=0.3)
+        assert not done  # the pool really was exhausted: a listing (pooled) waits for it
     finally:
         for connection in held:
             await pool.release(connection)
-    assert (await creation).startswith(server.url)
+    async with await listing as response:
+        assert response.status == 200
 
 
 async def test_redis_replies_are_parsed_in_c(server: Server) -> None:

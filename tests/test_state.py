@@ -14,16 +14,26 @@ import redis.asyncio as aioredis
 
 from tusserver.errors import OffsetMismatch, PayloadTooLarge, UploadGone, UploadNotFound
 from tusserver.store.embedded import EmbeddedRedis
+from tusserver.store.multiplex import Multiplexed
 from tusserver.store.records import SHARD_COUNT, Upload, new_upload_id, redis_key
 from tusserver.store.state import LockLost, UploadState
 
 LOCK_MS = 3000
 
 
-@pytest.fixture
-async def state(flushed_redis: str) -> AsyncIterator[UploadState]:
+@pytest.fixture(params=["multiplexed", "pooled"])
+async def state(flushed_redis: str, request: pytest.FixtureRequest) -> AsyncIterator[UploadState]:
+    """The steps on one shared connection (a single Redis), or on the pooled client (as on a
+    Redis Cluster)."""
     client = aioredis.Redis.from_url(flushed_redis)
-    yield UploadState(client, tombstone_ttl_s=60, path_of=lambda upload_id: f"uploads/{upload_id}")
+    steps = None
+    if request.param == "multiplexed":
+        steps = Multiplexed(client.connection_pool, timeout_s=10)
+    yield UploadState(
+        client, tombstone_ttl_s=60, path_of=lambda upload_id: f"uploads/{upload_id}", steps=steps
+    )
+    if steps is not None:
+        await steps.aclose()
     await client.aclose()
 
 

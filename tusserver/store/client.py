@@ -8,6 +8,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
+from tusserver.store.multiplex import Multiplexed
 from tusserver.store.records import SHARD_COUNT
 
 RedisClient = aioredis.Redis | RedisCluster
@@ -41,6 +42,15 @@ async def connect(url: str, max_connections: int = MAX_CONNECTIONS) -> RedisClie
     cluster = RedisCluster.from_url(url, **_CLIENT_OPTIONS)
     await cluster.initialize()
     return cluster
+
+
+def multiplexed(client: RedisClient) -> Multiplexed | None:
+    """One shared connection for the steps of uploads (store/multiplex.py) to the Redis of
+    `client`, when that is a single server; None on a Redis Cluster, whose steps go to the
+    node of their slot through `client` itself."""
+    if isinstance(client, RedisCluster):
+        return None
+    return Multiplexed(client.connection_pool, timeout_s=_CLIENT_OPTIONS["socket_timeout"])
 
 
 async def check_layout(client: RedisClient) -> None:

@@ -13,9 +13,9 @@ import asyncio
 import os
 import secrets
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -30,6 +30,7 @@ from tusserver.errors import (
 )
 from tusserver.store import lua
 from tusserver.store.client import RedisClient, check_layout
+from tusserver.store.multiplex import Arg, Key, Multiplexed
 from tusserver.store.records import (
     SHARD_COUNT,
     Upload,
@@ -43,6 +44,14 @@ from tusserver.store.records import (
     upload_from_hash,
     upload_of,
 )
+
+
+class Step(Protocol):
+    """A registered Lua script: redis-py's, or one run on a `Multiplexed` connection."""
+
+    def __call__(
+        self, keys: Sequence[Key] | None = None, args: Iterable[Arg] | None = None
+    ) -> Awaitable[Any]: ...
 
 
 class LockLost(Exception):
@@ -64,6 +73,7 @@ class UploadState:
         checkpoint_s: float = 0.0,
         renew_client: RedisClient | None = None,
         read_client: RedisClient | None = None,
+        steps: Multiplexed | None = None,
         observe: Callable[[str, int], None] = lambda event, committed_bytes: None,
     ) -> None:
         # `observe(event, committed_bytes)` hears of each event appended (created, completed,
@@ -76,24 +86,27 @@ class UploadState:
         self.tombstone_ttl_ms = int(tombstone_ttl_s * 1000)
         self.path_of = path_of
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
-        self._create: AsyncScript = client.register_script(lua.CREATE)
-        self._commit: AsyncScript = client.register_script(lua.COMMIT)
-        self._complete: AsyncScript = client.register_script(lua.COMPLETE)
-        self._remove: AsyncScript = client.register_script(lua.REMOVE)
-        # The lock renewals have a connection of their own (`renew_client`), so they never
-        # queue for one behind a burst of requests while their locks run out.
+        # The steps of one upload run on `steps`, one connection whose commands of one loop
+        # turn go out in one write (store/multiplex.py), when Redis is a single server; on a
+        # Redis Cluster, on the pooled client, with reads on a pool of their own
+        # (`read_client`), so a resuming client's HEAD never waits for a connection behind a
+        # burst of creations or PATCH starts (benchmarks/README.md, scenario h).
+        host: Multiplexed | RedisClient = steps or client
+        reads: Multiplexed | RedisClient = steps or read_client or client
+        self._create: Step = host.register_script(lua.CREATE)
+        self._commit: Step = host.register_script(lua.COMMIT)
+        self._complete: Step = host.register_script(lua.COMPLETE)
+        self._remove: Step = host.register_script(lua.REMOVE)
+        self._release: Step = host.register_script(lua.RELEASE)
+        self._ask_holder: Step = host.register_script(lua.ASK_HOLDER)
+        self._declare_length: Step = host.register_script(lua.DECLARE_LENGTH)
+        self._acquire: Step = host.register_script(lua.ACQUIRE)
+        self._answered: Step = host.register_script(lua.ANSWERED)
+        self._read: Step = reads.register_script(lua.READ)
+        # The lock renewals have a connection of their own (`renew_client`) and go in one
+        # pipeline per tick, so they never queue behind a burst of requests.
         self.renewals = renew_client or client
         self._renew_many: AsyncScript = self.renewals.register_script(lua.RENEW_MANY)
-        self._release: AsyncScript = client.register_script(lua.RELEASE)
-        self._ask_holder: AsyncScript = client.register_script(lua.ASK_HOLDER)
-        self._declare_length: AsyncScript = client.register_script(lua.DECLARE_LENGTH)
-        self._acquire: AsyncScript = client.register_script(lua.ACQUIRE)
-        # Reads of one upload (HEAD, downloads) have connections of their own too, so a resuming
-        # client's HEAD never waits for one behind a burst of creations or PATCH starts
-        # (benchmarks/README.md, scenario h: up to 3 s on the shared pool).
-        self.reads = read_client or client
-        self._read: AsyncScript = self.reads.register_script(lua.READ)
-        self._answered: AsyncScript = client.register_script(lua.ANSWERED)
 
     async def check_layout(self) -> None:
         """`check_layout` on this state's Redis."""
@@ -116,9 +129,7 @@ class UploadState:
         result = await self._owned(self._read, upload_id, owner, ask, ttl_ms)
         return upload_of(upload_id, result[1]), int(result[2]) == 1
 
-    async def _owned(
-        self, script: AsyncScript, upload_id: str, owner: str, *args: str | int
-    ) -> list[Any]:
+    async def _owned(self, script: Step, upload_id: str, owner: str, *args: str | int) -> list[Any]:
         """Run ACQUIRE or READ on the upload (their KEYS are the same); their result, after
         404 (no upload of `owner`) or 410 (its tombstone) are raised."""
         if not is_upload_id(upload_id):

@@ -32,7 +32,7 @@ from tusserver.errors import (
 from tusserver.files.storage import Storage
 from tusserver.settings import Settings
 from tusserver.store.batches import BatchState
-from tusserver.store.client import check_layout
+from tusserver.store.client import check_layout, multiplexed
 from tusserver.store.client import connect as connect_redis
 from tusserver.store.records import Upload, new_upload_id
 from tusserver.store.state import UploadState
@@ -67,7 +67,7 @@ __all__ = [
 log = logging.getLogger("tusserver.uploads")
 READY_REDIS_TIMEOUT_S = 1.0  # /ready: a Redis slower than this is as good as down
 RENEWAL_CONNECTIONS = 2  # the lock renewals' own (one pipeline per tick)
-READ_CONNECTIONS = 16  # the reads' own (HEAD, downloads: one short step each)
+READ_CONNECTIONS = 16  # the reads' own on a Redis Cluster (HEAD, downloads: one step each)
 
 
 def _ignore_upload(_event: str, _committed_bytes: int) -> None:
@@ -457,8 +457,13 @@ async def open_uploads(
         closing.push_async_callback(client.aclose)
         renewals = await connect_redis(redis_url, max_connections=RENEWAL_CONNECTIONS)
         closing.push_async_callback(renewals.aclose)
-        reads = await connect_redis(redis_url, max_connections=READ_CONNECTIONS)
-        closing.push_async_callback(reads.aclose)
+        steps = multiplexed(client)
+        reads = None
+        if steps is not None:
+            closing.push_async_callback(steps.aclose)
+        else:
+            reads = await connect_redis(redis_url, max_connections=READ_CONNECTIONS)
+            closing.push_async_callback(reads.aclose)
         storage = Storage(
             settings.data_dir,
             fsync=settings.fsync,
@@ -476,6 +481,7 @@ async def open_uploads(
             checkpoint_s=settings.offset_checkpoint_s if settings.fsync == "always" else 0.0,
             renew_client=renewals,
             read_client=reads,
+            steps=steps,
         )
         storage.prepare()
         batch_state = BatchState(client, max_files=settings.max_batch_files)
