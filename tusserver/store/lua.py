@@ -294,9 +294,9 @@ return REMOVED
 )
 
 # The start of ACQUIRE and READ, whose KEYS are: upload hash, tombstone, lock, release-request
-# key, and ARGV[1] the owner. Returns {NOT_FOUND} unless the upload exists and is the owner's,
-# or {GONE, reason} for its owner once it was terminated or expired (while its tombstone
-# lasts). The names: `Owned`.
+# key, the shard's ask counter (READ's; see ASK_HOLDER), and ARGV[1] the owner. Returns
+# {NOT_FOUND} unless the upload exists and is the owner's, or {GONE, reason} for its owner once
+# it was terminated or expired (while its tombstone lasts). The names: `Owned`.
 _OWNED = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then
@@ -337,6 +337,7 @@ local asked = 0
 if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[3]) == 1
     and redis.call('HGET', KEYS[1], 'status') == 'uploading' then
   redis.call('SET', KEYS[4], ARGV[2], 'NX', 'PX', ARGV[3])
+  redis.call('INCR', KEYS[5])
   asked = 1
 end
 return {FOUND, redis.call('HGETALL', KEYS[1]), asked}
@@ -383,8 +384,12 @@ return RELEASED
 """,
 )
 
-# KEYS: lock, release-request key. ARGV: request ("stop" or "commit:<nonce>"), ttl (ms).
+# KEYS: lock, release-request key, the shard's ask counter. ARGV: request ("stop" or
+#       "commit:<nonce>"), ttl (ms).
 # Result: AskHolder.ASKED (a "stop" replaces a pending "commit"), or LOCK_FREE.
+# Every request to a holder counts in its shard's ask counter (volatile, as the locks): a
+# process that holds thousands of locks looks at their requests only in the shards whose
+# counter moved (`Leases`), and renews them all only every ~0.5 s.
 ASK_HOLDER = script(
     AskHolder,
     """
@@ -395,6 +400,7 @@ if ARGV[1] == 'stop' then
 else
   redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
 end
+redis.call('INCR', KEYS[3])
 return ASKED
 """,
 )

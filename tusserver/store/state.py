@@ -135,7 +135,7 @@ class UploadState:
         if not is_upload_id(upload_id):
             raise UploadNotFound()
         result: list[Any] = await script(
-            keys=keys_of(upload_id, "upload", "tomb", "lock", "release"),
+            keys=keys_of(upload_id, "upload", "tomb", "lock", "release", "asked"),
             args=[owner, *args],
         )
         code = lua.Owned(int(result[0]))
@@ -411,7 +411,7 @@ class UploadState:
     async def ask_holder(self, upload_id: str, request: str, ttl_ms: int) -> bool:
         """Ask the lock's holder to `stop` or to `commit:<nonce>`; False if nobody holds it."""
         asked = await self._ask_holder(
-            keys=keys_of(upload_id, "lock", "release"),
+            keys=keys_of(upload_id, "lock", "release", "asked"),
             args=[request, ttl_ms],
         )
         return lua.AskHolder(int(asked)) is lua.AskHolder.ASKED
@@ -468,6 +468,19 @@ class UploadState:
             for index, result in zip(indexes, reply, strict=True):
                 answers[index] = _renewal(result)
         return answers
+
+    async def ask_counts(self, shards: list[int]) -> list[bytes | None]:
+        """The ask counter of each shard (ASK_HOLDER): when it has not moved since a
+        renewal, no holder in that shard was asked anything meanwhile."""
+        keys = [redis_key(shard, "asked") for shard in shards]
+        client = self.renewals
+        if not isinstance(client, aioredis.Redis):
+            return cast(list[bytes | None], await asyncio.gather(*map(client.get, keys)))
+        async with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.get(key)
+            counts: list[bytes | None] = await pipe.execute()
+        return counts
 
     async def release(self, upload_id: str, token: str) -> None:
         await self._release(

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from tusserver.errors import ServiceUnavailable, UploadLocked
-from tusserver.store.records import Upload
+from tusserver.store.records import Upload, shard_of
 from tusserver.store.state import LockLost, UploadState
 from tusserver.tasks import cancel_and_wait, was_cancelled
 from tusserver.uploads.body import ShuttingDown, TakenOver
@@ -29,7 +29,8 @@ LOCK_TTL_MS = 3000
 # of every 100 ms (with `appendfsync always` each write costs Valkey an AOF fsync, and every
 # reply of that turn waits for it), while the lock keeps at least 2.4 s in hand.
 LOCK_EXTEND_BELOW_MS = 2500
-RENEW_INTERVAL_S = 0.1
+RENEW_INTERVAL_S = 0.1  # how often requests to holders are looked for (in shards asked)
+RENEW_ALL_S = 0.5  # how often every lock is renewed (and extended, below the mark above)
 TAKEOVER_WAIT_S = 1.0
 POLL_S = 0.02
 
@@ -53,6 +54,7 @@ class Lease:
 
     def __init__(self, upload_id: str, token: str) -> None:
         self.upload_id = upload_id
+        self.shard = shard_of(upload_id)
         self.token = token
         self.stop_requested = False
         self.lost = False
@@ -145,37 +147,60 @@ class Leases:
                 await asyncio.shield(self._release(lease))
 
     async def _renew_while_held(self) -> None:
-        """Every ~100 ms, while this process holds any lock: renew them all in one round trip
-        (extending each every ~0.5 s) and pass on the requests of other requests. Thousands
-        of open uploads cost one Redis call per tick, not one each."""
+        """While this process holds any lock: every ~100 ms, read the ask counters of the
+        shards it holds locks in and pass on the requests to its holders in the shards
+        whose counter moved (a takeover, a HEAD asking for a commit); every ~0.5 s, renew
+        every lock (extending each that has less than 2.5 s left). Thousands of open
+        uploads cost two round trips per tick, and touch each lock twice a second."""
+        seen: dict[int, bytes | None] = {}  # each shard's ask counter at the last look
+        renewed_all_at = 0.0
         while self._held and not was_cancelled():
             await asyncio.sleep(RENEW_INTERVAL_S)
             leases = [lease for lease in self._held if not (lease.released or lease.lost)]
             if not leases or was_cancelled():
                 continue
-            locks = [(lease.upload_id, lease.token) for lease in leases]
             try:
+                shards = sorted({lease.shard for lease in leases})
+                counts = dict(zip(shards, await self.state.ask_counts(shards), strict=True))
+                if time.monotonic() - renewed_all_at >= RENEW_ALL_S:
+                    renewed_all_at = time.monotonic()
+                else:
+                    moved = {
+                        shard
+                        for shard, n in counts.items()
+                        if shard not in seen or seen[shard] != n
+                    }
+                    leases = [lease for lease in leases if lease.shard in moved]
+                seen.update(counts)
+                if not leases:
+                    continue
+                locks = [(lease.upload_id, lease.token) for lease in leases]
                 answers = await self.state.renew_many(
                     locks, LOCK_TTL_MS, extend_below_ms=LOCK_EXTEND_BELOW_MS
                 )
             except Exception as error:  # Redis unreachable: stop before a lock can expire
                 log.warning("renewing %d upload locks failed: %r", len(leases), error)
+                seen.clear()
                 for lease in leases:
                     if time.monotonic() - lease.renewed_at > LOCK_TTL_MS / 2000:
                         lease.lose()
                 continue
-            now = time.monotonic()
-            for lease, answer in zip(leases, answers, strict=True):
-                if lease.released:  # let go of while the renewal was on its way
-                    continue
-                if isinstance(answer, LockLost):
-                    log.warning("upload %s: its lock was lost (expired or taken)", lease.upload_id)
-                    lease.lose()
-                    continue
-                lease.renewed_at = now
-                commit = lease.answer(answer) if answer and not lease.released else None
-                if commit is not None:
-                    self._start(commit)
+            self._answer(leases, answers)
+
+    def _answer(self, leases: list[Lease], answers: list[str | LockLost]) -> None:
+        """Act on what a renewal found for each lease: lost, or a request to its holder."""
+        now = time.monotonic()
+        for lease, answer in zip(leases, answers, strict=True):
+            if lease.released:  # let go of while the renewal was on its way
+                continue
+            if isinstance(answer, LockLost):
+                log.warning("upload %s: its lock was lost (expired or taken)", lease.upload_id)
+                lease.lose()
+                continue
+            lease.renewed_at = now
+            commit = lease.answer(answer) if answer and not lease.released else None
+            if commit is not None:
+                self._start(commit)
 
     def _start(self, commit: Awaitable[object]) -> None:
         """Run a holder's commit beside the renewals (a slow disk must not delay them)."""
