@@ -17,8 +17,9 @@ import redis.asyncio as aioredis
 from tests.support.processes import ServerProcess
 from tests.support.servers import Server
 from tests.support.tus import create_upload, head_offset, patch_headers
+from tests.support.waiting import wait_until
 from tusserver.store.client import MAX_CONNECTIONS
-from tusserver.uploads.service import RENEWAL_CONNECTIONS
+from tusserver.uploads.service import CREATIONS_AT_ONCE, RENEWAL_CONNECTIONS
 
 UPLOADS = 400
 PIECES = 4  # bytes each upload sends, one at a time
@@ -95,6 +96,62 @@ async def test_uploads_answer_while_every_pooled_redis_connection_is_busy(
             await pool.release(connection)
     async with await listing as response:
         assert response.status == 200
+
+
+async def test_creations_beyond_the_bound_wait_their_turn_while_uploads_go_on(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    """A process creates at most CREATIONS_AT_ONCE uploads at once; more wait in order, and
+    the requests of uploads under way (HEAD, PATCH) never wait with them."""
+    url = await create_upload(http, server.url, 3)
+    creating = server.uploads.creating
+    for _ in range(CREATIONS_AT_ONCE):  # as if that many creations were in progress
+        await creating.acquire()
+    try:
+        creation = asyncio.ensure_future(create_upload(http, server.url, 3))
+        async with asyncio.timeout(5):
+            assert await head_offset(http, url) == 0
+            async with http.patch(url, data=b"abc", headers=patch_headers(0)) as response:
+                assert response.status == 204
+        done, _pending = await asyncio.wait([creation], timeout=0.3)
+        assert not done  # it waits for its turn
+    finally:
+        for _ in range(CREATIONS_AT_ONCE):
+            creating.release()
+    assert (await creation).startswith(server.url)
+
+
+async def test_a_creation_with_upload_holds_no_turn_while_its_body_arrives(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    """Only making the file and the record takes a turn: more creations with upload than the
+    bound whose bodies are still on their way leave room for new creations."""
+    arrived = asyncio.Event()
+
+    async def held_body() -> AsyncIterator[bytes]:
+        yield b"a"
+        await arrived.wait()
+        yield b"b"
+
+    async def create_with_upload() -> int:
+        headers = {**patch_headers(0), "Upload-Length": "2"}
+        del headers["Upload-Offset"]
+        async with http.post(server.url, data=held_body(), headers=headers) as response:
+            return response.status
+
+    async def all_created() -> bool:
+        records = [key async for key in redis.scan_iter(match="tus:*:upload:*")]
+        return len(records) == CREATIONS_AT_ONCE + 8
+
+    redis = server.uploads.state.redis
+    bodies = [asyncio.ensure_future(create_with_upload()) for _ in range(CREATIONS_AT_ONCE + 8)]
+    try:
+        await wait_until(all_created, what="every creation, its body still arriving")
+        async with asyncio.timeout(5):
+            assert (await create_upload(http, server.url, 3)).startswith(server.url)
+    finally:
+        arrived.set()
+    assert await asyncio.gather(*bodies) == [201] * (CREATIONS_AT_ONCE + 8)
 
 
 async def test_redis_replies_are_parsed_in_c(server: Server) -> None:
