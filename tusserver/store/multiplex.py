@@ -121,8 +121,8 @@ class _Link:
         self.writer.close()
         while self.waiting:
             future, _sent_at = self.waiting.popleft()
-            if not future.done():
-                future.set_exception(error)
+            if not future.done():  # each its own exception: their tracebacks differ
+                future.set_exception(type(error)(*error.args))
 
 
 class Multiplexed:
