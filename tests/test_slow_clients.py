@@ -18,8 +18,8 @@ from tests.support.processes import ServerProcess
 from tests.support.servers import Server
 from tests.support.tus import create_upload, head_offset, patch_headers
 from tests.support.waiting import wait_until
-from tusserver.store.client import MAX_CONNECTIONS
-from tusserver.uploads.service import CREATIONS_AT_ONCE, RENEWAL_CONNECTIONS
+from tusserver.store.client import MAX_CONNECTIONS, RENEWAL_CONNECTIONS
+from tusserver.uploads.service import CREATIONS_AT_ONCE
 
 UPLOADS = 400
 PIECES = 4  # bytes each upload sends, one at a time

@@ -3,6 +3,9 @@ checking that it is one tusserver may use."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -18,6 +21,8 @@ _CLIENT_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 3, "socket_timeout"
 # go in one pipeline), so a burst queues for a moment rather than answering 503.
 MAX_CONNECTIONS = 64
 POOL_WAIT_S = 10.0
+RENEWAL_CONNECTIONS = 2  # the lock renewals' own (one pipeline per tick)
+READ_CONNECTIONS = 16  # the reads' own on a Redis Cluster (HEAD, downloads: one step each)
 
 
 async def connect(url: str, max_connections: int = MAX_CONNECTIONS) -> RedisClient:
@@ -44,13 +49,35 @@ async def connect(url: str, max_connections: int = MAX_CONNECTIONS) -> RedisClie
     return cluster
 
 
-def multiplexed(client: RedisClient) -> Multiplexed | None:
-    """One shared connection for the steps of uploads (store/multiplex.py) to the Redis of
-    `client`, when that is a single server; None on a Redis Cluster, whose steps go to the
-    node of their slot through `client` itself."""
-    if isinstance(client, RedisCluster):
-        return None
-    return Multiplexed(client.connection_pool, timeout_s=_CLIENT_OPTIONS["socket_timeout"])
+@dataclass(frozen=True)
+class Connections:
+    """The Redis connections of one process: the pooled `client` (listings, sweeps, batches,
+    events), the lock renewals' own, and for the steps of uploads one multiplexed connection
+    (`steps`, store/multiplex.py) on a single server, or on a Redis Cluster (whose steps go
+    to the node of their slot through `client`) a pool for the reads of one upload."""
+
+    client: RedisClient
+    renewals: RedisClient
+    steps: Multiplexed | None
+    reads: RedisClient | None
+
+
+@contextlib.asynccontextmanager
+async def connections(url: str) -> AsyncIterator[Connections]:
+    """`Connections` to the Redis at `url`, closed after."""
+    async with contextlib.AsyncExitStack() as closing:
+        client = await connect(url)
+        closing.push_async_callback(client.aclose)
+        renewals = await connect(url, max_connections=RENEWAL_CONNECTIONS)
+        closing.push_async_callback(renewals.aclose)
+        if isinstance(client, RedisCluster):
+            reads = await connect(url, max_connections=READ_CONNECTIONS)
+            closing.push_async_callback(reads.aclose)
+            yield Connections(client, renewals, steps=None, reads=reads)
+            return
+        steps = Multiplexed(client.connection_pool, timeout_s=_CLIENT_OPTIONS["socket_timeout"])
+        closing.push_async_callback(steps.aclose)
+        yield Connections(client, renewals, steps=steps, reads=None)
 
 
 async def check_layout(client: RedisClient) -> None:

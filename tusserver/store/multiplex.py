@@ -21,8 +21,8 @@ import asyncio
 import contextlib
 import hashlib
 from collections import deque
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any, Protocol
 
 import hiredis
 import redis.asyncio as aioredis
@@ -185,6 +185,15 @@ async def _open(pool: aioredis.ConnectionPool) -> tuple[asyncio.StreamReader, as
         raise ConnectionError("redis-py did not open a connection")
     connection._reader = connection._writer = None  # so it never closes ours
     return reader, writer
+
+
+class Step(Protocol):
+    """A registered Lua script, called as redis-py's are: redis-py's own, or a
+    `MultiplexedScript`."""
+
+    def __call__(
+        self, keys: Sequence[Key] | None = None, args: Iterable[Arg] | None = None
+    ) -> Awaitable[Any]: ...
 
 
 class MultiplexedScript:

@@ -13,9 +13,9 @@ import asyncio
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -30,7 +30,7 @@ from tusserver.errors import (
 )
 from tusserver.store import lua
 from tusserver.store.client import RedisClient, check_layout
-from tusserver.store.multiplex import Arg, Key, Multiplexed
+from tusserver.store.multiplex import Multiplexed, Step
 from tusserver.store.records import (
     SHARD_COUNT,
     Upload,
@@ -44,14 +44,6 @@ from tusserver.store.records import (
     upload_from_hash,
     upload_of,
 )
-
-
-class Step(Protocol):
-    """A registered Lua script: redis-py's, or one run on a `Multiplexed` connection."""
-
-    def __call__(
-        self, keys: Sequence[Key] | None = None, args: Iterable[Arg] | None = None
-    ) -> Awaitable[Any]: ...
 
 
 class LockLost(Exception):

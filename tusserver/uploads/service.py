@@ -32,8 +32,7 @@ from tusserver.errors import (
 from tusserver.files.storage import Storage
 from tusserver.settings import Settings
 from tusserver.store.batches import BatchState
-from tusserver.store.client import check_layout, multiplexed
-from tusserver.store.client import connect as connect_redis
+from tusserver.store.client import check_layout, connections
 from tusserver.store.records import Upload, new_upload_id
 from tusserver.store.state import UploadState
 from tusserver.tasks import cancel_and_wait
@@ -66,12 +65,9 @@ __all__ = [
 
 log = logging.getLogger("tusserver.uploads")
 READY_REDIS_TIMEOUT_S = 1.0  # /ready: a Redis slower than this is as good as down
-RENEWAL_CONNECTIONS = 2  # the lock renewals' own (one pipeline per tick)
-READ_CONNECTIONS = 16  # the reads' own on a Redis Cluster (HEAD, downloads: one step each)
 # Uploads one process creates at once (the file, then the record); more wait their turn, in
-# order. Without a bound, 2,000 phones starting within a second had 2,000 creations share the
-# event loop, the file threads and Redis with every upload under way, and a resuming client's
-# HEAD took up to 300 ms at p99 (benchmarks/README.md, scenario h).
+# order, so a burst of creations (2,000 phones at once) does not hold back the uploads under
+# way (benchmarks/README.md, scenario h).
 CREATIONS_AT_ONCE = 32
 
 
@@ -462,38 +458,28 @@ async def open_uploads(
     `observers` hear of upload events, committed bytes, lock contention and bodies being
     written."""
     async with contextlib.AsyncExitStack() as closing:
-        client = await connect_redis(redis_url)
-        closing.push_async_callback(client.aclose)
-        renewals = await connect_redis(redis_url, max_connections=RENEWAL_CONNECTIONS)
-        closing.push_async_callback(renewals.aclose)
-        steps = multiplexed(client)
-        reads = None
-        if steps is not None:
-            closing.push_async_callback(steps.aclose)
-        else:
-            reads = await connect_redis(redis_url, max_connections=READ_CONNECTIONS)
-            closing.push_async_callback(reads.aclose)
+        redis = await closing.enter_async_context(connections(redis_url))
         storage = Storage(
             settings.data_dir,
             fsync=settings.fsync,
             min_free_disk_bytes=settings.min_free_disk_bytes,
             receivers=settings.receive_threads,
         )
-        await check_layout(client)
+        await check_layout(redis.client)
         state = UploadState(
-            client,
+            redis.client,
             tombstone_ttl_s=settings.tombstone_ttl_s,
             path_of=storage.relative_path,
             observe=observers.upload,
             # under --fsync always, offsets reach the AOF only at checkpoints; otherwise Redis
             # fsyncs once a second whatever is written, so every commit may go there
             checkpoint_s=settings.offset_checkpoint_s if settings.fsync == "always" else 0.0,
-            renew_client=renewals,
-            read_client=reads,
-            steps=steps,
+            renew_client=redis.renewals,
+            read_client=redis.reads,
+            steps=redis.steps,
         )
         storage.prepare()
-        batch_state = BatchState(client, max_files=settings.max_batch_files)
+        batch_state = BatchState(redis.client, max_files=settings.max_batch_files)
         uploads = Uploads(state, storage, settings, batch_state, observers)
         try:
             yield uploads
