@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
+from tusserver.store.embedded import EmbeddedRedis
 from tusserver.store.multiplex import Multiplexed
 
 NAME = "tus-multiplex-test"
@@ -127,3 +128,25 @@ async def test_steps_fail_with_connection_error_while_redis_is_unreachable() -> 
     finally:
         await steps.aclose()
         await unreachable.aclose()
+
+
+async def test_the_connection_uses_the_urls_password_and_database(own_redis: EmbeddedRedis) -> None:
+    """The shared connection is opened and greeted as redis-py opens one for the same URL:
+    AUTH with its password, SELECT of its database."""
+    url = f"{own_redis.url}?password=s3cret&db=3"
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await admin.config_set("requirepass", "s3cret")  # this open connection stays signed in
+    client = aioredis.Redis.from_url(url)
+    steps = Multiplexed(client.connection_pool, timeout_s=10)
+    wrong = aioredis.Redis.from_url(f"{own_redis.url}?password=wrong")
+    refused = Multiplexed(wrong.connection_pool, timeout_s=10)
+    try:
+        assert await steps.execute("SET", "where", "database 3") == b"OK"
+        assert await client.get("where") == b"database 3"
+        assert await admin.get("where") is None  # database 0
+        with pytest.raises(ConnectionError, match="password"):  # as redis-py's pool says it
+            await refused.execute("PING")
+    finally:
+        await admin.config_set("requirepass", "")
+        for closing in (steps, refused, client, wrong, admin):
+            await closing.aclose()
