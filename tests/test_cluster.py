@@ -20,8 +20,10 @@ from tests.support.tus import TUS, patch_headers
 from tests.support.waiting import wait_until_sync
 from tusserver.http.app import build_app
 from tusserver.settings import Settings
+from tusserver.store.client import connect
 from tusserver.store.embedded import find_server_binary
-from tusserver.store.records import SHARD_COUNT
+from tusserver.store.records import SHARD_COUNT, new_upload_id, shard_of
+from tusserver.store.state import UploadState
 
 SLOTS = 16384
 
@@ -161,3 +163,23 @@ async def test_a_batch_completes_on_a_cluster(cluster_server: str, cluster_url: 
             assert response.status == 204
         async with http.get(url) as response:
             assert response.status == 404
+
+
+async def test_lock_requests_are_counted_in_each_shards_slot_on_a_cluster(
+    cluster_url: str,
+) -> None:
+    """The renewals read every shard's ask counter in one call across the nodes, and a
+    request to a holder moves its own shard's counter only."""
+    client = await connect(cluster_url)
+    try:
+        state = UploadState(client, tombstone_ttl_s=60, path_of=lambda upload_id: upload_id)
+        shards = list(range(SHARD_COUNT))
+        before = await state.ask_counts(shards)
+        upload_id = new_upload_id()
+        assert await state.try_lock(upload_id, 3000) is not None
+        assert await state.ask_holder(upload_id, "stop", 3000)
+        after = await state.ask_counts(shards)
+        moved = [shard for shard in shards if before[shard] != after[shard]]
+        assert moved == [shard_of(upload_id)]
+    finally:
+        await client.aclose()

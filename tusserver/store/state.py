@@ -466,13 +466,9 @@ class UploadState:
         renewal, no holder in that shard was asked anything meanwhile."""
         keys = [redis_key(shard, "asked") for shard in shards]
         client = self.renewals
-        if not isinstance(client, aioredis.Redis):
-            return cast(list[bytes | None], await asyncio.gather(*map(client.get, keys)))
-        async with client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.get(key)
-            counts: list[bytes | None] = await pipe.execute()
-        return counts
+        if isinstance(client, aioredis.Redis):
+            return cast(list[bytes | None], await client.mget(keys))
+        return cast(list[bytes | None], await client.mget_nonatomic(keys))  # across slots
 
     async def release(self, upload_id: str, token: str) -> None:
         await self._release(
