@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
@@ -412,6 +413,12 @@ def metadata_text(metadata: Mapping[str, bytes | None]) -> dict[str, str | None]
 
 def format_http_date(epoch_s: float) -> str:
     """Return `epoch_s` as an RFC 9110 IMF-fixdate, e.g. "Sun, 06 Nov 1994 08:49:37 GMT"."""
+    return _format_http_second(int(epoch_s))
+
+
+@functools.lru_cache(maxsize=64)
+def _format_http_second(epoch_s: int) -> str:
+    # Uploads created within one second expire within one: their dates are formatted once.
     return formatdate(epoch_s, usegmt=True)
 
 

@@ -7,6 +7,7 @@ the settings are built; a bad value raises `SettingError` with a one-line reason
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -70,6 +71,7 @@ def parse_bool(value: str) -> bool:
     raise SettingError(f"{value!r} is not a yes/no value (use 1 or 0)")
 
 
+@functools.lru_cache(maxsize=256)  # asked on every creation, of the few names clients use
 def is_loopback_host(host: str) -> bool:
     """True for hosts that only this machine can reach (127.0.0.0/8, ::1, localhost)."""
     if host == "localhost":

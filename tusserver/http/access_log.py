@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Mapping
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from tusserver.http.keys import ERROR_REASON, REQUEST_ID, UPLOAD_ID
 from tusserver.http.metrics import Metrics
+
+_TEXT_LINE = (
+    "%(method)s %(path)s %(status)s in=%(bytes_in)s out=%(bytes_out)s "
+    "%(ms)sms %(upload_id)s rid=%(request_id)s"
+)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -37,14 +44,15 @@ class AccessLogger(AbstractAccessLogger):
             "upload_id": request.get(UPLOAD_ID, ""),
             "request_id": request.get(REQUEST_ID, ""),
         }
-        if self.json_lines:
-            self.logger.info(json.dumps({"time": time.time(), **fields}))
-        else:
-            self.logger.info(
-                "%(method)s %(path)s %(status)s in=%(bytes_in)s out=%(bytes_out)s "
-                "%(ms)sms %(upload_id)s rid=%(request_id)s",
-                fields,
-            )
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        args: Mapping[str, object] | tuple[()] = fields
+        message = _TEXT_LINE
+        if self.json_lines:  # a JSON text is the message as it is, never %-formatted
+            message, args = json.dumps({"time": time.time(), **fields}), ()
+        # logger.info would also look up the caller's file and line, which no line shows
+        logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, message, args, None))
 
 
 def _bytes_in(request: web.BaseRequest) -> int:

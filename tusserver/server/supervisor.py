@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from tusserver.http.access_log import AccessLogger, JsonAccessLogger
 from tusserver.http.app import build_app, make_runner, start_draining
 from tusserver.http.metrics import MULTIPROC_DIR_VARIABLE
+from tusserver.server import logs
 from tusserver.server.memory import freeze_startup_objects, tune_malloc
 from tusserver.settings import Settings
 from tusserver.store.client import check_layout
@@ -40,13 +41,6 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # waits instead of killing a worker still starting, and a SIGHUP (TLS reload, or nothing)
 # instead of taking its default action, which ends the process.
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
-
-
-def _setup_logging(settings: Settings) -> None:
-    if settings.log_json:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    else:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
 
 def _bind_unix(path: Path) -> list[socket.socket]:
@@ -130,7 +124,7 @@ def _bind(settings: Settings) -> list[socket.socket]:
 
 def serve(settings: Settings) -> int:
     """Run the supervisor until SIGINT/SIGTERM; the exit code."""
-    _setup_logging(settings)
+    logs.setup(json_lines=settings.log_json, stream=sys.stderr)
     embedded: EmbeddedRedis | None = None
     redis_url = settings.redis_url
     try:
@@ -322,6 +316,7 @@ def _supervise_workers(
                         sock.close()
                 code = asyncio.run(_serve_worker(settings, redis_url, own, None, supervisor))
             finally:
+                logging.shutdown()  # the lines still waiting for their loop turn's end
                 os._exit(code)
         children.append(pid)
         if len(sockets) > 1:  # its own socket (SO_REUSEPORT): it goes when the worker goes
