@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tusserver"
 # The top-level modules every layer may use: pure parsing, settings, errors, tokens, tasks,
-# and the one module that touches aiohttp's private details.
+# random ids, and the one module that touches aiohttp's private details.
 FOUNDATION = {
     "errors",
     "protocol",
@@ -23,6 +23,7 @@ FOUNDATION = {
     "auth",
     "tasks",
     "aiohttp_private",
+    "randomness",
 }
 # What each part may import from the package, besides itself and the foundation.
 MAY_IMPORT: dict[str, set[str]] = {

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -18,7 +17,7 @@ from multidict import CIMultiDict
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tusserver import auth, draft, protocol
+from tusserver import auth, draft, protocol, randomness
 from tusserver.errors import (
     InsufficientStorage,
     ServiceUnavailable,
@@ -81,7 +80,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     shows it, every answer carries it back (`echo_request_id`), and the events the request
     causes name it (`protocol.current_request_id`, read by the store)."""
     given = protocol.parse_request_id(request.headers.get("X-Request-Id"))
-    request[REQUEST_ID] = given if given is not None else secrets.token_hex(16)
+    request[REQUEST_ID] = given if given is not None else randomness.token_hex(16)
     serving = protocol.current_request_id.set(request[REQUEST_ID])  # for the events it causes
     try:
         return await handler(request)

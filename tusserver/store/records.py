@@ -7,11 +7,11 @@ live, and how its hash reads back.
 from __future__ import annotations
 
 import hashlib
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+from tusserver import randomness
 from tusserver.protocol import current_request_id
 
 SHARD_COUNT = 16
@@ -26,7 +26,7 @@ ID_LENGTH = 32
 def new_upload_id(shard: int | None = None) -> str:
     """A random id; with `shard`, one that lies in that shard (a batch's members lie in the
     batch's shard, so a member's completion and the batch's count are one atomic step)."""
-    upload_id = secrets.token_hex(ID_LENGTH // 2)
+    upload_id = randomness.token_hex(ID_LENGTH // 2)
     if shard is None:
         return upload_id
     return upload_id[0] + f"{shard:x}" + upload_id[2:]  # shard_of reads the second digit

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -20,6 +19,7 @@ from typing import Any, Literal, cast
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from tusserver import randomness
 from tusserver.errors import (
     BadRequest,
     OffsetMismatch,
@@ -165,7 +165,7 @@ class UploadState:
 
     def new_lock_token(self) -> str:
         """A token naming this process, for one lock."""
-        return f"{self.holder}:{secrets.token_hex(8)}"
+        return f"{self.holder}:{randomness.token_hex(8)}"
 
     async def create(self, upload: Upload, *, lock_token: str = "", ttl_ms: int = 0) -> None:
         """Store a new upload, index it, and append its `created` event (and `completed`, for

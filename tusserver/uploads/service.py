@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -21,6 +20,7 @@ from typing import Literal
 
 from aiohttp import StreamReader
 
+from tusserver import randomness
 from tusserver.auth import EXPIRED
 from tusserver.errors import (
     PayloadTooLarge,
@@ -314,7 +314,7 @@ class Uploads:
         """The upload as committed now: a running PATCH is asked to commit what it has first
         (waiting at most about a second). 404/410 inside; `finishing` as `check_finishing`."""
         await self.check_finishing(upload_id, owner, finishing)
-        nonce = secrets.token_hex(6)
+        nonce = randomness.token_hex(6)
         upload, asked = await self.state.read(
             upload_id, owner, ask=f"commit:{nonce}", ttl_ms=LOCK_TTL_MS
         )
