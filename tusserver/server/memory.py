@@ -1,4 +1,5 @@
-"""Keep the C allocator from handing body memory back to the kernel after every block.
+"""Keep the C allocator from handing body memory back to the kernel after every block, and
+the cyclic garbage collector from walking every object too often.
 
 aiohttp hands a PATCH body over in new `bytes` of up to 256 KiB; a PATCH holds up to two
 blocks of 4 MiB of them (one gathering, one being written). With glibc's defaults, freeing a
@@ -39,11 +40,24 @@ def tune_malloc() -> bool:
     return done
 
 
-def freeze_startup_objects() -> None:
+# Net allocations of tracked objects (containers) between two passes over the youngest
+# generation; Python's default is 700. Every tenth such pass also looks at the middle one,
+# and every tenth of those may walk all of them (when the objects allocated since the last
+# full pass are a quarter of those it kept). While 2,000 phones connected within a second,
+# the default let 12 full passes run, the longest 134-143 ms, with every request waiting;
+# at 20,000 there were 4, the longest 70-78 ms, and the process's peak RSS grew by 2 MiB
+# (benchmarks/README.md, scenario h).
+YOUNG_GENERATION_THRESHOLD = 20_000
+
+
+def tune_collector() -> None:
     """Leave every object alive now (the modules, the app and its routes: some 50,000) out
     of the cyclic collector's passes from here on: they live as long as the process. A
     full pass walks every tracked object while the event loop waits; while 2,000 uploads
     were being created, the longest took 157-187 ms with this against 196-258 ms without
-    (benchmarks/README.md, scenario h). Garbage is collected first, so none is kept."""
+    (benchmarks/README.md, scenario h). Garbage is collected first, so none is kept. Then
+    collect less often (YOUNG_GENERATION_THRESHOLD)."""
     gc.collect()
     gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, middle, old)

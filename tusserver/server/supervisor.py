@@ -25,7 +25,7 @@ from tusserver.http.access_log import AccessLogger, JsonAccessLogger
 from tusserver.http.app import build_app, make_runner, start_draining
 from tusserver.http.metrics import MULTIPROC_DIR_VARIABLE
 from tusserver.server import logs
-from tusserver.server.memory import freeze_startup_objects, tune_malloc
+from tusserver.server.memory import tune_collector, tune_malloc
 from tusserver.settings import Settings
 from tusserver.store.client import check_layout
 from tusserver.store.client import connect as connect_redis
@@ -220,7 +220,7 @@ async def _serve_worker(
     context = tls_context(settings)
     site = web.SockSite(runner, sock, ssl_context=context)
     await site.start()
-    freeze_startup_objects()
+    tune_collector()
     stop = asyncio.Event()
     hurry = asyncio.Event()  # a second SIGTERM: end the drain delay now
 
