@@ -44,8 +44,8 @@ def tune_malloc() -> bool:
 # generation; Python's default is 700. Every tenth such pass also looks at the middle one,
 # and every tenth of those may walk all of them (when the objects allocated since the last
 # full pass are a quarter of those it kept). While 2,000 phones connected within a second,
-# the default let 12 full passes run, the longest 134-143 ms, with every request waiting;
-# at 20,000 there were 4, the longest 70-78 ms, and the process's peak RSS grew by 2 MiB
+# the default let three full passes run in each server, of 26-144 ms, with every request
+# waiting; at 20,000 there were none until the run's end, and the peak RSS grew by 2 MiB
 # (benchmarks/README.md, scenario h).
 YOUNG_GENERATION_THRESHOLD = 20_000
 
