@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -86,6 +87,34 @@ async def test_flush_writes_what_waits_for_the_turns_end(
     logger.info("before an exit")
     handler.flush()  # as logging.shutdown does before a worker's os._exit
     assert stream.getvalue() == "tusserver.test-logs before an exit\n"
+
+
+def _what_a_forked_child_writes(handler: TurnBatchedHandler, stream: CountingStream) -> str:
+    """Fork; the child flushes `handler` and tells what its copy of `stream` then holds."""
+    reading, writing = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            handler.flush()
+            os.write(writing, stream.getvalue().encode())
+        finally:
+            os._exit(0)
+    os.close(writing)
+    with os.fdopen(reading, "rb") as pipe:
+        written = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return written
+
+
+async def test_a_forked_child_leaves_the_waiting_lines_to_its_parent(
+    logged: tuple[logging.Logger, CountingStream, TurnBatchedHandler],
+) -> None:
+    logger, stream, handler = logged
+    logger.info("logged before the fork")
+    assert _what_a_forked_child_writes(handler, stream) == ""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert stream.getvalue() == "tusserver.test-logs logged before the fork\n"
 
 
 def test_without_a_loop_every_line_is_written_at_once(

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+import weakref
 from typing import TextIO
 
 TEXT_FORMAT = "%(asctime)s %(name)s %(message)s"
@@ -38,6 +40,9 @@ class TurnBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self._waiting: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # the one whose turn ends them
+        # A process forked meanwhile (a worker) leaves the waiting lines to its parent.
+        handler = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget_waiting(handler()))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -74,6 +79,12 @@ class TurnBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.stream.flush()
         except (OSError, ValueError):  # stderr closed or broken: there is nowhere to say so
             pass
+
+
+def _forget_waiting(handler: TurnBatchedHandler | None) -> None:
+    if handler is not None:
+        handler._waiting.clear()
+        handler._loop = None
 
 
 class _Formatter(logging.Formatter):
