@@ -43,6 +43,7 @@ HASH_BLOCK = client.BLOCK * 4
 RAW_WRITE_BYTES = 64 * 2**10  # the fastest write size on the machine of the README
 SWEEP_WRITE_SIZES = (64 * 2**10, 256 * 2**10, 2**20, 4 * 2**20)
 PROBE_READY_TIMEOUT_S = 60.0
+SLOWEST_HEADS_KEPT = 10  # h: the slowest HEADs kept in the result, with when they were sent
 SLOW_PROBE_INTERVAL_S = 0.05  # h's probe pauses between pairs: a probe, not another load
 SLOW_PROBE_PAIR_TIMEOUT_S = 30.0
 SLOW_GRACE_S = 60.0  # h waits this long past its schedule before it gives up on an upload
@@ -143,6 +144,9 @@ class Result:
     failures: dict[str, int] | None = None
     created_within_s: float | None = None  # h: from the first POST to the last 201
     created_p99_ms: float | None = None  # h: HEAD p99 once every upload was created
+    # h: the slowest HEADs, (seconds after the first POST, ms), slowest first: which burst
+    # (the creations, the completions) the tail falls in
+    slowest_heads: list[tuple[float, float]] | None = None
     runs: int = 1
     run_values: list[float] | None = None  # the scenario's metric in each run that succeeded
     ratios: dict[str, float] = field(default_factory=dict)
@@ -411,6 +415,11 @@ async def load_slow_clients(ctx: Context, result: Result) -> list[Result]:
                                            measured["heads_sent_at"], strict=True)
                  if sent_at > max(created_at)]  # fmt: skip
         result.created_p99_ms = percentile(after, 0.99)
+    heads = zip(measured["head_latencies_ms"], measured["heads_sent_at"], strict=True)
+    slowest = sorted(heads, reverse=True)[:SLOWEST_HEADS_KEPT]
+    result.slowest_heads = [
+        (round(sent_at - started_at, 3), round(ms, 1)) for ms, sent_at in slowest
+    ]
     return [result]
 
 

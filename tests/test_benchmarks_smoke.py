@@ -96,6 +96,12 @@ def test_slow_clients_all_finish_while_the_probe_measures_a_new_head(
         assert row["samples"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
         assert 0 < row["pair_p50_ms"] <= row["pair_p99_ms"]
         assert row["peak_rss_sum_mib"] >= row["peak_rss_mib"] > 0
+        slowest = row["slowest_heads"]  # slowest first, each sent during the run
+        assert 0 < len(slowest) <= min(10, row["samples"])
+        assert [ms for _at, ms in slowest] == sorted((ms for _at, ms in slowest), reverse=True)
+        assert slowest[0][1] + 0.05 >= row["p99_ms"]  # the slowest, rounded to 0.1 ms
+        # seconds after the first POST (the probe may send its first HEADs just before it)
+        assert all(-1 <= at <= row["elapsed_s"] + 1 for at, _ms in slowest)
     assert "| many slow clients (h): 20 uploads at 1 KiB/s for 1 s |" in table
     assert "issue 24, h: tusserver new HEAD p99" in table
 
