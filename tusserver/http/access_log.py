@@ -34,6 +34,9 @@ class AccessLogger(AbstractAccessLogger):
         if self.metrics is not None:
             reason = request.get(ERROR_REASON, "")
             self.metrics.count_request(request.method, response.status, time_s, reason)
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
         fields = {
             "method": request.method,
             "path": request.path,
@@ -44,9 +47,6 @@ class AccessLogger(AbstractAccessLogger):
             "upload_id": request.get(UPLOAD_ID, ""),
             "request_id": request.get(REQUEST_ID, ""),
         }
-        logger = self.logger
-        if not logger.isEnabledFor(logging.INFO):
-            return
         args: Mapping[str, object] | tuple[()] = fields
         message = _TEXT_LINE
         if self.json_lines:  # a JSON text is the message as it is, never %-formatted
