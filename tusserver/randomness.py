@@ -1,4 +1,5 @@
-"""Random ids (uploads, requests, lock holders) from the kernel's CSPRNG, fetched 4 KiB at a time.
+"""Random ids (uploads, requests, lock holders, batches, consumers) from the kernel's CSPRNG,
+fetched 4 KiB at a time.
 
 `secrets.token_hex` asks the kernel on every call, and a creation asks three times (its
 request id, its upload id, its file's nonce), a PATCH once (its lock's holder): one system

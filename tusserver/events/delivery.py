@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import random
-import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -28,6 +27,7 @@ from aiohttp import web
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
+from tusserver import randomness
 from tusserver.events.entries import Entry, entries_of
 from tusserver.events.parent import (
     CountResult,
@@ -79,7 +79,9 @@ class Outbox:
         dead_letter_maxlen: int = DEAD_LETTER_MAXLEN,
     ) -> None:
         self.redis = client
-        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.consumer = (
+            consumer or f"{socket.gethostname()}:{os.getpid()}:{randomness.token_hex(3)}"
+        )
         self.dead_letter_maxlen = dead_letter_maxlen
         self._hold: AsyncScript = client.register_script(lua.WEBHOOK_HOLD)
         self._acknowledge: AsyncScript = client.register_script(lua.WEBHOOK_ACKNOWLEDGE)

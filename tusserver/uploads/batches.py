@@ -10,11 +10,10 @@ expire.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 
-from tusserver import batching
+from tusserver import batching, randomness
 from tusserver.auth import BatchQuota
 from tusserver.errors import BadRequest, Forbidden, UploadGone, UploadNotFound
 from tusserver.store.batches import NO_SUCH_BATCH, Batch, BatchState
@@ -72,7 +71,7 @@ class Batches:
         Named by the client, else by the token, else at random. 400 for bad numbers, 403
         past the token's limits, 409 if the name is taken."""
         if name is None:
-            name = quota.name or secrets.token_hex(16)
+            name = quota.name or randomness.token_hex(16)
         name = batching.parse_batch_name(name)
         if quota.name is not None and quota.name != name:
             raise Forbidden("this token opens only its own batch")
