@@ -2,8 +2,9 @@
 
 It answers the few requests the harness sends, as plainly as aiohttp allows: POST creates a
 file (and appends a body sent with it), PATCH appends its body when Upload-Offset equals the
-file's size, HEAD answers the file's size. No Redis, no lock, no hash, no fsync, no
-middleware: each chunk aiohttp hands over is written straight to the file from the event loop.
+file's size, HEAD answers the file's size, DELETE removes the file. No Redis, no lock, no
+hash, no fsync, no middleware: each chunk aiohttp hands over is written straight to the file
+from the event loop.
 The file itself is the only state, so `--workers N` processes can share one listening socket.
 
     python -m benchmarks.bare_append --port 0 --data-dir DIR [--workers N]
@@ -80,12 +81,21 @@ async def offset(request: web.Request) -> web.Response:
     return web.Response(status=200, headers={"Upload-Offset": str(size), "Tus-Resumable": "1.0.0"})
 
 
+async def delete(request: web.Request) -> web.Response:
+    try:
+        _path(request).unlink()
+    except FileNotFoundError:
+        raise web.HTTPNotFound() from None
+    return web.Response(status=204, headers={"Tus-Resumable": "1.0.0"})
+
+
 def build_app(data_dir: Path) -> web.Application:
     app = web.Application(handler_args={"read_bufsize": READ_BUFFER_BYTES})
     app[DATA_DIR] = data_dir
     app.router.add_post("/files/", create)
     app.router.add_patch("/files/{upload_id}", append)
     app.router.add_head("/files/{upload_id}", offset)
+    app.router.add_delete("/files/{upload_id}", delete)
     return app
 
 

@@ -162,6 +162,13 @@ async def head(client: aiohttp.ClientSession, url: str) -> int:
         return int(response.headers["Upload-Offset"])
 
 
+async def delete(client: aiohttp.ClientSession, url: str) -> None:
+    """End an upload and delete its file (the tus termination extension)."""
+    async with client.delete(url, headers=TUS) as response:
+        if response.status != 204:
+            raise await _fail(response, "DELETE")
+
+
 async def upload(
     client: aiohttp.ClientSession,
     endpoint: str,

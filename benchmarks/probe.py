@@ -53,7 +53,7 @@ async def probe(args: argparse.Namespace) -> Timings:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     timings = Timings()
     async with client.session(connections=1) as http:
-        length = args.patch_bytes * args.max_pairs
+        length = args.patch_bytes * (args.max_pairs + 1)  # the last pair does not complete it
         url, _offset = await client.create(http, args.endpoint, length, client.Progress())
         print("ready", flush=True)
         deadline = time.monotonic() + args.max_s

@@ -158,6 +158,10 @@ class Sampler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        return self.usage()
+
+    def usage(self) -> Usage:
+        """What the tree has cost from `start` until now (sampling it once more)."""
         self._sample()
         cpu_by_process: dict[str, float] = {}
         by_process: dict[str, float] = {}

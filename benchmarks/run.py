@@ -72,6 +72,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--small-bytes", type=_size, help="size of each small upload in d")
     parser.add_argument("--small-concurrency", type=int, help="small uploads in flight in d")
     parser.add_argument("--soak-bytes", type=_size, help="size of the upload in e")
+    parser.add_argument("--latency-pairs", type=int,
+                        help="f: c's load goes on until the probe has this many HEAD+PATCH "
+                        "pairs [300]")  # fmt: skip
     parser.add_argument("--slow-uploads", type=int, help="slow uploads at once in h [2000]")
     parser.add_argument("--slow-rate", type=_size,
                         help="bytes per second each slow upload sends in h [1KiB]")  # fmt: skip

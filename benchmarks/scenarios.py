@@ -9,7 +9,8 @@ same bytes (or files) straight to the same disk from a thread: the physical limi
     c  --concurrent-uploads uploads at once, one PATCH each, --workers 2 (MB/s)
     d  --small-count uploads by creation-with-upload     (uploads/s, POST p50/p99)
     e  one long upload with RSS sampled throughout       (MB/s, peak RSS, RSS slope)
-    f  HEAD+PATCH pairs of a probe upload during c       (p50/p99)
+    f  HEAD+PATCH pairs of a probe upload during c, c's load kept up after its batch
+       until the probe has --latency-pairs pairs               (p50/p99)
     g  a's upload as one file part of a multipart form   (MB/s, and as a ratio to a)
        (tusserver and the raw write only: the baselines take no forms)
     h  --slow-uploads uploads at once, each a PATCH whose body arrives at --slow-rate for
@@ -20,6 +21,7 @@ same bytes (or files) straight to the same disk from a thread: the physical limi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -61,6 +63,9 @@ class Sizes:
     small_concurrency: int = 16
     soak_bytes: int = 10 * 2**30
     probe_patch_bytes: int = 4096
+    # f: the probe's pairs, c's load kept up until it has them. Nearest-rank p99 of fewer
+    # than 101 values is the slowest one; of 300 it is the fourth slowest.
+    latency_pairs: int = 300
     slow_uploads: int = 2000
     slow_rate: int = 1024  # bytes per second of each slow upload
     slow_seconds: int = 20
@@ -75,6 +80,7 @@ QUICK_SIZES = Sizes(
     soak_bytes=1 * 2**30,
     slow_uploads=200,
     slow_seconds=10,
+    latency_pairs=60,
 )
 
 
@@ -160,11 +166,12 @@ class Result:
         return None if self.error is not None else value
 
     def add_usage(self, usage: procstat.Usage) -> None:
-        self.cpu_s = usage.cpu_s
+        if self.cpu_s is None:  # c sets its own at the end of its batch (`Context.cost_so_far`)
+            self.cpu_s = usage.cpu_s
+            self.cpu_by_process_s = usage.cpu_by_process_s
         self.peak_rss_mib = usage.peak_rss_mib
         self.peak_rss_sum_mib = usage.peak_rss_sum_mib
         self.rss_by_process_mib = usage.rss_by_process_mib
-        self.cpu_by_process_s = usage.cpu_by_process_s
         if self.scenario == SCENARIOS["e"].name:
             self.rss_slope_mib_per_gib = usage.rss_slope_mib_per_gib
 
@@ -225,6 +232,9 @@ class Context:
     endpoint: str
     progress: client.Progress
     repo_root: Path
+    # puts the server's CPU seconds and the CPU pressure from the load's start until now
+    # into a result (a load whose figure ends before the load does)
+    cost_so_far: Callable[[Result], None] | None = None
 
 
 Load = Callable[[Context, Result], Awaitable[list[Result]]]
@@ -264,10 +274,13 @@ async def load_chunked(ctx: Context, result: Result) -> list[Result]:
 
 
 async def load_concurrent(ctx: Context, result: Result) -> list[Result]:
-    """Scenario c, with the latency probe of scenario f running beside it."""
+    """Scenario c, with the latency probe of scenario f beside it. c's figure is its batch of
+    uploads; then the same load goes on (each of the `concurrent_uploads` slots uploading
+    again, and deleting what it uploaded) until the probe has its `latency_pairs` pairs: a
+    batch alone lasts a few seconds, and gave the probe 30-90 pairs, too few for a p99."""
     count, each = ctx.sizes.concurrent_uploads, ctx.sizes.concurrent_bytes
     latency = Result(SCENARIOS["f"].name, result.target, result.label, workers=result.workers)
-    probe = await _start_probe(ctx)
+    probe = await _start_probe(ctx, "--max-pairs", str(ctx.sizes.latency_pairs))
     try:
         async with client.session() as http:
             started = time.perf_counter()
@@ -275,12 +288,43 @@ async def load_concurrent(ctx: Context, result: Result) -> list[Result]:
                 *(client.upload(http, ctx.endpoint, each, ctx.progress) for _ in range(count))
             )
             _throughput(result, count * each, count, time.perf_counter() - started)
+            if ctx.cost_so_far is not None:
+                ctx.cost_so_far(result)
+            kept_up = await _keep_uploading(http, ctx, count, each, until=probe.wait())
         measured = await _stop_probe(probe)
     finally:
         await _end_probe(probe)
     _latencies(latency, measured["latencies_ms"])
-    latency.elapsed_s = result.elapsed_s
+    latency.elapsed_s = round(time.perf_counter() - started, 3)
+    latency.uploads, latency.bytes = count + kept_up, (count + kept_up) * each
     return [result, latency]
+
+
+async def _keep_uploading(
+    http: aiohttp.ClientSession, ctx: Context, count: int, each: int, until: Awaitable[Any]
+) -> int:
+    """`count` uploads of `each` bytes at a time, one after another in each slot, every one
+    deleted once complete (the disk then holds at most `count` of them), until `until` is
+    done; the uploads completed. A slot ends the upload it has begun."""
+    finished = asyncio.Event()
+
+    async def wait() -> None:
+        await until
+        finished.set()
+
+    async def slot() -> int:
+        done = 0
+        while not finished.is_set():
+            url = await client.upload(http, ctx.endpoint, each, ctx.progress)
+            await client.delete(http, url)
+            done += 1
+        return done
+
+    waiter = asyncio.ensure_future(wait())
+    try:
+        return sum(await asyncio.gather(*(slot() for _ in range(count))))
+    finally:
+        waiter.cancel()
 
 
 async def load_small(ctx: Context, result: Result) -> list[Result]:
@@ -340,7 +384,9 @@ async def _start_probe(ctx: Context, *options: str) -> asyncio.subprocess.Proces
 async def _stop_probe(probe: asyncio.subprocess.Process) -> dict[str, Any]:
     """SIGTERM the probe; what it measured."""
     assert probe.stdout is not None
-    probe.send_signal(signal.SIGTERM)
+    if probe.returncode is None:  # it may have stopped by itself (--max-pairs)
+        with contextlib.suppress(ProcessLookupError):
+            probe.send_signal(signal.SIGTERM)
     output = await asyncio.wait_for(probe.stdout.read(), PROBE_READY_TIMEOUT_S)
     if await probe.wait() != 0:
         raise client.LoadError("the latency probe failed")
@@ -518,6 +564,13 @@ async def _measure_server(
             profiler = await _start_profiler(server.pid, run.profile_path)
         sampler.start()
         pressure = procstat.PressureWindow()
+
+        def cost_so_far(into: Result) -> None:
+            usage = sampler.usage()
+            into.cpu_s, into.cpu_by_process_s = usage.cpu_s, usage.cpu_by_process_s
+            into.cpu_pressure_pct = pressure.percent()
+
+        ctx.cost_so_far = cost_so_far
         try:
             results = await LOADS[scenario.key](ctx, result)
         finally:
@@ -526,7 +579,8 @@ async def _measure_server(
                 await _stop_profiler(profiler)
         for each in results:
             each.add_usage(usage)
-            each.cpu_pressure_pct = pressure.percent()
+            if each.cpu_pressure_pct is None:
+                each.cpu_pressure_pct = pressure.percent()
         return results
     except Exception as error:
         if server.process.poll() is not None:

@@ -27,13 +27,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # tuspyserver only where it is installed: the suite must not need the `bench` extra
 TARGETS = ("raw", "tusserver", "bare-aiohttp") + (("tuspy",) if not servers.tuspy_missing() else ())
 SERVERS = {"tusserver", "bare-aiohttp", "tuspy"} & set(TARGETS)
+LATENCY_PAIRS = 40  # f: c's load goes on until the probe has these (its 3 x 1 MiB: a few)
 TINY = (
     "--single-bytes", "4MiB", "--patch-bytes", "1MiB", "--concurrent-uploads", "3",
     "--concurrent-bytes", "1MiB", "--concurrent-workers", "2", "--small-count", "20",
     "--small-concurrency", "4", "--soak-bytes", "6MiB", "--slow-uploads", "20",
     "--slow-seconds", "1", "--slow-ramp-s", "0.2", "--settle", "0", "--repeat", "1",
+    "--latency-pairs", str(LATENCY_PAIRS),
 )  # fmt: skip
 SLOW = scenarios.SCENARIOS["h"].name
+MiB = 2**20
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +72,16 @@ def test_every_scenario_has_a_result_for_every_target(
     for result in results:
         assert result["error"] is None, result
         if result["scenario"] == scenarios.SCENARIOS["f"].name:
-            assert result["samples"] > 0 and 0 < result["p50_ms"] <= result["p99_ms"]
-            assert result["cpu_s_per_gb"] is None  # f moves no bytes of its own
+            assert result["samples"] == LATENCY_PAIRS, result
+            assert 0 < result["p50_ms"] <= result["p99_ms"]
+            # c's batch, then its load kept up: more uploads than c's, all of them counted
+            [batch] = [r for r in results if r["scenario"] == scenarios.SCENARIOS["c"].name
+                       and r["target"] == result["target"]]  # fmt: skip
+            assert result["uploads"] > batch["uploads"]
+            assert result["bytes"] == result["uploads"] * MiB
+            assert result["elapsed_s"] > batch["elapsed_s"]
+            if batch["cpu_s"]:  # c's CPU is its batch's alone
+                assert result["cpu_s"] >= batch["cpu_s"]
         else:
             assert result["bytes"] > 0 and result["uploads_per_s"] > 0
             assert result["mb_per_s"] > 0 or result["scenario"] == SLOW  # h: 40 KiB in a second
