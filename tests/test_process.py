@@ -316,3 +316,36 @@ print("ok")
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc_trim, RSS from /proc")
+def test_free_pages_between_chunks_in_use_go_back_to_the_kernel() -> None:
+    """With the thresholds a server sets (`tune_malloc`), memory freed between chunks still
+    in use stays resident: bodies' chunks freed in another order than they came leave such
+    holes. `release_free_pages` hands their pages back."""
+    script = """
+import sys
+from tusserver.server.memory import release_free_pages, tune_malloc
+
+def rss_mib():
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+if not tune_malloc():
+    sys.exit("not glibc")
+chunks, pins = [], []
+for _ in range(400):  # 100 MiB of 256 KiB chunks, each followed by a small object kept
+    chunks.append(b"x" * (256 * 1024))
+    pins.append(bytes(range(200)) * 4)
+del chunks  # the holes between the pins: free, but kept by the heap
+held = rss_mib()
+assert release_free_pages()
+print(round(held), round(rss_mib()))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    held, released = map(int, result.stdout.split())
+    assert held - released >= 60, (held, released)  # of the 100 MiB freed

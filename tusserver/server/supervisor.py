@@ -25,11 +25,12 @@ from tusserver.http.access_log import AccessLogger, JsonAccessLogger
 from tusserver.http.app import build_app, make_runner, start_draining
 from tusserver.http.metrics import MULTIPROC_DIR_VARIABLE
 from tusserver.server import logs
-from tusserver.server.memory import tune_collector, tune_malloc
+from tusserver.server.memory import release_free_pages_forever, tune_collector, tune_malloc
 from tusserver.settings import Settings
 from tusserver.store.client import check_layout
 from tusserver.store.client import connect as connect_redis
 from tusserver.store.embedded import EmbeddedRedis, EmbeddedRedisError
+from tusserver.tasks import cancel_and_wait
 
 log = logging.getLogger("tusserver")
 SHUTDOWN_TIMEOUT_S = 10.0
@@ -221,6 +222,7 @@ async def _serve_worker(
     site = web.SockSite(runner, sock, ssl_context=context)
     await site.start()
     tune_collector()
+    releasing = asyncio.create_task(release_free_pages_forever())
     stop = asyncio.Event()
     hurry = asyncio.Event()  # a second SIGTERM: end the drain delay now
 
@@ -254,6 +256,7 @@ async def _serve_worker(
         if stop.is_set():
             await _drain(settings.drain_delay_s, hurry, supervisor_pid)
         await runner.cleanup()
+        await cancel_and_wait(releasing)
     return exit_code
 
 
