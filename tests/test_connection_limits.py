@@ -12,12 +12,14 @@ would finish every header block it starts.
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.processes import ServerProcess, tusserver_process
+from tests.support.processes import ServerProcess, StartProcess, start_server, tusserver_process
 from tests.support.raw_http import (
     RawRequest,
     RawResponse,
@@ -344,3 +346,37 @@ async def test_forty_unfinished_header_blocks_are_held_cheaply_until_the_header_
             await request.close()
     assert server.process.poll() is None, server.log()
     assert_memory_kept(pid, before, during)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's accept queue")
+async def test_the_kernel_queues_a_burst_of_connections_while_the_server_takes_none(
+    tmp_path: Path, processes: StartProcess
+) -> None:
+    """Phones connecting by the thousand: what a process has not accepted yet waits in the
+    kernel's queue of the listening socket, 4096 long. Past its length the kernel drops the
+    handshake and the client tries again only a second or more later. (asyncio listens
+    again with the site's backlog, aiohttp's default 128, unless given ours.) A stopped
+    process accepts none, so every connection that completes meanwhile is in that queue."""
+    server = await start_server(processes, tmp_path / "data")
+    connecting: list[asyncio.Task[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = []
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        connecting = [
+            asyncio.ensure_future(asyncio.open_connection("127.0.0.1", server.port))
+            for _ in range(400)
+        ]
+        await wait_until(
+            lambda: all(task.done() for task in connecting), what="400 connections queued"
+        )
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        await asyncio.gather(*connecting, return_exceptions=True)
+    streams = [task.result() for task in connecting]
+    try:
+        for reader, writer in streams[-3:]:  # the last queued are served once it runs again
+            writer.write(b"OPTIONS /files/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            status_line = await asyncio.wait_for(reader.readline(), 30)
+            assert status_line.startswith(b"HTTP/1.1 204"), status_line
+    finally:
+        for _reader, writer in streams:
+            writer.close()

@@ -219,7 +219,8 @@ async def _serve_worker(
     runner = make_runner(app, access_log_class, SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     context = tls_context(settings)
-    site = web.SockSite(runner, sock, ssl_context=context)
+    # asyncio listens again with the site's backlog (aiohttp's default: 128): keep ours
+    site = web.SockSite(runner, sock, ssl_context=context, backlog=LISTEN_BACKLOG)
     await site.start()
     tune_collector()
     releasing = asyncio.create_task(release_free_pages_forever())
