@@ -7,7 +7,9 @@ block's worth at once shrinks the heap, and the next block faults the same memor
 page by page, zeroed by the kernel. Measured on the project's 2-core VM (benchmarks/README.md):
 one 2 GiB PATCH spent about a fifth of its kernel time in those faults. Raising the thresholds
 keeps that memory for the next block; the heap then stays at its high-water mark (bounded by
-the blocks in flight, not by the size of any upload).
+the blocks in flight, not by the size of any upload). What lies free between chunks still in
+use is handed back every 10 s (`release_free_pages`), or holes would raise that mark over
+time.
 """
 
 from __future__ import annotations
