@@ -18,6 +18,7 @@ import asyncio
 import ctypes
 import gc
 import logging
+from typing import Any
 
 log = logging.getLogger("tusserver")
 
@@ -32,15 +33,24 @@ RELEASE_INTERVAL_S = 10.0
 RELEASE_PAD_BYTES = 16 * 2**20  # free memory left at the heap's top by a release
 
 
+def _glibc_function(name: str, *argtypes: type[ctypes._SimpleCData[Any]]) -> Any | None:
+    """The C library's function `name` (returning an int), None where this Python's C
+    library has none (musl, macOS: not glibc)."""
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int
+    return function
+
+
 def tune_malloc() -> bool:
     """Set glibc's mmap and trim thresholds for this process (and the workers it forks);
     False where the C library is not glibc (musl, macOS), which is then left as it is."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library this Python runs on
-    except (OSError, AttributeError):
+    mallopt = _glibc_function("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     done: bool = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     done = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and done
     if not done:
@@ -81,18 +91,16 @@ def release_free_pages() -> bool:
     the heap never gives back: under 32 uploads at once, one after another, a worker's RSS
     crept from 79 to 106 MiB in 200 s with 12-14 MiB of it in use (benchmarks/README.md).
     A release took 8 ms on a heap of 90 MB."""
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    malloc_trim = _glibc_function("malloc_trim", ctypes.c_size_t)
+    if malloc_trim is None:
         return False
-    malloc_trim.argtypes = [ctypes.c_size_t]
-    malloc_trim.restype = ctypes.c_int
     malloc_trim(RELEASE_PAD_BYTES)
     return True
 
 
 async def release_free_pages_forever(interval_s: float = RELEASE_INTERVAL_S) -> None:
-    """`release_free_pages` every `interval_s`, until cancelled (or at once where it cannot)."""
+    """`release_free_pages` every `interval_s`, until cancelled; where it cannot release
+    (not glibc), this ends after the first interval."""
     while True:
         await asyncio.sleep(interval_s)
         if not release_free_pages():
