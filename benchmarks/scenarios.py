@@ -290,7 +290,8 @@ async def load_concurrent(ctx: Context, result: Result) -> list[Result]:
             _throughput(result, count * each, count, time.perf_counter() - started)
             if ctx.cost_so_far is not None:
                 ctx.cost_so_far(result)
-            kept_up = await _keep_uploading(http, ctx, count, each, until=probe.wait())
+            probe_done = asyncio.ensure_future(probe.wait())
+            kept_up = await _keep_uploading(http, ctx, count, each, until=probe_done)
         measured = await _stop_probe(probe)
     finally:
         await _end_probe(probe)
@@ -301,30 +302,21 @@ async def load_concurrent(ctx: Context, result: Result) -> list[Result]:
 
 
 async def _keep_uploading(
-    http: aiohttp.ClientSession, ctx: Context, count: int, each: int, until: Awaitable[Any]
+    http: aiohttp.ClientSession, ctx: Context, count: int, each: int, until: asyncio.Future[Any]
 ) -> int:
     """`count` uploads of `each` bytes at a time, one after another in each slot, every one
     deleted once complete (the disk then holds at most `count` of them), until `until` is
     done; the uploads completed. A slot ends the upload it has begun."""
-    finished = asyncio.Event()
-
-    async def wait() -> None:
-        await until
-        finished.set()
 
     async def slot() -> int:
         done = 0
-        while not finished.is_set():
+        while not until.done():
             url = await client.upload(http, ctx.endpoint, each, ctx.progress)
             await client.delete(http, url)
             done += 1
         return done
 
-    waiter = asyncio.ensure_future(wait())
-    try:
-        return sum(await asyncio.gather(*(slot() for _ in range(count))))
-    finally:
-        waiter.cancel()
+    return sum(await asyncio.gather(*(slot() for _ in range(count))))
 
 
 async def load_small(ctx: Context, result: Result) -> list[Result]:
