@@ -39,7 +39,8 @@ POLL_MS = 100  # how long a stop request or the idle deadline may go unnoticed
 # Why the body stopped: all of it arrived, the caller asked to stop, nothing arrived for the
 # idle time, or the client closed the connection (or it broke).
 Ending = Literal["done", "stopped", "idle", "hung up"]
-# Told the file's end after a block, and whether every byte before it is durable.
+# Told the file's end after a block (False), or an end every byte before which is durable
+# (True: from the thread that synced, and never past an end already told).
 Progress = Callable[[int, bool], None]
 
 
@@ -58,11 +59,12 @@ class Reception:
     # (fd, offset, size): have the disk start writing a range just written, per --fsync
     start_writeback: Callable[[int, int, int], None]
     hasher: Executor  # where a block is hashed while the next is read
+    syncer: Executor  # where the file is made durable while the next blocks arrive
     hashes: list[Hash]
     stop: threading.Event
     idle_s: float
     # > 0: make the file durable this often while the body arrives (and after a pause in
-    # it), reporting it; 0: never here
+    # it), reporting it; 0: never here. One sync at a time, beside the reading.
     sync_every_s: float
     on_progress: Progress
 
@@ -100,7 +102,8 @@ class _Pump:
         self.sock_fd = sock_fd
         self.file_fd = file_fd
         self.end = end  # written (its hashing may still run)
-        self.synced = end
+        self.sync_mark = end  # the end the last sync started covers
+        self.syncing: Future[None] | None = None
         self.poller = select.poll()
         self.poller.register(sock_fd, select.POLLIN)
         self.heard_at = self.synced_at = time.monotonic()
@@ -129,6 +132,8 @@ class _Pump:
         finally:
             if hashing is not None:
                 hashing.result()  # every byte before `end` is hashed when this returns
+            if self.syncing is not None:
+                self.syncing.result()  # its descriptor is closed next; a failed sync raises
 
     def _fill(self, block: memoryview) -> int | Ending:
         """Read into `block` what has arrived (waiting for the first byte): its size, or why
@@ -147,9 +152,9 @@ class _Pump:
                 now = time.monotonic()
                 if now - self.heard_at > how.idle_s:
                     return "idle"
-                if how.sync_every_s and self.end > self.synced:
+                if how.sync_every_s and self.end > self.sync_mark:
                     if now - self.synced_at >= how.sync_every_s:  # a pause: make it durable
-                        self._sync()
+                        self._start_sync()
                 continue
             except OSError:  # reset by the peer, or another failure of the connection
                 return filled or "hung up"
@@ -171,18 +176,29 @@ class _Pump:
             self.unwritten_back = 0
 
     def _report(self) -> None:
-        """Tell the caller the new end (made durable first, once per `sync_every_s`)."""
+        """Tell the caller the new end, and start making it durable once per
+        `sync_every_s`."""
         how = self.how
+        how.on_progress(self.end, False)
         if how.sync_every_s and self.heard_at - self.synced_at >= how.sync_every_s:
-            self._sync()
-        else:
-            how.on_progress(self.end, False)
+            self._start_sync()
 
-    def _sync(self) -> None:
-        """Make the file durable in this thread (the body waits for its own disk writes)."""
-        disk.sync(self.file_fd)
-        self.synced, self.synced_at = self.end, time.monotonic()
-        self.how.on_progress(self.end, True)
+    def _start_sync(self) -> None:
+        """Make every byte before the current end durable in a sync thread, while this one
+        reads on: the body waits for its disk writes only if they fall a whole sync behind
+        (then the next sync starts once this one ends). A failed sync raises here or at the
+        end of the body: a later fdatasync of the file may not report the error again."""
+        if self.syncing is not None:
+            if not self.syncing.done():
+                return
+            self.syncing.result()
+        mark, self.sync_mark, self.synced_at = self.end, self.end, time.monotonic()
+
+        def sync() -> None:
+            disk.sync(self.file_fd)
+            self.how.on_progress(mark, True)
+
+        self.syncing = self.how.syncer.submit(sync)
 
 
 def _feed(hashes: list[Hash], data: memoryview) -> None:

@@ -172,6 +172,9 @@ class Storage:
         # Large bodies read off the event loop, one thread each while it lasts.
         self.receivers = receivers
         self.receiving = ThreadPoolExecutor(max(1, receivers), thread_name_prefix="tus-recv")
+        # Under --fsync always, each such body's syncs (one at a time per body, beside its
+        # reading), so they never hold the threads a small request needs.
+        self.receive_syncs = ThreadPoolExecutor(max(1, receivers), thread_name_prefix="tus-rsync")
         self.receivers_busy = 0
 
     def take_receiver(self) -> bool:
@@ -198,7 +201,7 @@ class Storage:
 
     def close(self) -> None:
         """Let the threads end once their work is done."""
-        for pool in (self.bulk, self.receiving, self.io):
+        for pool in (self.bulk, self.receiving, self.receive_syncs, self.io):
             pool.shutdown(wait=False)
 
     def prepare(self) -> None:

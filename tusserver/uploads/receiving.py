@@ -53,23 +53,24 @@ async def receive_taken(
 ) -> None:
     """Move a body taken from its connection onto `session`'s file in a receiving thread
     (`UploadFile.receive`), committing once a second meanwhile what the thread reports:
-    under --fsync always, what it made durable itself (so the shared threads never wait
-    for this body's disk writes; a HEAD's commit may still sync the rest). It never
+    under --fsync always, what its own sync thread made durable (so the shared threads
+    never wait for this body's disk writes; a HEAD's commit may still sync the rest). It never
     reports the body's last block, so no commit beside it completes the upload."""
     assert session.file is not None
 
     loop = asyncio.get_running_loop()
     made_durable = asyncio.Event()  # the thread synced: commit now, not at the next tick
 
-    def progress(end: int, durable: bool) -> None:  # from the thread: set whole
-        if durable:
-            session.synced = end
+    def progress(end: int, durable: bool) -> None:  # from the threads: set whole
+        if durable:  # from the sync thread, for an end already told
+            session.synced = max(session.synced, end)
             loop.call_soon_threadsafe(made_durable.set)
-        session.written = end
+        else:
+            session.written = end
 
     how = Reception(
         check_free_space=storage.check_free_space, start_writeback=storage.start_writeback,
-        hasher=storage.bulk, hashes=session.hashes, stop=session.stop,
+        hasher=storage.bulk, syncer=storage.receive_syncs, hashes=session.hashes, stop=session.stop,
         idle_s=idle_s,
         sync_every_s=COMMIT_INTERVAL_S if storage.fsync == "always" else 0.0,
         on_progress=progress,
