@@ -185,9 +185,11 @@ class _Pump:
 
     def _start_sync(self) -> None:
         """Make every byte before the current end durable in a sync thread, while this one
-        reads on: the body waits for its disk writes only if they fall a whole sync behind
-        (then the next sync starts once this one ends). A failed sync raises here or at the
-        end of the body: a later fdatasync of the file may not report the error again."""
+        reads on. While a sync runs no other starts (the next is due once it has ended), so
+        what is reported durable lags by the sync in flight; the body itself waits only
+        for the kernel's limit on dirty pages, and at its end for that sync. A failed sync
+        raises here or at the end of the body: a later fdatasync of the file may not report
+        the error again."""
         if self.syncing is not None:
             if not self.syncing.done():
                 return
