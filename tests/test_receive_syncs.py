@@ -55,10 +55,16 @@ class Reports:
         self.told: list[tuple[int, bool]] = []
         self.changed = threading.Condition()
 
-    def __call__(self, end: int, durable: bool) -> None:
+    def tell(self, end: int, durable: bool) -> None:
         with self.changed:
             self.told.append((end, durable))
             self.changed.notify_all()
+
+    def on_written(self, end: int) -> None:
+        self.tell(end, False)
+
+    def on_durable(self, end: int) -> None:
+        self.tell(end, True)
 
     def written(self) -> int:
         return max((end for end, durable in self.told if not durable), default=0)
@@ -89,7 +95,7 @@ def reception(
     return Reception(
         check_free_space=lambda size: None, start_writeback=disk.start_writeback,
         hasher=hasher, syncer=syncer, hashes=hashes, stop=threading.Event(), idle_s=WAIT_S,
-        sync_every_s=1e-9, on_progress=reports,
+        sync_every_s=1e-9, on_written=reports.on_written, on_durable=reports.on_durable,
     )  # fmt: skip
 
 

@@ -39,9 +39,9 @@ POLL_MS = 100  # how long a stop request or the idle deadline may go unnoticed
 # Why the body stopped: all of it arrived, the caller asked to stop, nothing arrived for the
 # idle time, or the client closed the connection (or it broke).
 Ending = Literal["done", "stopped", "idle", "hung up"]
-# Told the file's end after a block (False), or an end every byte before which is durable
-# (True: from the thread that synced, and never past an end already told).
-Progress = Callable[[int, bool], None]
+# Told an end of the file: every byte before it written (from the receiving thread), or
+# durable (from the sync thread, never past an end already told as written).
+Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -66,15 +66,16 @@ class Reception:
     # > 0: make the file durable this often while the body arrives (and after a pause in
     # it), reporting it; 0: never here. One sync at a time, beside the reading.
     sync_every_s: float
-    on_progress: Progress
+    on_written: Progress
+    on_durable: Progress
 
 
 def receive_into(
     how: Reception, sock_fd: int, file_fd: int, offset: int, buffered: list[bytes], remaining: int
 ) -> Receipt:
     """Write `buffered`, then the next `remaining` bytes of the socket, at `offset` of the file
-    and feed them to the hashes. Progress is reported after each block, saying whether it is
-    durable (after each of the thread's own syncs), but never for the body's last block, so
+    and feed them to the hashes. The end is told after each block (`on_written`), and after
+    each sync (`on_durable`), but never for the body's last block, so
     a commit made beside this never completes the upload: the caller learns the end from the
     receipt, once every byte before it is hashed. Closes `sock_fd` and `file_fd` (duplicates)
     at the end. OSError from the file (disk full, I/O error) is raised; one from the socket
@@ -179,7 +180,7 @@ class _Pump:
         """Tell the caller the new end, and start making it durable once per
         `sync_every_s`."""
         how = self.how
-        how.on_progress(self.end, False)
+        how.on_written(self.end)
         if how.sync_every_s and self.heard_at - self.synced_at >= how.sync_every_s:
             self._start_sync()
 
@@ -198,7 +199,7 @@ class _Pump:
 
         def sync() -> None:
             disk.sync(self.file_fd)
-            self.how.on_progress(mark, True)
+            self.how.on_durable(mark)
 
         self.syncing = self.how.syncer.submit(sync)
 

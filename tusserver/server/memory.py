@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import gc
 import logging
 from typing import Any
@@ -33,6 +34,7 @@ RELEASE_INTERVAL_S = 10.0
 RELEASE_PAD_BYTES = 16 * 2**20  # free memory left at the heap's top by a release
 
 
+@functools.cache  # looked up once: a release runs every 10 s
 def _glibc_function(name: str, *argtypes: type[ctypes._SimpleCData[Any]]) -> Any | None:
     """The C library's function `name` (returning an int), None where this Python's C
     library has none (musl, macOS: not glibc)."""

@@ -54,26 +54,29 @@ async def receive_taken(
     """Move a body taken from its connection onto `session`'s file in a receiving thread
     (`UploadFile.receive`), committing once a second meanwhile what the thread reports:
     under --fsync always, what its own sync thread made durable (so the shared threads
-    never wait for this body's disk writes; a HEAD's commit may still sync the rest). It never
-    reports the body's last block, so no commit beside it completes the upload."""
+    never wait for this body's disk writes; a HEAD's commit may still sync the rest). It
+    never reports the body's last block, so no commit beside it completes the upload."""
     assert session.file is not None
 
     loop = asyncio.get_running_loop()
     made_durable = asyncio.Event()  # the thread synced: commit now, not at the next tick
 
-    def progress(end: int, durable: bool) -> None:  # from the threads: set whole
-        if durable:  # from the sync thread, for an end already told
-            session.synced = max(session.synced, end)
-            loop.call_soon_threadsafe(made_durable.set)
-        else:
-            session.written = end
+    def written(end: int) -> None:  # from the receiving thread, its only writer meanwhile
+        session.written = end
+
+    def durable(end: int) -> None:  # from the sync thread: moved on by the loop, which
+        loop.call_soon_threadsafe(mark_durable, end)  # also sets it (a commit's own sync)
+
+    def mark_durable(end: int) -> None:
+        session.synced = max(session.synced, end)
+        made_durable.set()
 
     how = Reception(
         check_free_space=storage.check_free_space, start_writeback=storage.start_writeback,
-        hasher=storage.bulk, syncer=storage.receive_syncs, hashes=session.hashes, stop=session.stop,
-        idle_s=idle_s,
+        hasher=storage.bulk, syncer=storage.receive_syncs, hashes=session.hashes,
+        stop=session.stop, idle_s=idle_s,
         sync_every_s=COMMIT_INTERVAL_S if storage.fsync == "always" else 0.0,
-        on_progress=progress,
+        on_written=written, on_durable=durable,
     )  # fmt: skip
     receiving = asyncio.ensure_future(
         session.file.receive(taken.fd, taken.buffered, taken.remaining, session.written, how)
