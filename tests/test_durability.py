@@ -1,7 +1,8 @@
 """--fsync, seen from the system calls: with `always` the bytes of a PATCH reach the disk
 (fdatasync of the upload's file, after its last write) before the commit that announces them
-is sent to Redis; the commit that completes the upload is in the embedded Valkey's fsynced
-AOF before the client gets its 204, while one between checkpoints (--offset-checkpoint)
+is sent to Redis; the commit that completes the upload, and a creation, are in the embedded
+Valkey's AOF, fdatasynced by tusserver itself (Valkey runs `appendfsync no`: store/aof.py),
+before the client gets its 204 or 201, while one between checkpoints (--offset-checkpoint)
 stays out of the AOF; with `never` the upload's file is never synced.
 
 The server runs under strace (-f: every thread; -y: each fd's path), so this is what the
@@ -40,6 +41,7 @@ class Traced:
     strace: subprocess.Popen[bytes]
     url: str
     trace_path: Path
+    data_dir: Path
 
     def stop(self) -> list[str]:
         """Stop the server (SIGTERM to strace's child), wait for strace; the trace's lines."""
@@ -65,7 +67,7 @@ def traced_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tr
         )  # fmt: skip
     traced: Traced | None = None
     try:
-        traced = Traced(strace, listening_url(strace, log_path, 60), trace_path)
+        traced = Traced(strace, listening_url(strace, log_path, 60), trace_path, data_dir)
         yield traced
     finally:
         try:
@@ -132,12 +134,41 @@ async def test_fsync_always_syncs_each_patch_before_its_commit(traced_server: Tr
         # the bytes are on disk before the commit is sent ...
         assert any(write < sync < commit for sync in syncs), (write, syncs, commit)
         if number == 1:
-            # ... and the completing commit is in Valkey's fsynced AOF before the client
-            # hears 204
+            # ... and the completing commit is in the fsynced AOF before the client hears 204
             assert any(commit < sync < answer for sync in aof_syncs), (commit, aof_syncs)
             assert any(commit < w < answer for w in aof_offsets), (commit, aof_offsets)
         else:  # the first is not a checkpoint: it waits for no AOF write or fsync
             assert not any(commit < w < answer for w in aof_offsets), (commit, aof_offsets)
+
+
+@pytest.mark.parametrize("traced_server", ["always", "complete"], indirect=True)
+async def test_a_creation_is_in_the_aof_synced_by_tusserver_before_its_201(
+    traced_server: Traced,
+) -> None:
+    """Valkey writes the creation to its AOF and answers; a thread of tusserver, not Valkey,
+    fdatasyncs that file before the 201 goes out, and Valkey syncs nothing meanwhile."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(traced_server.url, headers={**TUS, "Upload-Length": "10"}) as made:
+            assert made.status == 201, await made.text()
+            upload_id = made.headers["Location"].rstrip("/").rsplit("/", 1)[1]
+    valkey_pid = int((traced_server.data_dir / "redis" / "valkey.pid").read_text())
+    valkey_threads = set(os.listdir(f"/proc/{valkey_pid}/task"))
+    lines = await asyncio.to_thread(traced_server.stop)
+    answer = next(i for i, line in enumerate(lines) if "HTTP/1.1 201" in line)
+    stored = next(
+        i
+        for i, line in enumerate(lines)
+        if " write(" in line and ".incr.aof" in line and upload_id in line
+    )
+    aof_syncs = [
+        (i, _finished_at(lines, i))
+        for i, line in enumerate(lines[:answer])
+        if ("fdatasync(" in line or "fsync(" in line) and ".incr.aof" in line
+    ]
+    assert lines[stored].split()[0] in valkey_threads  # Valkey wrote it (its main thread)
+    assert any(stored < began and done < answer for began, done in aof_syncs), aof_syncs
+    by_valkey = [lines[i] for i, _ in aof_syncs if lines[i].split()[0] in valkey_threads]
+    assert by_valkey == []
 
 
 @pytest.mark.parametrize("traced_server", ["never"], indirect=True)

@@ -149,6 +149,10 @@ class Settings:
     # After SIGTERM, /ready answers 503 at once while the listener stays open this long, so a
     # load balancer that polls /ready stops sending before connections are refused.
     drain_delay_s: float = 0.0
+    # The AOF folder of the embedded Valkey when the supervisor started it with `appendfsync
+    # no`: each serving process then syncs that AOF itself, for the steps that promise
+    # something to a client (store/aof.py). Not an option.
+    own_aof_dir: Path | None = None
 
     @property
     def is_secured(self) -> bool:
@@ -312,9 +316,9 @@ OPTIONS: tuple[Option, ...] = (
     (
         "offset-checkpoint",
         parse_duration,
-        "with --fsync always, write an upload's offset to Redis's AOF (and wait for its "
-        "fsync) at most this often and when it completes; after Redis restarts, offsets may "
-        "be this far behind the bytes on disk (0: at every commit)",
+        "with --fsync always, write an upload's offset to Redis's AOF at most this often "
+        "and when it completes; after Redis restarts, offsets may be this far (and a second) "
+        "behind the bytes on disk (0: at every commit)",
         "DURATION",
     ),
     ("min-free-disk", parse_size, "refuse writes with 507 when less is free", "SIZE"),

@@ -14,6 +14,15 @@ from collections.abc import Mapping
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -141,6 +150,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         request[ERROR_REASON] = "redis_unavailable"
         unavailable = ServiceUnavailable("the state store (Redis) is unreachable; retry later")
         return _refusal(request, 503, unavailable.reason, unavailable.headers)
+    except ResponseError as error:
+        if not _refuses_writes(error):
+            raise
+        log.warning("Redis refuses writes: %s", error)
+        if METRICS in request.app:
+            request.app[METRICS].redis_errors.inc()
+        request[ERROR_REASON] = "redis_unavailable"
+        unavailable = ServiceUnavailable("the state store (Redis) takes no writes now; retry later")
+        return _refusal(request, 503, unavailable.reason, unavailable.headers)
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -152,6 +170,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("unexpected error in %s %s", request.method, request.path)
         request[ERROR_REASON] = "internal_error"
         return _refusal(request, 500, "internal server error", {})
+
+
+# Redis refusing a command for a while, not for what it was asked: its disk failed (MISCONF:
+# an AOF or snapshot write), memory is full (OOM), it is loading, a replica, or a cluster is
+# reconfiguring. Any other error reply is a bug of ours (500).
+_PASSING_REFUSALS = (
+    BusyLoadingError, ClusterDownError, MasterDownError, OutOfMemoryError, ReadOnlyError,
+    TryAgainError,
+)  # fmt: skip
+
+
+def _refuses_writes(error: ResponseError) -> bool:
+    return isinstance(error, _PASSING_REFUSALS) or str(error).startswith(
+        ("MISCONF", "NOREPLICAS", "BUSY ")
+    )
 
 
 def _status_of(request: web.Request, error: TusError) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -131,9 +132,15 @@ def serve(settings: Settings) -> int:
     try:
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if redis_url is None:
-            appendfsync = "always" if settings.fsync == "always" else "everysec"
-            embedded = EmbeddedRedis(settings.data_dir, appendfsync=appendfsync)
+            # With --fsync always or complete, Valkey fsyncs nothing itself: the serving
+            # processes sync its AOF for the steps that need it (store/aof.py).
+            syncs_aof = settings.fsync != "never"
+            embedded = EmbeddedRedis(
+                settings.data_dir, appendfsync="no" if syncs_aof else "everysec"
+            )
             redis_url = embedded.start()
+            if syncs_aof:
+                settings = dataclasses.replace(settings, own_aof_dir=embedded.aof_dir)
         tls_context(settings)  # a certificate that cannot be used stops the start here
         sockets = _bind(settings)
     except (EmbeddedRedisError, OSError, ssl.SSLError) as error:

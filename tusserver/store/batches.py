@@ -10,7 +10,7 @@ on one shard of a Redis Cluster too.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -78,9 +78,17 @@ _JOIN_REFUSALS: Mapping[lua.Join, tuple[type[Exception], str]] = {
 class BatchState:
     """All Redis access of tusserver for batches."""
 
-    def __init__(self, client: RedisClient, *, max_files: int) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        max_files: int,
+        durable: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.redis = client
         self.max_files = max_files
+        # as UploadState's: awaited before a batch's creation, seal or removal is answered
+        self._durable = durable
         self._open: AsyncScript = client.register_script(lua.BATCH_OPEN)
         self._join: AsyncScript = client.register_script(lua.JOIN)
         self._seal: AsyncScript = client.register_script(lua.SEAL)
@@ -110,6 +118,7 @@ class BatchState:
         )  # fmt: skip
         if lua.BatchOpen(int(created)) is lua.BatchOpen.EXISTS:
             raise Conflict("a batch of that name exists")
+        await self._made_durable()
         return key
 
     async def join(
@@ -175,6 +184,7 @@ class BatchState:
         )
         if lua.Seal(int(sealed)) is lua.Seal.NO_BATCH:
             raise UploadNotFound(NO_SUCH_BATCH)
+        await self._made_durable()
 
     async def remove(
         self,
@@ -197,7 +207,12 @@ class BatchState:
         )  # fmt: skip
         if lua.BatchRemove(int(result[0])) is not lua.BatchRemove.REMOVED:
             return None
+        await self._made_durable()
         return [as_text(upload_id) for upload_id in result[1]]
+
+    async def _made_durable(self) -> None:
+        if self._durable is not None:
+            await self._durable()
 
     async def due(self, shard: int, now: float, limit: int = 100) -> list[str]:
         """Keys of batches in `shard` whose expiry time has come."""

@@ -151,6 +151,11 @@ class EmbeddedRedis:
         return f"unix://{quote(self._client_socket)}"
 
     @property
+    def aof_dir(self) -> Path:
+        """The folder of the server's append-only file (Valkey's default `appenddirname`)."""
+        return self._redis_dir / "appendonlydir"
+
+    @property
     def pid(self) -> int | None:
         """The server's pid while started (spawned or adopted), else None."""
         return self._pid

@@ -27,9 +27,10 @@ local function append_event(stream, fields)
   return redis.call('XADD', stream, 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(fields))
 end
 -- Locks, requests to their holders and acknowledgements are volatile: from here on this
--- script's writes stay out of the AOF (and replicas), so they neither cause an fsync under
--- `appendfsync always` nor wait for one. After a Redis restart no lock exists, which is
--- right: a holder that still runs loses its lock at its next renewal and stops.
+-- script's writes stay out of the AOF (and replicas): they need no fsync, and under
+-- `appendfsync always` (an external Redis may run it) each would cost one. After a Redis
+-- restart no lock exists, which is right: a holder that still runs loses its lock at its
+-- next renewal and stops.
 local function volatile_writes_from_here()
   redis.set_repl(redis.REPL_NONE)
 end
@@ -203,7 +204,7 @@ local new = tonumber(ARGV[3])
 if h[2] ~= '' and new > tonumber(h[2]) then return {PAST_LENGTH} end
 local id = string.match(KEYS[1], ':upload:(.*)$')
 -- An offset may lag behind the bytes on disk (the client then sends some again), so only a
--- checkpoint, or the commit that reaches the length, goes to the AOF and waits for its fsync.
+-- checkpoint, or the commit that reaches the length, goes to the AOF (docs/architecture.md).
 if ARGV[9] == '1' or (h[2] ~= '' and new == tonumber(h[2])) then
   redis.call('HSET', KEYS[1], 'checkpoint', ARGV[4])
 else

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, Literal, cast
 
@@ -67,7 +67,13 @@ class UploadState:
         read_client: RedisClient | None = None,
         steps: Multiplexed | None = None,
         observe: Callable[[str, int], None] = lambda event, committed_bytes: None,
+        durable: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        # `durable()`, when Redis's own fsyncs do not suffice (the embedded Valkey, whose AOF
+        # this process syncs: store/aof.py), returns once what Redis wrote so far is on disk:
+        # awaited by the steps that promise something to a client (a creation, a completion,
+        # a removal, a declared length) before it is answered.
+        self._durable = durable
         # `observe(event, committed_bytes)` hears of each event appended (created, completed,
         # terminated, expired) and each byte count committed (event ""), for the metrics.
         self.observe = observe
@@ -163,6 +169,11 @@ class UploadState:
 
     # -- changing --------------------------------------------------------------------------
 
+    async def made_durable(self) -> None:
+        """Return once Redis's writes so far are on disk (at once when Redis fsyncs them)."""
+        if self._durable is not None:
+            await self._durable()
+
     def new_lock_token(self) -> str:
         """A token naming this process, for one lock."""
         return f"{self.holder}:{randomness.token_hex(8)}"
@@ -207,6 +218,7 @@ class UploadState:
         )
         if lua.Create(int(created)) is not lua.Create.CREATED:
             raise RuntimeError("upload id collision")  # 128 random bits: never in practice
+        await self.made_durable()
         self.observe("created", upload.offset)
         if upload.status == "completed":
             self.observe("completed", 0)
@@ -260,6 +272,8 @@ class UploadState:
         if code is lua.Commit.PAST_LENGTH:
             raise PayloadTooLarge("the body runs past Upload-Length")
         status = cast(UploadStatus, result[2].decode())
+        if done:
+            await self.made_durable()
         self.observe("completed" if event else "", new_offset - upload.offset)
         return replace(
             upload,
@@ -287,6 +301,7 @@ class UploadState:
         )
         completed = lua.Complete(int(result)) is lua.Complete.COMPLETED
         if completed:
+            await self.made_durable()
             self.observe("completed", 0)
         return completed
 
@@ -306,6 +321,7 @@ class UploadState:
             raise BadRequest("Upload-Length differs from the length already set")
         if result is lua.DeclareLength.BELOW_OFFSET:
             raise BadRequest("Upload-Length is less than the bytes already received")
+        await self.made_durable()
         return replace(upload, length=length)
 
     async def remove(
@@ -345,6 +361,7 @@ class UploadState:
         if code is lua.Remove.LOCK_NOT_HELD:
             raise LockLost()
         if code is lua.Remove.REMOVED:
+            await self.made_durable()
             self.observe(reason, 0)
         return code is lua.Remove.REMOVED
 

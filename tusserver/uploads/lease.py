@@ -26,8 +26,8 @@ log = logging.getLogger("tusserver.uploads")
 
 LOCK_TTL_MS = 3000
 # Renewals extend the lock only when less than this is left: one write every ~0.5 s instead
-# of every 100 ms (with `appendfsync always` each write costs Valkey an AOF fsync, and every
-# reply of that turn waits for it), while the lock keeps at least 2.4 s in hand.
+# of every 100 ms (fewer writes for Redis's one thread), while the lock keeps at least 2.4 s
+# in hand.
 LOCK_EXTEND_BELOW_MS = 2500
 RENEW_INTERVAL_S = 0.1  # how often requests to holders are looked for (in shards asked)
 RENEW_ALL_S = 0.5  # how often every lock is renewed (and extended, below the mark above)

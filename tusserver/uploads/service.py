@@ -31,6 +31,7 @@ from tusserver.errors import (
 )
 from tusserver.files.storage import Storage
 from tusserver.settings import Settings
+from tusserver.store.aof import AofSync, kept_up
 from tusserver.store.batches import BatchState
 from tusserver.store.client import check_layout, connections
 from tusserver.store.records import Upload, new_upload_id
@@ -71,26 +72,20 @@ READY_REDIS_TIMEOUT_S = 1.0  # /ready: a Redis slower than this is as good as do
 CREATIONS_AT_ONCE = 32
 
 
-def _ignore_upload(_event: str, _committed_bytes: int) -> None:
-    return None
-
-
-def _ignore(_value: object) -> None:
-    return None
-
-
 @dataclass(frozen=True)
 class Observers:
     """Who hears what the service does (the metrics, in the HTTP layer, listen): plain
     callbacks, each a no-op unless given, so nothing here calls up a layer."""
 
     # (event, committed_bytes): created, completed, terminated, expired; "" for bytes
-    upload: Callable[[str, int], None] = _ignore_upload
-    lock: CountLock = _ignore  # lease.CountLock
-    in_flight: Callable[[int], None] = _ignore  # +1 / -1 around each body being written
+    upload: Callable[[str, int], None] = lambda _event, _committed_bytes: None
+    lock: CountLock = lambda _outcome: None  # lease.CountLock
+    in_flight: Callable[[int], None] = lambda _change: (
+        None
+    )  # +1 / -1 around each body being written
     # each streamed body, as it starts: read in a "thread" (files/receive.py) or on the
     # "event_loop" (smaller, under TLS, or every receiving thread busy)
-    streamed: Callable[[str], None] = _ignore
+    streamed: Callable[[str], None] = lambda _way: None
 
 
 @dataclass(frozen=True)
@@ -127,8 +122,10 @@ class Uploads:
         settings: Settings,
         batch_state: BatchState,
         observers: Observers = Observers(),
+        aof: AofSync | None = None,
     ) -> None:
         self.state = state
+        self.aof = aof  # the embedded Valkey's AOF, synced by this process (store/aof.py)
         self.batch_state = batch_state
         self.storage = storage
         self.lifetimes = Lifetimes.of(settings)
@@ -439,6 +436,8 @@ class Uploads:
             checks["redis"] = f"no answer within {READY_REDIS_TIMEOUT_S:g} s"
         except Exception as error:  # any failure to answer means not ready
             checks["redis"] = f"unreachable: {error}"
+        if self.aof is not None and self.aof.failure:
+            checks["redis"] = self.aof.failure
         return Readiness(checks | await self.storage.readiness())
 
     async def close(self) -> None:
@@ -459,6 +458,8 @@ async def open_uploads(
     written."""
     async with contextlib.AsyncExitStack() as closing:
         redis = await closing.enter_async_context(connections(redis_url))
+        aof = await closing.enter_async_context(kept_up(settings.own_aof_dir, redis.client))
+        durable = None if aof is None else aof.durable
         storage = Storage(
             settings.data_dir,
             fsync=settings.fsync,
@@ -471,16 +472,17 @@ async def open_uploads(
             tombstone_ttl_s=settings.tombstone_ttl_s,
             path_of=storage.relative_path,
             observe=observers.upload,
-            # under --fsync always, offsets reach the AOF only at checkpoints; otherwise Redis
-            # fsyncs once a second whatever is written, so every commit may go there
+            # under --fsync always, offsets reach the AOF only at checkpoints; otherwise every
+            # commit may go there (the AOF reaches the disk once a second, unless a step waits)
             checkpoint_s=settings.offset_checkpoint_s if settings.fsync == "always" else 0.0,
             renew_client=redis.renewals,
             read_client=redis.reads,
             steps=redis.steps,
+            durable=durable,
         )
         storage.prepare()
-        batch_state = BatchState(redis.client, max_files=settings.max_batch_files)
-        uploads = Uploads(state, storage, settings, batch_state, observers)
+        batch_state = BatchState(redis.client, max_files=settings.max_batch_files, durable=durable)
+        uploads = Uploads(state, storage, settings, batch_state, observers, aof)
         try:
             yield uploads
         finally:
