@@ -14,6 +14,8 @@ import base64
 import hashlib
 import io
 import os
+import sys
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -31,6 +33,8 @@ from tests.support.tus import (
     upload_id_of,
 )
 from tests.support.waiting import wait_until
+from tusserver.files.disk import BULK_NICENESS
+from tusserver.files.storage import Storage
 
 MiB = 2**20
 TUS_LINE = "Tus-Resumable: 1.0.0\r\n"
@@ -338,3 +342,25 @@ async def test_many_large_bodies_at_once_each_get_their_exact_bytes(
     for url, source in zip(urls, sources, strict=True):
         assert server.file_of(url).read_bytes() == source
         assert await completed_digest(http, url) == repr_digest_of(source)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own niceness is Linux's")
+def test_the_threads_that_move_bytes_run_nicer_than_the_loop_and_the_short_operations(
+    tmp_path: Path,
+) -> None:
+    """Under load the event loop (every HEAD, every small PATCH) gets the CPU first: the
+    receiving, hashing and body-sync threads are BULK_NICENESS nicer; the short file
+    operations' threads are not."""
+    storage = Storage(tmp_path, fsync="always", min_free_disk_bytes=0)
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    try:
+        loops = niceness()
+        for pool in (storage.bulk, storage.receiving, storage.receive_syncs):
+            assert pool.submit(niceness).result(30) == min(19, loops + BULK_NICENESS)
+        assert storage.io.submit(niceness).result(30) == loops
+        assert niceness() == loops  # the caller's own is left alone
+    finally:
+        storage.close()
