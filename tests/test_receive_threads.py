@@ -345,12 +345,12 @@ async def test_many_large_bodies_at_once_each_get_their_exact_bytes(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a thread's own niceness is Linux's")
-def test_the_threads_that_move_bytes_run_nicer_than_the_loop_and_the_short_operations(
+def test_the_hashing_threads_run_nicer_than_the_loop_and_the_other_threads(
     tmp_path: Path,
 ) -> None:
-    """Under load the event loop (every HEAD, every small PATCH) gets the CPU first: the
-    receiving, hashing and body-sync threads are BULK_NICENESS nicer; the short file
-    operations' threads are not."""
+    """Under load the event loop (every HEAD, every small PATCH) gets the CPU before the bulk
+    threads (hashing, and writing blocks read on the loop), BULK_NICENESS nicer; the
+    receiving threads, their syncs and the short file operations are not."""
     storage = Storage(tmp_path, fsync="always", min_free_disk_bytes=0)
 
     def niceness() -> int:
@@ -358,9 +358,9 @@ def test_the_threads_that_move_bytes_run_nicer_than_the_loop_and_the_short_opera
 
     try:
         loops = niceness()
-        for pool in (storage.bulk, storage.receiving, storage.receive_syncs):
-            assert pool.submit(niceness).result(30) == min(19, loops + BULK_NICENESS)
-        assert storage.io.submit(niceness).result(30) == loops
+        assert storage.bulk.submit(niceness).result(30) == min(19, loops + BULK_NICENESS)
+        for pool in (storage.receiving, storage.receive_syncs, storage.io):
+            assert pool.submit(niceness).result(30) == loops
         assert niceness() == loops  # the caller's own is left alone
     finally:
         storage.close()

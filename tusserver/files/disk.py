@@ -100,10 +100,10 @@ def copy_range(source_fd: int, target_fd: int, length: int, target_offset: int) 
         copied += len(block)
 
 
-# How much less CPU the bulk threads get than the event loop when the cores are all busy: a
-# resuming client's HEAD + 4 KiB PATCH under 32 concurrent uploads waits for the loop, which
-# waited in the run queue behind the threads that move the uploads' bytes (scenario f, 2 cores:
-# p99 231-265 ms at equal priority, 135-167 at +10, with the same throughput).
+# How much less CPU the bulk threads (hashing and writing blocks) get than the event loop when
+# the cores are all busy: a resuming client's HEAD + 4 KiB PATCH under 32 concurrent uploads
+# waits for the loop, which waited in the run queue behind them (scenario f, 2 cores: p99
+# 231-271 ms at equal priority, 115-161 at +10, with the same throughput).
 BULK_NICENESS = 10
 
 

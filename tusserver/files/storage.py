@@ -52,10 +52,6 @@ def _storage_error(error: OSError) -> InsufficientStorage | StorageFailure:
     )
 
 
-def _bulk_pool(threads: int, name: str) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, name, initializer=disk.lower_thread_priority)
-
-
 async def _in_thread(function: Callable[[], T], pool: Executor) -> T:
     """Run `function` in a worker thread of `pool`."""
     try:
@@ -167,9 +163,11 @@ class Storage:
         # 16 streams per process a resuming client's small PATCH waited ~100 ms at p50 for a
         # default-executor thread while streamed blocks of under a MiB filled them
         # (benchmarks/README.md, scenario f).
-        # These threads and the receiving ones run nicer than the event loop, which answers
-        # every small request (disk.lower_thread_priority).
-        self.bulk = _bulk_pool(BULK_THREADS, "tus-bulk")
+        # They run nicer than the event loop, which answers every small request: hashing is
+        # most of a body's CPU, and it can wait (disk.lower_thread_priority).
+        self.bulk = ThreadPoolExecutor(
+            BULK_THREADS, "tus-bulk", initializer=disk.lower_thread_priority
+        )
         # Everything else: opening, creating (with the folder's fsync), syncing, closing and
         # small bodies. Mostly waiting for the disk, so many threads: under a disk busy with
         # uploads a creation's fsync can take a second, and a resuming client's small PATCH
@@ -177,10 +175,10 @@ class Storage:
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="tus-io")
         # Large bodies read off the event loop, one thread each while it lasts.
         self.receivers = receivers
-        self.receiving = _bulk_pool(max(1, receivers), "tus-recv")
+        self.receiving = ThreadPoolExecutor(max(1, receivers), thread_name_prefix="tus-recv")
         # Under --fsync always, each such body's syncs (one at a time per body, beside its
         # reading), so they never hold the threads a small request needs.
-        self.receive_syncs = _bulk_pool(max(1, receivers), "tus-rsync")
+        self.receive_syncs = ThreadPoolExecutor(max(1, receivers), thread_name_prefix="tus-rsync")
         self.receivers_busy = 0
 
     def take_receiver(self) -> bool:

@@ -131,7 +131,7 @@ class AofSync:
         ones stay listed (and in this directory) until the rewrite's base, fsynced by Valkey,
         holds their records."""
         with os.scandir(self.directory) as entries:
-            names = {entry.name for entry in entries if ".incr.aof" in entry.name}
+            names = {entry.name for entry in entries if ".incr" in entry.name}
         for name in set(self._files) - names:
             os.close(self._files.pop(name).fd)
         for name in sorted(names):
