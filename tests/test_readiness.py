@@ -174,3 +174,22 @@ async def test_a_worker_that_dies_while_draining_takes_its_socket_with_it(
     [survivor] = children_of(process.process.pid) - {valkey}
     process.process.kill()
     await wait_until(lambda: pid_is_gone(survivor), what="the orphaned worker stopping")
+
+
+async def test_an_aof_that_could_not_be_synced_fails_creations_and_readiness(
+    make_server: ServerFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The AOF a process syncs itself (store/aof.py) could not be fdatasynced (here a file
+    that fdatasync refuses: /dev/null): a creation gets 503, not a 201 that a crash could
+    take back, and /ready says why, so a load balancer sends uploads elsewhere."""
+    aof_dir = tmp_path / "appendonlydir"
+    aof_dir.mkdir()
+    (aof_dir / "appendonly.aof.1.incr.aof").symlink_to("/dev/null")
+    server = await make_server(own_aof_dir=aof_dir)
+    headers = {"Tus-Resumable": "1.0.0", "Upload-Length": "10"}
+    async with http.post(server.url, headers=headers) as response:
+        assert response.status == 503
+        assert "could not be synced" in await response.text()
+    status, body = await readiness(http, server)
+    assert status == 503
+    assert "could not be synced" in body["checks"]["redis"]

@@ -80,9 +80,8 @@ class Observers:
     # (event, committed_bytes): created, completed, terminated, expired; "" for bytes
     upload: Callable[[str, int], None] = lambda _event, _committed_bytes: None
     lock: CountLock = lambda _outcome: None  # lease.CountLock
-    in_flight: Callable[[int], None] = lambda _change: (
-        None
-    )  # +1 / -1 around each body being written
+    # +1 / -1 around each body being written
+    in_flight: Callable[[int], None] = lambda _change: None
     # each streamed body, as it starts: read in a "thread" (files/receive.py) or on the
     # "event_loop" (smaller, under TLS, or every receiving thread busy)
     streamed: Callable[[str], None] = lambda _way: None
