@@ -103,7 +103,7 @@ def copy_range(source_fd: int, target_fd: int, length: int, target_offset: int) 
 # How much less CPU the bulk threads (hashing and writing blocks) get than the event loop when
 # the cores are all busy: a resuming client's HEAD + 4 KiB PATCH under 32 concurrent uploads
 # waits for the loop, which waited in the run queue behind them (scenario f, 2 cores: p99
-# 231-271 ms at equal priority, 115-161 at +10, with the same throughput).
+# 231-271 ms at equal priority, 115-197 at +10; c gave up to 15%: benchmarks/README.md).
 BULK_NICENESS = 10
 
 

@@ -145,20 +145,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _refusal(request, status, error.reason, error.headers, error.problem)
     except (RedisConnectionError, RedisTimeoutError, ConnectionRefusedError) as error:
         log.warning("Redis unreachable: %s", error)
-        if METRICS in request.app:
-            request.app[METRICS].redis_errors.inc()
-        request[ERROR_REASON] = "redis_unavailable"
-        unavailable = ServiceUnavailable("the state store (Redis) is unreachable; retry later")
-        return _refusal(request, 503, unavailable.reason, unavailable.headers)
+        return _redis_unavailable(request, "is unreachable")
     except ResponseError as error:
         if not _refuses_writes(error):
             raise
         log.warning("Redis refuses writes: %s", error)
-        if METRICS in request.app:
-            request.app[METRICS].redis_errors.inc()
-        request[ERROR_REASON] = "redis_unavailable"
-        unavailable = ServiceUnavailable("the state store (Redis) takes no writes now; retry later")
-        return _refusal(request, 503, unavailable.reason, unavailable.headers)
+        return _redis_unavailable(request, "takes no writes now")
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -170,6 +162,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("unexpected error in %s %s", request.method, request.path)
         request[ERROR_REASON] = "internal_error"
         return _refusal(request, 500, "internal server error", {})
+
+
+def _redis_unavailable(request: web.Request, why: str) -> web.Response:
+    """503 with Retry-After: the state store cannot be used now (`why`), counted."""
+    if METRICS in request.app:
+        request.app[METRICS].redis_errors.inc()
+    request[ERROR_REASON] = "redis_unavailable"
+    unavailable = ServiceUnavailable(f"the state store (Redis) {why}; retry later")
+    return _refusal(request, 503, unavailable.reason, unavailable.headers)
 
 
 # Redis refusing a command for a while, not for what it was asked: its disk failed (MISCONF:
