@@ -9,6 +9,7 @@ live outside the tmpfs (pass --redis-url).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -58,7 +59,25 @@ def server_on_small_disk(data_dir: Path, size: str, *args: str) -> Iterator[Serv
     try:
         yield ServerProcess(process, listening_url(process, log_path), data_dir, log_path)
     finally:
+        # the embedded Valkey tusserver started (without --redis-url) outlives a SIGKILL of
+        # it: its pid, read while the tmpfs can still be seen (the pid namespace is ours)
+        valkey = _valkey_of(process.pid, data_dir)
         # unshare and sh exec'd into tusserver: this pid is the server itself
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
+        if valkey is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(valkey, signal.SIGKILL)
+
+
+def _valkey_of(server_pid: int, data_dir: Path) -> int | None:
+    """The pid of the embedded Valkey in `data_dir` as the server at `server_pid` sees it,
+    if one runs."""
+    pidfile = Path(f"/proc/{server_pid}/root") / data_dir.resolve().relative_to("/")
+    try:
+        pid = int((pidfile / "redis" / "valkey.pid").read_text())
+        name = Path(f"/proc/{pid}/comm").read_text()
+    except (OSError, ValueError):
+        return None
+    return pid if "valkey" in name or "redis" in name else None
