@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -31,18 +31,9 @@ WAIT_S = 30.0
 
 
 @pytest.fixture
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(Path(tmp_path_factory.mktemp("r", numbered=True)), appendfsync="no")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(timeout_s=5)
-
-
-@pytest.fixture
-async def client(valkey: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
-    redis = aioredis.Redis.from_url(valkey.url)
+async def client(own_redis: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
+    redis = aioredis.Redis.from_url(own_redis.url)
+    await redis.config_set("appendfsync", "no")  # as tusserver starts it
     try:
         yield redis
     finally:
@@ -50,8 +41,8 @@ async def client(valkey: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-async def aof(valkey: EmbeddedRedis, client: aioredis.Redis) -> AsyncIterator[AofSync]:
-    synced = AofSync(valkey.aof_dir, client)
+async def aof(own_redis: EmbeddedRedis, client: aioredis.Redis) -> AsyncIterator[AofSync]:
+    synced = AofSync(own_redis.aof_dir, client)
     try:
         yield synced
     finally:
@@ -115,7 +106,7 @@ async def test_a_failed_fdatasync_fails_this_step_and_every_later_one(
 
 
 async def test_a_rewrite_s_new_incremental_file_is_synced_and_the_old_one_let_go(
-    aof: AofSync, client: aioredis.Redis, valkey: EmbeddedRedis
+    aof: AofSync, client: aioredis.Redis, own_redis: EmbeddedRedis
 ) -> None:
     await client.set("first", "1")
     await aof.durable()
@@ -129,9 +120,9 @@ async def test_a_rewrite_s_new_incremental_file_is_synced_and_the_old_one_let_go
         await asyncio.sleep(0.1)
     await client.set("second", "1")
     await aof.durable()
-    now = {name for name in os.listdir(valkey.aof_dir) if ".incr.aof" in name}
+    now = {name for name in os.listdir(own_redis.aof_dir) if ".incr.aof" in name}
     assert set(aof._files) == now and now != before
-    written = b"".join((valkey.aof_dir / name).read_bytes() for name in now)
+    written = b"".join((own_redis.aof_dir / name).read_bytes() for name in now)
     assert b"second" in written
 
 

@@ -149,9 +149,8 @@ class Settings:
     # After SIGTERM, /ready answers 503 at once while the listener stays open this long, so a
     # load balancer that polls /ready stops sending before connections are refused.
     drain_delay_s: float = 0.0
-    # The AOF folder of the embedded Valkey when the supervisor started it with `appendfsync
-    # no`: each serving process then syncs that AOF itself, for the steps that promise
-    # something to a client (store/aof.py). Not an option.
+    # The embedded Valkey's AOF folder, when it runs `appendfsync no` and each serving process
+    # syncs that AOF itself (store/aof.py). Set by the supervisor, not an option.
     own_aof_dir: Path | None = None
 
     @property

@@ -69,10 +69,8 @@ class UploadState:
         observe: Callable[[str, int], None] = lambda event, committed_bytes: None,
         durable: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        # `durable()`, when Redis's own fsyncs do not suffice (the embedded Valkey, whose AOF
-        # this process syncs: store/aof.py), returns once what Redis wrote so far is on disk:
-        # awaited by the steps that promise something to a client (a creation, a completion,
-        # a removal, a declared length) before it is answered.
+        # `durable()`: what Redis wrote so far is on disk (the embedded Valkey's AOF, synced by
+        # this process: store/aof.py); awaited by the steps that promise something to a client.
         self._durable = durable
         # `observe(event, committed_bytes)` hears of each event appended (created, completed,
         # terminated, expired) and each byte count committed (event ""), for the metrics.
@@ -337,17 +335,9 @@ class UploadState:
 
         Termination passes the lock it holds; expiry passes `expired_before` instead and never
         removes an upload that a request holds or that was active again. True if removed."""
+        kinds = ("upload", "lock", f"owner:{upload.owner}", "expiry", "events", "tomb")
         result = await self._remove(
-            keys=keys_of(
-                upload.upload_id,
-                "upload",
-                "lock",
-                f"owner:{upload.owner}",
-                "expiry",
-                "events",
-                "tomb",
-            )
-            + upload.batch_keys,
+            keys=keys_of(upload.upload_id, *kinds) + upload.batch_keys,
             args=[
                 lock_token,
                 f"{now:.6f}",
