@@ -49,19 +49,23 @@ async def aof(own_redis: EmbeddedRedis, client: aioredis.Redis) -> AsyncIterator
         await synced.close()
 
 
-def hold_rounds(aof: AofSync) -> tuple[threading.Event, threading.Event]:
-    """Hold every round's file syncs until the first event is set; the second is set when a
-    round reaches the hold."""
-    release, reached = threading.Event(), threading.Event()
-    sync_files = aof._sync_files
+class HeldRounds:
+    """Holds each round before its file syncs: `reached` gets a permit when a round arrives
+    there, and the round goes on once the test gives `go` one."""
 
-    def held() -> None:
-        reached.set()
-        assert release.wait(WAIT_S), "the test never released the round"
-        sync_files()
+    def __init__(self, aof: AofSync) -> None:
+        self.reached, self.go = threading.Semaphore(0), threading.Semaphore(0)
+        sync_files = aof._sync_files
 
-    aof._sync_files = held  # type: ignore[method-assign]
-    return release, reached
+        def held() -> None:
+            self.reached.release()
+            assert self.go.acquire(timeout=WAIT_S), "the test never let the round go on"
+            sync_files()
+
+        aof._sync_files = held  # type: ignore[method-assign]
+
+    async def until_reached(self) -> None:
+        assert await asyncio.to_thread(self.reached.acquire, True, WAIT_S), "no round came"
 
 
 async def test_the_steps_waiting_at_once_share_one_round(
@@ -75,15 +79,17 @@ async def test_the_steps_waiting_at_once_share_one_round(
 async def test_a_step_arriving_during_a_round_waits_for_the_next(
     aof: AofSync, client: aioredis.Redis
 ) -> None:
-    release, reached = hold_rounds(aof)
+    rounds = HeldRounds(aof)
     first = asyncio.create_task(aof.durable())
-    assert await asyncio.to_thread(reached.wait, WAIT_S)
+    await rounds.until_reached()
     # this write may have been after the round's INFO: the round under way cannot cover it
     await client.set("during", "1")
     second = asyncio.create_task(aof.durable())
-    release.set()
+    rounds.go.release()
     await asyncio.wait_for(first, WAIT_S)
+    await rounds.until_reached()  # a second round, held before its syncs
     assert not second.done() and aof.rounds == 1
+    rounds.go.release()
     await asyncio.wait_for(second, WAIT_S)
     assert aof.rounds == 2
 

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +44,15 @@ from tusserver.tasks import cancel_and_wait
 log = logging.getLogger(__name__)
 
 ROUND_EVERY_S = 1.0  # keep_up(): the longest an AOF record waits for the disk when none asks
+
+# What the steps that promise something to a client await before it is answered: once it
+# returns, what Redis wrote so far is on disk (state.py, batches.py).
+Durable = Callable[[], Awaitable[None]]
+
+
+async def already_durable() -> None:
+    """The Durable of a Redis that fsyncs its own writes (an external one, or `--fsync never`,
+    which promises less)."""
 
 
 @dataclass
@@ -70,8 +79,6 @@ class AofSync:
     async def durable(self) -> None:
         """Return once every AOF record Valkey wrote before this call is on the disk; raises
         ServiceUnavailable when that cannot be known or done."""
-        if self.failure:
-            raise ServiceUnavailable(self.failure)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
         if self._rounds is None:

@@ -10,7 +10,7 @@ on one shard of a Redis Cluster too.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -20,6 +20,7 @@ from tusserver.auth import BatchQuota
 from tusserver.errors import Conflict, Forbidden, PayloadTooLarge, UploadNotFound
 from tusserver.protocol import current_request_id
 from tusserver.store import batch_lua as lua
+from tusserver.store.aof import Durable, already_durable
 from tusserver.store.client import RedisClient
 from tusserver.store.records import (
     BATCH_KINDS,
@@ -83,12 +84,12 @@ class BatchState:
         client: RedisClient,
         *,
         max_files: int,
-        durable: Callable[[], Awaitable[None]] | None = None,
+        durable: Durable = already_durable,
     ) -> None:
         self.redis = client
         self.max_files = max_files
         # as UploadState's: awaited before a batch's creation, seal or removal is answered
-        self._durable = durable
+        self._made_durable = durable
         self._open: AsyncScript = client.register_script(lua.BATCH_OPEN)
         self._join: AsyncScript = client.register_script(lua.JOIN)
         self._seal: AsyncScript = client.register_script(lua.SEAL)
@@ -209,10 +210,6 @@ class BatchState:
             return None
         await self._made_durable()
         return [as_text(upload_id) for upload_id in result[1]]
-
-    async def _made_durable(self) -> None:
-        if self._durable is not None:
-            await self._durable()
 
     async def due(self, shard: int, now: float, limit: int = 100) -> list[str]:
         """Keys of batches in `shard` whose expiry time has come."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Literal, cast
 
@@ -29,6 +29,7 @@ from tusserver.errors import (
     UploadNotFound,
 )
 from tusserver.store import lua
+from tusserver.store.aof import Durable, already_durable
 from tusserver.store.client import RedisClient, check_layout
 from tusserver.store.multiplex import Multiplexed, Step
 from tusserver.store.records import (
@@ -67,11 +68,11 @@ class UploadState:
         read_client: RedisClient | None = None,
         steps: Multiplexed | None = None,
         observe: Callable[[str, int], None] = lambda event, committed_bytes: None,
-        durable: Callable[[], Awaitable[None]] | None = None,
+        durable: Durable = already_durable,
     ) -> None:
-        # `durable()`: what Redis wrote so far is on disk (the embedded Valkey's AOF, synced by
+        # Return once Redis's writes so far are on disk (the embedded Valkey's AOF, synced by
         # this process: store/aof.py); awaited by the steps that promise something to a client.
-        self._durable = durable
+        self.made_durable = durable
         # `observe(event, committed_bytes)` hears of each event appended (created, completed,
         # terminated, expired) and each byte count committed (event ""), for the metrics.
         self.observe = observe
@@ -166,11 +167,6 @@ class UploadState:
         return uploads
 
     # -- changing --------------------------------------------------------------------------
-
-    async def made_durable(self) -> None:
-        """Return once Redis's writes so far are on disk (at once when Redis fsyncs them)."""
-        if self._durable is not None:
-            await self._durable()
 
     def new_lock_token(self) -> str:
         """A token naming this process, for one lock."""

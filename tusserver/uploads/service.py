@@ -31,7 +31,7 @@ from tusserver.errors import (
 )
 from tusserver.files.storage import Storage
 from tusserver.settings import Settings
-from tusserver.store.aof import AofSync, kept_up
+from tusserver.store.aof import AofSync, already_durable, kept_up
 from tusserver.store.batches import BatchState
 from tusserver.store.client import check_layout, connections
 from tusserver.store.records import Upload, new_upload_id
@@ -458,7 +458,7 @@ async def open_uploads(
     async with contextlib.AsyncExitStack() as closing:
         redis = await closing.enter_async_context(connections(redis_url))
         aof = await closing.enter_async_context(kept_up(settings.own_aof_dir, redis.client))
-        durable = None if aof is None else aof.durable
+        durable = already_durable if aof is None else aof.durable
         storage = Storage(
             settings.data_dir,
             fsync=settings.fsync,
