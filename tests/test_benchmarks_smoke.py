@@ -110,7 +110,9 @@ def test_slow_clients_all_finish_while_the_probe_measures_a_new_head(
         slowest = row["slowest_heads"]  # slowest first, each sent during the run
         assert 0 < len(slowest) <= min(10, row["samples"])
         assert [ms for _at, ms in slowest] == sorted((ms for _at, ms in slowest), reverse=True)
-        assert slowest[0][1] + 0.05 >= row["p99_ms"]  # the slowest, rounded to 0.1 ms
+        # the slowest, rounded to 0.1 ms, against p99 rounded to 0.01 (2.3 + 0.05 is a hair
+        # under 2.35 in floating point, so the bound, exact on paper, gets 1e-9 of slack)
+        assert slowest[0][1] + 0.05 + 1e-9 >= row["p99_ms"]
         # seconds after the first POST (the probe may send its first HEADs just before it)
         assert all(-1 <= at <= row["elapsed_s"] + 1 for at, _ms in slowest)
     assert "| many slow clients (h): 20 uploads at 1 KiB/s for 1 s |" in table
