@@ -1,17 +1,24 @@
 """What must reach the disk before the client is answered (docs/architecture.md): with the
 default `--fsync always`, a creation answered 201, a completion answered 204 (its digest and
-its `completed` event) survive a SIGKILL of Valkey at once; an offset between checkpoints
-may lag behind the bytes on disk after one (the client sends those again, nothing is lost),
-never ahead of them; and a planned stop of the embedded Valkey keeps the newest offsets.
+its `completed` event) survive a SIGKILL of Valkey at once, both an external one with
+`appendfsync always` and the embedded one the defaults run (`appendfsync no`, its AOF
+fdatasynced by tusserver); an offset between checkpoints may lag behind the bytes on disk
+after one (the client sends those again, nothing is lost), never ahead of them; and a
+planned stop of the embedded Valkey keeps the newest offsets.
 
-Real tusserver processes, a real Valkey with `appendfsync always` killed with SIGKILL."""
+Real tusserver processes and real Valkeys killed with SIGKILL. A SIGKILL leaves the page
+cache to the next process, so these show that the records are in the AOF when the client is
+answered; that they are also on the disk is shown by the order of the system calls
+(test_durability.py) and by a full disk under the AOF (test_aof_sync.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +53,27 @@ def always_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
         yield server
     finally:
         server.stop(timeout_s=5)
+
+
+@pytest.fixture
+def short_data_dir() -> Iterator[Path]:
+    """A data directory whose embedded Valkey's socket path is short enough to dial as is."""
+    folder = Path(tempfile.mkdtemp(prefix="tus-"))
+    try:
+        yield folder / "data"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def crash_embedded_and_restart(
+    processes: StartProcess, server: ServerProcess
+) -> ServerProcess:
+    """SIGKILL the embedded Valkey of `server` at once (its tusserver then exits non-zero),
+    and start tusserver again on the same data directory, which starts Valkey from its AOF."""
+    pidfile = server.data_dir / "redis" / "valkey.pid"
+    os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+    assert await asyncio.to_thread(server.process.wait, 30) != 0
+    return await start_server(processes, server.data_dir)
 
 
 async def crash_and_restart(redis: EmbeddedRedis, http: aiohttp.ClientSession, url: str) -> None:
@@ -87,6 +115,27 @@ async def test_a_creation_and_a_completion_survive_a_valkey_crash_right_after_th
     assert answer.headers["Upload-Offset"] == str(len(source))
     assert answer.headers["Repr-Digest"] == repr_digest_of(source)
     assert await event_types(always_redis.url, upload_id_of(url)) == ["created", "completed"]
+
+
+async def test_with_the_defaults_a_creation_and_a_completion_survive_an_embedded_valkey_crash(
+    short_data_dir: Path, processes: StartProcess, http: aiohttp.ClientSession
+) -> None:
+    server = await start_server(processes, short_data_dir)
+    created = await create_upload(http, server.url, 10)
+    server = await crash_embedded_and_restart(processes, server)
+    assert await head_offset(http, on(server, created)) == 0
+
+    source = os.urandom(3 * MiB)
+    url = await create_upload(http, server.url, len(source))
+    async with http.patch(url, data=io.BytesIO(source), headers=patch_headers(0)) as response:
+        assert response.status == 204
+    server = await crash_embedded_and_restart(processes, server)
+    answer = await head(http, on(server, url))
+    assert answer.status == 200, answer.status
+    assert answer.headers["Upload-Offset"] == str(len(source))
+    assert answer.headers["Repr-Digest"] == repr_digest_of(source)
+    valkey = f"unix://{short_data_dir / 'redis' / 'valkey.sock'}"  # mkdtemp's path is absolute
+    assert await event_types(valkey, upload_id_of(url)) == ["created", "completed"]
 
 
 async def test_an_offset_between_checkpoints_lags_after_a_crash_and_the_upload_completes(
