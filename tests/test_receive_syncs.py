@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tusserver.files import disk
-from tusserver.files.receive import Receipt, Reception, receive_into
+from tusserver.files.receive import BLOCK_BYTES, Receipt, Reception, receive_into
 
 MiB = 2**20
 WAIT_S = 30.0
@@ -94,7 +94,8 @@ def reception(
     hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="test-hash")
     return Reception(
         check_free_space=lambda size: None, start_writeback=disk.start_writeback,
-        hasher=hasher, syncer=syncer, hashes=hashes, stop=threading.Event(), idle_s=WAIT_S,
+        block_bytes=lambda: BLOCK_BYTES, hasher=hasher, syncer=syncer, hashes=hashes,
+        stop=threading.Event(), idle_s=WAIT_S,
         sync_every_s=1e-9, on_written=reports.on_written, on_durable=reports.on_durable,
     )  # fmt: skip
 

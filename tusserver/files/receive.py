@@ -4,8 +4,10 @@ The event loop reads a body chunk by chunk: each chunk is a loop turn, a parser 
 new bytes object, and 16 fast bodies in one process keep the loop so busy that a small
 request waits for it. A body of a known, large size is instead read here, straight from
 the socket into two reused buffers: while one block is hashed (in a bulk thread), the next
-is read and written at its offset (`disk.write_all`, pieces of 256 KiB). The threads hold
-the GIL only between those calls; the event loop is left with the commits.
+is read and written at its offset (`disk.write_all`, pieces of 256 KiB). A block starts at
+512 KiB and doubles up to what `Reception.block_bytes` allows (4 MiB while few bodies arrive
+in the process, 512 KiB otherwise). The threads hold the GIL only between those calls; the
+event loop is left with the commits.
 
 Nothing here knows about HTTP or Redis: the caller hands over the socket (a duplicate of its
 descriptor, which this closes), what had already been received, and a stop flag.
@@ -13,6 +15,7 @@ descriptor, which this closes), what had already been received, and a stop flag.
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import threading
@@ -29,9 +32,9 @@ if TYPE_CHECKING:
 else:
     Hash = Any
 
-# Read (as much of it as has arrived), written, then hashed beside the next. Two per body:
-# 512 KiB kept a worker of 32 concurrent 64 MiB uploads at 74-77 MiB at its peak, against
-# 91-101 MiB with 1 MiB, at the same throughput (benchmarks/README.md, issue 24).
+# A body's first two blocks, and every block while many bodies arrive at once (512 KiB kept a
+# worker of 32 concurrent 64 MiB uploads at 74-77 MiB at its peak, against 91-101 MiB with
+# 1 MiB: benchmarks/README.md, issue 24).
 BLOCK_BYTES = 512 * 2**10
 WRITEBACK_BYTES = 4 * 2**20  # under --fsync always: start the disk writing this often
 POLL_MS = 100  # how long a stop request or the idle deadline may go unnoticed
@@ -58,6 +61,9 @@ class Reception:
     check_free_space: Callable[[int], None]
     # (fd, offset, size): have the disk start writing a range just written, per --fsync
     start_writeback: Callable[[int, int, int], None]
+    # How large the next block may be, read before each; two are held at once
+    # (`uploads.body.BodyMemory.receive_block_bytes`).
+    block_bytes: Callable[[], int]
     hasher: Executor  # where a block is hashed while the next is read
     syncer: Executor  # where the file is made durable while the next blocks arrive
     hashes: list[Hash]
@@ -111,12 +117,18 @@ class _Pump:
         self.unwritten_back = 0  # written since the last start of writeback
 
     def run(self, remaining: int) -> Receipt:
-        buffers = [memoryview(bytearray(min(BLOCK_BYTES, max(1, remaining)))) for _ in "ab"]
+        buffers: list[memoryview] = [memoryview(b""), memoryview(b"")]
         hashing: Future[None] | None = None
         turn = 0
         try:
             while remaining > 0:
-                block = buffers[turn][: min(BLOCK_BYTES, remaining)]
+                # this buffer's hash has ended: it grows to twice its size, up to the size
+                # allowed now, or shrinks to that (so a crowd of bodies never starts large)
+                allowed = self.how.block_bytes()
+                size = min(allowed, 2 * len(buffers[turn]) or BLOCK_BYTES, remaining)
+                if not size <= len(buffers[turn]) <= allowed:
+                    buffers[turn] = _buffer(size)
+                block = buffers[turn][:size]
                 filled = self._fill(block)
                 if isinstance(filled, str):
                     return Receipt(filled, self.end)
@@ -202,6 +214,13 @@ class _Pump:
             self.how.on_durable(mark)
 
         self.syncing = self.how.syncer.submit(sync)
+
+
+def _buffer(size: int) -> memoryview:
+    """A buffer of its own pages (an anonymous mmap), handed back to the kernel when it is
+    dropped. From the C allocator, buffers of changing sizes in 32 receiving threads (each
+    with its own malloc arena) left a worker of c at 141-168 MiB instead of 80-89."""
+    return memoryview(mmap.mmap(-1, size))
 
 
 def _feed(hashes: list[Hash], data: memoryview) -> None:

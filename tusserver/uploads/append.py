@@ -253,14 +253,13 @@ class AppendSession:
         self.stream = body.stream if taken is None else None
         self.received = self.written
         self.is_whole_upload = body.is_whole_upload
-        if taken is not None:
-            storage, idle_s = context.storage, context.idle_timeout_s
-            transfer = receive_taken(self, taken, storage, idle_s)
+        memory = context.body_memory
+        transfer = (
+            self._read_and_write(body.stream, limit) if taken is None
+            else receive_taken(self, taken, context.storage, context.idle_timeout_s, memory)
+        )  # fmt: skip
+        with memory.holding():
             return await self._stream(body.stream, checksum, verifier, transfer)
-        with context.body_memory.holding():
-            return await self._stream(
-                body.stream, checksum, verifier, self._read_and_write(body.stream, limit)
-            )
 
     async def _read_and_write(self, body: StreamReader, limit: SizeLimit) -> None:
         """Move the body onto the file on the event loop: chunks gathered into blocks, one

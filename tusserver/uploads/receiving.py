@@ -16,7 +16,7 @@ from tusserver.files.receive import Reception
 from tusserver.files.storage import Storage, UploadFile
 from tusserver.store.records import Upload
 from tusserver.store.state import LockLost
-from tusserver.uploads.body import ShuttingDown
+from tusserver.uploads.body import BodyMemory, ShuttingDown
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
@@ -49,8 +49,9 @@ class ReceivingSession(Protocol):
 
 
 async def receive_taken(
-    session: ReceivingSession, taken: TakenBody, storage: Storage, idle_s: float
-) -> None:
+    session: ReceivingSession, taken: TakenBody, storage: Storage, idle_s: float,
+    memory: BodyMemory,
+) -> None:  # fmt: skip
     """Move a body taken from its connection onto `session`'s file in a receiving thread
     (`UploadFile.receive`), committing once a second meanwhile what the thread reports:
     under --fsync always, what its own sync thread made durable (so the shared threads
@@ -73,7 +74,8 @@ async def receive_taken(
 
     how = Reception(
         check_free_space=storage.check_free_space, start_writeback=storage.start_writeback,
-        hasher=storage.bulk, syncer=storage.receive_syncs, hashes=session.hashes,
+        block_bytes=memory.receive_block_bytes, hasher=storage.bulk, syncer=storage.receive_syncs,
+        hashes=session.hashes,
         stop=session.stop, idle_s=idle_s,
         sync_every_s=COMMIT_INTERVAL_S if storage.fsync == "always" else 0.0,
         on_written=written, on_durable=durable,
