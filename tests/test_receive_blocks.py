@@ -1,7 +1,8 @@
 """How large the blocks of a body read in a thread (`files/receive.py`) are: the first two
-512 KiB, then each twice the one before up to what the process's body memory allows
-(`BodyMemory.receive_block_bytes`: 4 MiB while few bodies arrive, 512 KiB in a crowd), and
-back down at once when a crowd arrives. Whatever the sizes, every byte lands in order and
+512 KiB, then, on a long body, each twice the one before up to what the process's body
+memory allows (`BodyMemory.receive_block_bytes`: 4 MiB while few bodies arrive, 512 KiB in a
+crowd), and back down at once when a crowd arrives; a body too short to earn a larger
+buffer's page faults back keeps 512 KiB. Whatever the sizes, every byte lands in order and
 is hashed once.
 
 The body is read from a real file standing in for the socket (a read of a file fills the
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 from tusserver.files import disk
-from tusserver.files.receive import BLOCK_BYTES, Reception, receive_into
+from tusserver.files.receive import BLOCK_BYTES, GROWTH_RUNWAY, Reception, receive_into
 from tusserver.uploads.body import WRITE_BLOCK_BYTES, BodyMemory
 
 MiB = 2**20
@@ -71,10 +72,13 @@ def receive_file(
     return target.read_bytes(), running.hexdigest()
 
 
-def test_a_body_alone_grows_its_blocks_to_4_mib_and_lands_exactly(
+LONG_BODY_BYTES = (GROWTH_RUNWAY + 8) * WRITE_BLOCK_BYTES + 12345  # 4 MiB blocks pay off
+
+
+def test_a_long_body_alone_grows_its_blocks_to_4_mib_and_lands_exactly(
     tmp_path: Path, hashing: NotingPool
 ) -> None:
-    body = os.urandom(40 * MiB + 12345)
+    body = os.urandom(LONG_BODY_BYTES)
     stored, digest = receive_file(tmp_path, body, lambda: WRITE_BLOCK_BYTES, hashing)
 
     doubling = [BLOCK_BYTES * 2**step for step in (0, 0, 1, 1, 2, 2, 3, 3)]
@@ -94,11 +98,19 @@ def test_blocks_shrink_at_once_when_a_crowd_arrives_and_the_bytes_stay_exact(
         asked += 1
         return WRITE_BLOCK_BYTES if asked <= 6 else BLOCK_BYTES
 
-    body = os.urandom(24 * MiB + 7)
+    body = os.urandom(LONG_BODY_BYTES)
     stored, digest = receive_file(tmp_path, body, crowd_after_six_blocks, hashing)
 
     assert max(hashing.sizes[:6]) > BLOCK_BYTES  # grown while alone
     assert max(hashing.sizes[6:]) <= BLOCK_BYTES  # every block after the crowd came
+    assert stored == body and digest == hashlib.sha256(body).hexdigest()
+
+
+def test_a_body_of_16_mib_alone_keeps_512_kib_blocks(tmp_path: Path, hashing: NotingPool) -> None:
+    body = os.urandom(16 * MiB)
+    stored, digest = receive_file(tmp_path, body, lambda: WRITE_BLOCK_BYTES, hashing)
+
+    assert hashing.sizes == [BLOCK_BYTES] * 32
     assert stored == body and digest == hashlib.sha256(body).hexdigest()
 
 

@@ -5,9 +5,9 @@ new bytes object, and 16 fast bodies in one process keep the loop so busy that a
 request waits for it. A body of a known, large size is instead read here, straight from
 the socket into two reused buffers: while one block is hashed (in a bulk thread), the next
 is read and written at its offset (`disk.write_all`, pieces of 256 KiB). A block starts at
-512 KiB and doubles up to what `Reception.block_bytes` allows (4 MiB while few bodies arrive
-in the process, 512 KiB otherwise). The threads hold the GIL only between those calls; the
-event loop is left with the commits.
+512 KiB and, on a long body, doubles up to what `Reception.block_bytes` allows (4 MiB while
+few bodies arrive in the process, 512 KiB otherwise). The threads hold the GIL only between
+those calls; the event loop is left with the commits.
 
 Nothing here knows about HTTP or Redis: the caller hands over the socket (a duplicate of its
 descriptor, which this closes), what had already been received, and a stop flag.
@@ -36,6 +36,11 @@ else:
 # worker of 32 concurrent 64 MiB uploads at 74-77 MiB at its peak, against 91-101 MiB with
 # 1 MiB: benchmarks/README.md, issue 24).
 BLOCK_BYTES = 512 * 2**10
+# A buffer grows only while the body has this many times the new size left (so bodies of
+# 64 MiB or less never grow): 16 MiB PATCHes moved 15% less when their buffers grew (new
+# pages, faulted in and zeroed, per body), and at 32 times c's 64 MiB bodies grew and shrank
+# with the crowd, c moving about 4% less.
+GROWTH_RUNWAY = 64
 WRITEBACK_BYTES = 4 * 2**20  # under --fsync always: start the disk writing this often
 POLL_MS = 100  # how long a stop request or the idle deadline may go unnoticed
 
@@ -122,13 +127,11 @@ class _Pump:
         turn = 0
         try:
             while remaining > 0:
-                # this buffer's hash has ended: it grows to twice its size, up to the size
-                # allowed now, or shrinks to that (so a crowd of bodies never starts large)
-                allowed = self.how.block_bytes()
-                size = min(allowed, 2 * len(buffers[turn]) or BLOCK_BYTES, remaining)
-                if not size <= len(buffers[turn]) <= allowed:
+                # this buffer's hash has ended: it may be replaced by one of another size
+                size = _buffer_size(len(buffers[turn]), self.how.block_bytes(), remaining)
+                if size != len(buffers[turn]):
                     buffers[turn] = _buffer(size)
-                block = buffers[turn][:size]
+                block = buffers[turn][: min(size, remaining)]
                 filled = self._fill(block)
                 if isinstance(filled, str):
                     return Receipt(filled, self.end)
@@ -216,11 +219,28 @@ class _Pump:
         self.syncing = self.how.syncer.submit(sync)
 
 
+def _buffer_size(current: int, allowed: int, remaining: int) -> int:
+    """The size of a body's buffer for its next block, now `current` (0: none yet): first
+    BLOCK_BYTES, then twice its size while `allowed` has room and the body has at least
+    GROWTH_RUNWAY times that size left to read (a larger buffer's new pages cost page faults
+    that only a long body earns back), and `allowed` when that has fallen below it."""
+    if current == 0:
+        return max(1, min(BLOCK_BYTES, remaining))
+    grown = 2 * current
+    if grown <= allowed and remaining >= GROWTH_RUNWAY * grown:
+        return grown
+    return min(current, max(allowed, BLOCK_BYTES))
+
+
 def _buffer(size: int) -> memoryview:
-    """A buffer of its own pages (an anonymous mmap), handed back to the kernel when it is
-    dropped. From the C allocator, buffers of changing sizes in 32 receiving threads (each
-    with its own malloc arena) left a worker of c at 141-168 MiB instead of 80-89."""
-    return memoryview(mmap.mmap(-1, size))
+    """A buffer for blocks of `size`. Those of BLOCK_BYTES or less come from the C allocator,
+    which hands the same memory to the next body. Larger ones are anonymous private mmaps,
+    handed back to the kernel when dropped: from the C allocator, buffers of changing sizes
+    in 32 receiving threads (each with its own malloc arena) left a worker of c at 141-168 MiB
+    instead of 80-89."""
+    if size <= BLOCK_BYTES:
+        return memoryview(bytearray(size))
+    return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
 
 
 def _feed(hashes: list[Hash], data: memoryview) -> None:

@@ -125,7 +125,7 @@ class BodyMemory:
 
     def receive_block_bytes(self) -> int:
         """The largest block a receiving thread (`files.receive`) may read next: 4 MiB while
-        the budget allows each body that much (a lone 1 GiB PATCH moved 18-24% more than
+        the budget allows each body that much (a lone 1 GiB PATCH moved 12-30% more than
         with 512 KiB, in fewer hand-overs to the hashing thread), else 512 KiB. Sizes in
         between, under 32 concurrent uploads, let the receiving threads hold the cores longer
         and raised a resuming client's p99 from 88-136 ms to 129-184 (benchmarks/README.md,
