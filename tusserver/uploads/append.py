@@ -254,10 +254,11 @@ class AppendSession:
         self.received = self.written
         self.is_whole_upload = body.is_whole_upload
         memory = context.body_memory
-        transfer = (
-            self._read_and_write(body.stream, limit) if taken is None
-            else receive_taken(self, taken, context.storage, context.idle_timeout_s, memory)
-        )  # fmt: skip
+        if taken is None:
+            transfer = self._read_and_write(body.stream, limit)
+        else:
+            storage, idle_s = context.storage, context.idle_timeout_s
+            transfer = receive_taken(self, taken, storage, idle_s, memory.receive_block_bytes)
         with memory.holding():
             return await self._stream(body.stream, checksum, verifier, transfer)
 

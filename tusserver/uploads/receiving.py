@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from tusserver.aiohttp_private import TakenBody
@@ -16,7 +17,7 @@ from tusserver.files.receive import Reception
 from tusserver.files.storage import Storage, UploadFile
 from tusserver.store.records import Upload
 from tusserver.store.state import LockLost
-from tusserver.uploads.body import BodyMemory, ShuttingDown
+from tusserver.uploads.body import ShuttingDown
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
@@ -50,7 +51,7 @@ class ReceivingSession(Protocol):
 
 async def receive_taken(
     session: ReceivingSession, taken: TakenBody, storage: Storage, idle_s: float,
-    memory: BodyMemory,
+    block_bytes: Callable[[], int],
 ) -> None:  # fmt: skip
     """Move a body taken from its connection onto `session`'s file in a receiving thread
     (`UploadFile.receive`), committing once a second meanwhile what the thread reports:
@@ -74,9 +75,8 @@ async def receive_taken(
 
     how = Reception(
         check_free_space=storage.check_free_space, start_writeback=storage.start_writeback,
-        block_bytes=memory.receive_block_bytes, hasher=storage.bulk, syncer=storage.receive_syncs,
-        hashes=session.hashes,
-        stop=session.stop, idle_s=idle_s,
+        block_bytes=block_bytes, hasher=storage.bulk, syncer=storage.receive_syncs,
+        hashes=session.hashes, stop=session.stop, idle_s=idle_s,
         sync_every_s=COMMIT_INTERVAL_S if storage.fsync == "always" else 0.0,
         on_written=written, on_durable=durable,
     )  # fmt: skip
