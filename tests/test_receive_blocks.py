@@ -98,7 +98,7 @@ def test_blocks_shrink_at_once_when_a_crowd_arrives_and_the_bytes_stay_exact(
         asked += 1
         return WRITE_BLOCK_BYTES if asked <= 6 else BLOCK_BYTES
 
-    body = os.urandom(LONG_BODY_BYTES)
+    body = os.urandom((GROWTH_RUNWAY + 4) * 2 * BLOCK_BYTES + 7)  # long enough for 1 MiB blocks
     stored, digest = receive_file(tmp_path, body, crowd_after_six_blocks, hashing)
 
     assert max(hashing.sizes[:6]) > BLOCK_BYTES  # grown while alone
