@@ -94,7 +94,7 @@ def reception(
     hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="test-hash")
     return Reception(
         check_free_space=lambda size: None, start_writeback=disk.start_writeback,
-        block_bytes=lambda: BLOCK_BYTES, hasher=hasher, syncer=syncer, hashes=hashes,
+        block_bytes=lambda: BLOCK_BYTES, hasher=lambda: hasher, syncer=syncer, hashes=hashes,
         stop=threading.Event(), idle_s=WAIT_S,
         sync_every_s=1e-9, on_written=reports.on_written, on_durable=reports.on_durable,
     )  # fmt: skip

@@ -350,7 +350,8 @@ def test_the_hashing_threads_run_nicer_than_the_loop_and_the_other_threads(
 ) -> None:
     """Under load the event loop (every HEAD, every small PATCH) gets the CPU before the bulk
     threads (hashing, and writing blocks read on the loop), BULK_NICENESS nicer; the
-    receiving threads, their syncs and the short file operations are not."""
+    receiving threads, their syncs, the short file operations and the bulk work of bodies
+    that stream with few others are not."""
     storage = Storage(tmp_path, fsync="always", min_free_disk_bytes=0)
 
     def niceness() -> int:
@@ -358,9 +359,31 @@ def test_the_hashing_threads_run_nicer_than_the_loop_and_the_other_threads(
 
     try:
         loops = niceness()
-        assert storage.bulk.submit(niceness).result(30) == min(19, loops + BULK_NICENESS)
+        crowds = storage.bulk_for(few=False)
+        assert crowds.submit(niceness).result(30) == min(19, loops + BULK_NICENESS)
         for pool in (storage.receiving, storage.receive_syncs, storage.io):
             assert pool.submit(niceness).result(30) == loops
+        assert storage.bulk_for(few=True).submit(niceness).result(30) == loops
         assert niceness() == loops  # the caller's own is left alone
     finally:
         storage.close()
+
+
+@pytest.mark.parametrize(("body_memory", "few"), [(24 * MiB, True), (4 * MiB, False)])
+async def test_a_body_streaming_with_few_others_is_hashed_at_the_loops_priority(
+    make_server: ServerFactory, http: aiohttp.ClientSession, path: str, body_memory: int,
+    few: bool,
+) -> None:  # fmt: skip
+    """A lone body at the default --body-memory (4 MiB blocks for up to three bodies) has
+    its blocks hashed by the bulk threads at the loop's priority; where the budget leaves
+    each body less than 4 MiB (a crowd, here made by a small budget), by the nicer ones.
+    A pool starts its threads on its first task: the prompt one has none unless asked."""
+    server, source, url = await upload_on(
+        make_server, http, path, 6 * MiB + 4321, body_memory_bytes=body_memory
+    )
+    storage = server.uploads.storage
+    async with http.patch(url, data=io.BytesIO(source), headers=patch_headers(0)) as response:
+        assert response.status == 204
+    assert bool(storage.bulk_few._threads) == few  # the niced ones also sweep orphans
+    assert server.file_of(url).read_bytes() == source
+    assert await completed_digest(http, url) == repr_digest_of(source)

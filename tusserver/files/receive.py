@@ -69,7 +69,9 @@ class Reception:
     # How large the next block may be, read before each; two are held at once
     # (`uploads.body.BodyMemory.receive_block_bytes`).
     block_bytes: Callable[[], int]
-    hasher: Executor  # where a block is hashed while the next is read
+    # Where the next block is hashed while the one after is read, asked before each
+    # (`files.storage.Storage.bulk_for`).
+    hasher: Callable[[], Executor]
     syncer: Executor  # where the file is made durable while the next blocks arrive
     hashes: list[Hash]
     stop: threading.Event
@@ -138,7 +140,7 @@ class _Pump:
                 self._write_block(block[:filled], remaining)
                 if hashing is not None:  # the other buffer's hash, before it is refilled
                     hashing.result()
-                hashing = self.how.hasher.submit(_feed, self.how.hashes, block[:filled])
+                hashing = self.how.hasher().submit(_feed, self.how.hashes, block[:filled])
                 self.end += filled
                 remaining -= filled
                 turn = 1 - turn

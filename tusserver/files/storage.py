@@ -77,13 +77,15 @@ class UploadFile:
         self._storage = storage
 
     async def write(
-        self, offset: int, chunks: list[bytes], hashes: list[Hash], *, sync: bool = False
-    ) -> None:
+        self, offset: int, chunks: list[bytes], hashes: list[Hash], *, sync: bool = False,
+        few: bool = False,
+    ) -> None:  # fmt: skip
         """Write `chunks` back to back at `offset` and feed them to `hashes`, without joining
         them: for blocks of HASH_BESIDE_BYTES or more the write and the hashing run in two
         worker threads at once (both release the GIL), smaller ones in one thread hop. If the
         write fails, the hashes may hold bytes the file does not. With `sync`, the file is
-        made durable (fdatasync) after the write, in the same thread.
+        made durable (fdatasync) after the write, in the same thread. `few`: whether few
+        bodies stream (`Storage.bulk_for`).
 
         Raises InsufficientStorage (507) when the disk is full or below --min-free-disk, and
         StorageFailure (500) for other write errors."""
@@ -103,16 +105,17 @@ class UploadFile:
                 for chunk in chunks:
                     running_hash.update(chunk)
 
+        pool = storage.bulk_for(few)
         if size < HASH_BESIDE_BYTES or not hashes:  # a second thread costs more than it saves
 
             def write_and_digest() -> None:
                 write()
                 digest()
 
-            await _in_thread(write_and_digest, storage.bulk)
+            await _in_thread(write_and_digest, pool)
             return
         written, hashed = await asyncio.gather(
-            _in_thread(write, storage.bulk), _in_thread(digest, storage.bulk),
+            _in_thread(write, pool), _in_thread(digest, pool),
             return_exceptions=True,
         )  # fmt: skip
         for outcome in (written, hashed):
@@ -168,6 +171,10 @@ class Storage:
         self.bulk = ThreadPoolExecutor(
             BULK_THREADS, "tus-bulk", initializer=disk.lower_thread_priority
         )
+        # The same work for a body that streams with few others (`bulk_for`), at the loop's
+        # priority: with no crowd to answer, a niced hash only waits while the loop and the
+        # client hold both cores, and the body's end then waits for it.
+        self.bulk_few = ThreadPoolExecutor(BULK_THREADS, "tus-bulk-few")
         # Everything else: opening, creating (with the folder's fsync), syncing, closing and
         # small bodies. Mostly waiting for the disk, so many threads: under a disk busy with
         # uploads a creation's fsync can take a second, and a resuming client's small PATCH
@@ -180,6 +187,12 @@ class Storage:
         # reading), so they never hold the threads a small request needs.
         self.receive_syncs = ThreadPoolExecutor(max(1, receivers), thread_name_prefix="tus-rsync")
         self.receivers_busy = 0
+
+    def bulk_for(self, few: bool) -> Executor:
+        """Where a streamed body's blocks are written and hashed: at the loop's priority
+        while `few` bodies stream, else nicer than the loop (so a crowd's hashing never
+        delays the answers to small requests)."""
+        return self.bulk_few if few else self.bulk
 
     def take_receiver(self) -> bool:
         """Reserve a receiving thread for a body read off the event loop (`UploadFile.receive`);
@@ -205,7 +218,7 @@ class Storage:
 
     def close(self) -> None:
         """Let the threads end once their work is done."""
-        for pool in (self.bulk, self.receiving, self.receive_syncs, self.io):
+        for pool in (self.bulk, self.bulk_few, self.receiving, self.receive_syncs, self.io):
             pool.shutdown(wait=False)
 
     def prepare(self) -> None:

@@ -258,7 +258,9 @@ class AppendSession:
             transfer = self._read_and_write(body.stream, limit)
         else:
             storage, idle_s = context.storage, context.idle_timeout_s
-            transfer = receive_taken(self, taken, storage, idle_s, memory.receive_block_bytes)
+            transfer = receive_taken(
+                self, taken, storage, idle_s, memory.receive_block_bytes, memory.is_few
+            )
         with memory.holding():
             return await self._stream(body.stream, checksum, verifier, transfer)
 
@@ -411,7 +413,8 @@ class AppendSession:
         chunks, size = self.pending, self.pending_bytes
         self.pending, self.pending_bytes = [], 0  # the reader goes on gathering meanwhile
         try:
-            await self.file.write(self.written, chunks, self.hashes, sync=sync)
+            few = self.context.body_memory.is_few()
+            await self.file.write(self.written, chunks, self.hashes, sync=sync, few=few)
         except BaseException:
             self.pending, self.pending_bytes = chunks + self.pending, size + self.pending_bytes
             # the thread may have written and hashed some of them: the file is hashed later

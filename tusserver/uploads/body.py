@@ -130,8 +130,12 @@ class BodyMemory:
         between, under 32 concurrent uploads, let the receiving threads hold the cores longer
         and raised a resuming client's p99 from 88-136 ms to 129-184 (benchmarks/README.md,
         scenario f)."""
-        few = self.block_bytes() >= WRITE_BLOCK_BYTES
-        return WRITE_BLOCK_BYTES if few else receive.BLOCK_BYTES
+        return WRITE_BLOCK_BYTES if self.is_few() else receive.BLOCK_BYTES
+
+    def is_few(self) -> bool:
+        """Whether the budget allows every streaming body 4 MiB blocks (three bodies or
+        fewer at the default): they then have the cores to share with no crowd waiting."""
+        return self.block_bytes() >= WRITE_BLOCK_BYTES
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:

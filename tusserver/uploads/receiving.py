@@ -51,7 +51,7 @@ class ReceivingSession(Protocol):
 
 async def receive_taken(
     session: ReceivingSession, taken: TakenBody, storage: Storage, idle_s: float,
-    block_bytes: Callable[[], int],
+    block_bytes: Callable[[], int], few: Callable[[], bool],
 ) -> None:  # fmt: skip
     """Move a body taken from its connection onto `session`'s file in a receiving thread
     (`UploadFile.receive`), committing once a second meanwhile what the thread reports:
@@ -75,7 +75,8 @@ async def receive_taken(
 
     how = Reception(
         check_free_space=storage.check_free_space, start_writeback=storage.start_writeback,
-        block_bytes=block_bytes, hasher=storage.bulk, syncer=storage.receive_syncs,
+        block_bytes=block_bytes, hasher=lambda: storage.bulk_for(few()),
+        syncer=storage.receive_syncs,
         hashes=session.hashes, stop=session.stop, idle_s=idle_s,
         sync_every_s=COMMIT_INTERVAL_S if storage.fsync == "always" else 0.0,
         on_written=written, on_durable=durable,
