@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import os
@@ -35,6 +36,7 @@ from tests.support.tus import (
 from tests.support.waiting import wait_until
 from tusserver.files.disk import BULK_NICENESS
 from tusserver.files.storage import Storage
+from tusserver.uploads.body import FEW_BODIES
 
 MiB = 2**20
 TUS_LINE = "Tus-Resumable: 1.0.0\r\n"
@@ -369,21 +371,50 @@ def test_the_hashing_threads_run_nicer_than_the_loop_and_the_other_threads(
         storage.close()
 
 
-@pytest.mark.parametrize(("body_memory", "few"), [(24 * MiB, True), (4 * MiB, False)])
-async def test_a_body_streaming_with_few_others_is_hashed_at_the_loops_priority(
-    make_server: ServerFactory, http: aiohttp.ClientSession, path: str, body_memory: int,
-    few: bool,
-) -> None:  # fmt: skip
-    """A lone body at the default --body-memory (4 MiB blocks for up to three bodies) has
-    its blocks hashed by the bulk threads at the loop's priority; where the budget leaves
-    each body less than 4 MiB (a crowd, here made by a small budget), by the nicer ones.
-    A pool starts its threads on its first task: the prompt one has none unless asked."""
-    server, source, url = await upload_on(
-        make_server, http, path, 6 * MiB + 4321, body_memory_bytes=body_memory
-    )
-    storage = server.uploads.storage
+async def test_a_lone_body_is_hashed_at_the_loops_priority(
+    make_server: ServerFactory, http: aiohttp.ClientSession, path: str
+) -> None:
+    """A body streaming with no crowd has its blocks written and hashed by the bulk threads
+    at the loop's priority (a pool starts its threads on its first task)."""
+    server, source, url = await upload_on(make_server, http, path, 6 * MiB + 4321)
     async with http.patch(url, data=io.BytesIO(source), headers=patch_headers(0)) as response:
         assert response.status == 204
-    assert bool(storage.bulk_few._threads) == few  # the niced ones also sweep orphans
+    assert server.uploads.storage.bulk_few._threads
     assert server.file_of(url).read_bytes() == source
     assert await completed_digest(http, url) == repr_digest_of(source)
+
+
+async def test_a_crowd_of_bodies_is_hashed_by_the_nicer_threads(
+    make_server: ServerFactory, http: aiohttp.ClientSession, path: str
+) -> None:
+    """With more than FEW_BODIES bodies streaming in the process, every block written meanwhile
+    goes to the niced bulk threads, so the loop answers small requests first, however large
+    --body-memory is; each body still lands exactly."""
+    server = await start(make_server, path, body_memory_bytes=256 * MiB)
+    crowd = FEW_BODIES + 1
+    sources = [os.urandom(6 * MiB + index) for index in range(crowd)]
+    urls = [await create_upload(http, server.url, len(source)) for source in sources]
+    first_part = 7 * MiB // 2
+    async with contextlib.AsyncExitStack() as stack:
+        requests = [
+            await stack.enter_async_context(raw_patch(url, 0, len(source)))
+            for url, source in zip(urls, sources, strict=True)
+        ]
+        memory = server.uploads.body_memory
+        await wait_until(lambda: memory.streaming == crowd, what="every body streaming")
+        for request, source in zip(requests, sources, strict=True):
+            await request.send(source[:first_part])
+        for url in urls:  # a HEAD commits what arrived: written, by whichever threads
+
+            async def written(url: str = url) -> bool:
+                return await head_offset(http, url) >= 3 * MiB
+
+            await wait_until(written, what="the first part of each body written")
+        assert not server.uploads.storage.bulk_few._threads
+        for request, source in zip(requests, sources, strict=True):
+            await request.send(source[first_part:])
+        answers = [await request.response() for request in requests]
+    assert [answer.status for answer in answers] == [204] * crowd
+    for url, source in zip(urls, sources, strict=True):
+        assert server.file_of(url).read_bytes() == source
+        assert await completed_digest(http, url) == repr_digest_of(source)

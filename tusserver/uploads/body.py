@@ -32,6 +32,11 @@ from tusserver.store.state import LockLost
 SMALL_BODY_BYTES = 64 * 2**10
 WRITE_BLOCK_BYTES = 4 * 2**20
 MIN_BLOCK_BYTES = 256 * 2**10
+# Bodies streaming at once in one process up to which their blocks are hashed at the
+# loop's priority: as many as get 4 MiB blocks at the default --body-memory. Under 32
+# concurrent uploads (16 a process) hashing at the loop's priority doubled a resuming
+# client's p99 (benchmarks/README.md, scenario f).
+FEW_BODIES = 3
 
 
 class TakenOver(Exception):
@@ -130,12 +135,14 @@ class BodyMemory:
         between, under 32 concurrent uploads, let the receiving threads hold the cores longer
         and raised a resuming client's p99 from 88-136 ms to 129-184 (benchmarks/README.md,
         scenario f)."""
-        return WRITE_BLOCK_BYTES if self.is_few() else receive.BLOCK_BYTES
+        few = self.block_bytes() >= WRITE_BLOCK_BYTES
+        return WRITE_BLOCK_BYTES if few else receive.BLOCK_BYTES
 
     def is_few(self) -> bool:
-        """Whether the budget allows every streaming body 4 MiB blocks (three bodies or
-        fewer at the default): they then have the cores to share with no crowd waiting."""
-        return self.block_bytes() >= WRITE_BLOCK_BYTES
+        """Whether at most FEW_BODIES bodies stream in this process: their hashing then
+        runs at the loop's priority (`files.storage.Storage.bulk_for`). A count, not the
+        budget: a larger --body-memory gives a crowd larger blocks, not the loop's CPU."""
+        return self.streaming <= FEW_BODIES
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:
