@@ -286,6 +286,37 @@ async def test_a_full_disk_answers_507_and_keeps_the_last_commit(
 
 
 @pytest.mark.usefixtures("small_disk_ok")
+async def test_a_hang_up_whose_bytes_find_the_disk_full_keeps_the_last_commit_and_says_why(
+    tmp_path: Path, own_redis: EmbeddedRedis, http: aiohttp.ClientSession
+) -> None:
+    """The bytes of a body cut short are written and committed at its end; when that write
+    fails the offset stays where it was, and the log tells the operator why."""
+    source = os.urandom(9 * MiB)
+    data_dir = tmp_path / "small"
+    with faultfs.server_on_small_disk(data_dir, "8m", "--redis-url", own_redis.url) as server:
+        url = await create_upload(http, server.url, len(source))
+        first = io.BytesIO(source[: 5 * MiB])
+        async with http.patch(url, data=first, headers=patch_headers(0)) as response:
+            assert response.status == 204
+        # 3.5 MiB of a 4 MiB body, less than one block: none of it is written before the
+        # hang-up, and under 3 MiB are left on the disk
+        async with raw_patch(url, 5 * MiB, 4 * MiB) as request:
+            await request.send(source[5 * MiB : 5 * MiB + 7 * MiB // 2])
+
+        def told() -> bool:
+            return "was not kept, the offset stays at 5242880" in server.log()
+
+        await wait_until(told, what="the log line on the bytes not kept")
+        assert "the disk is full" in server.log() or "low on disk space" in server.log()
+        assert await head_offset(http, url) == 5 * MiB
+        resumed = io.BytesIO(source[5 * MiB : 6 * MiB])  # cut back: the disk has room again
+        async with http.patch(url, data=resumed, headers=patch_headers(5 * MiB)) as response:
+            assert response.status == 204
+        on_disk = faultfs.seen_by(server, file_of(data_dir, url)).read_bytes()
+        assert on_disk == source[: 6 * MiB]
+
+
+@pytest.mark.usefixtures("small_disk_ok")
 async def test_min_free_disk_refuses_a_write_before_the_disk_is_full(
     tmp_path: Path, own_redis: EmbeddedRedis, http: aiohttp.ClientSession
 ) -> None:

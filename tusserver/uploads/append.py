@@ -439,8 +439,13 @@ class AppendSession:
                     self._gather(chunk, None)
                 except PayloadTooLarge:
                     break
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.shield(self._commit_and_remember())
+        except Exception as error:  # the client resumes from the last commit: nothing is lost
+            log.warning(
+                "upload %s: what arrived before the request stopped was not kept, the offset "
+                "stays at %d: %s", self.upload_id, self.upload.offset, error,
+            )  # fmt: skip
 
     async def _discard(self) -> None:
         """Leave the file as it was before this request (while we still hold the lock)."""
