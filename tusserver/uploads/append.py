@@ -258,9 +258,7 @@ class AppendSession:
             transfer = self._read_and_write(body.stream, limit)
         else:
             storage, idle_s = context.storage, context.idle_timeout_s
-            transfer = receive_taken(
-                self, taken, storage, idle_s, memory.receive_block_bytes, memory.is_few
-            )
+            transfer = receive_taken(self, taken, storage, idle_s, memory)
         with memory.holding():
             return await self._stream(body.stream, checksum, verifier, transfer)
 

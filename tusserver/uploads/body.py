@@ -135,8 +135,8 @@ class BodyMemory:
         between, under 32 concurrent uploads, let the receiving threads hold the cores longer
         and raised a resuming client's p99 from 88-136 ms to 129-184 (benchmarks/README.md,
         scenario f)."""
-        few = self.block_bytes() >= WRITE_BLOCK_BYTES
-        return WRITE_BLOCK_BYTES if few else receive.BLOCK_BYTES
+        roomy = self.block_bytes() >= WRITE_BLOCK_BYTES  # the budget, not `is_few`'s count
+        return WRITE_BLOCK_BYTES if roomy else receive.BLOCK_BYTES
 
     def is_few(self) -> bool:
         """Whether at most FEW_BODIES bodies stream in this process: their hashing then

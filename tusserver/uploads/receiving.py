@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from tusserver.aiohttp_private import TakenBody
@@ -17,7 +16,7 @@ from tusserver.files.receive import Reception
 from tusserver.files.storage import Storage, UploadFile
 from tusserver.store.records import Upload
 from tusserver.store.state import LockLost
-from tusserver.uploads.body import ShuttingDown
+from tusserver.uploads.body import BodyMemory, ShuttingDown
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
@@ -51,13 +50,14 @@ class ReceivingSession(Protocol):
 
 async def receive_taken(
     session: ReceivingSession, taken: TakenBody, storage: Storage, idle_s: float,
-    block_bytes: Callable[[], int], few: Callable[[], bool],
+    memory: BodyMemory,
 ) -> None:  # fmt: skip
     """Move a body taken from its connection onto `session`'s file in a receiving thread
     (`UploadFile.receive`), committing once a second meanwhile what the thread reports:
     under --fsync always, what its own sync thread made durable (so the shared threads
     never wait for this body's disk writes; a HEAD's commit may still sync the rest). It
-    never reports the body's last block, so no commit beside it completes the upload."""
+    never reports the body's last block, so no commit beside it completes the upload.
+    `memory` sizes its blocks and picks its hashing threads, before each block."""
     assert session.file is not None
 
     loop = asyncio.get_running_loop()
@@ -75,8 +75,8 @@ async def receive_taken(
 
     how = Reception(
         check_free_space=storage.check_free_space, start_writeback=storage.start_writeback,
-        block_bytes=block_bytes, hasher=lambda: storage.bulk_for(few()),
-        syncer=storage.receive_syncs,
+        block_bytes=memory.receive_block_bytes,
+        hasher=lambda: storage.bulk_for(memory.is_few()), syncer=storage.receive_syncs,
         hashes=session.hashes, stop=session.stop, idle_s=idle_s,
         sync_every_s=COMMIT_INTERVAL_S if storage.fsync == "always" else 0.0,
         on_written=written, on_durable=durable,
